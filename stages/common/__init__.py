@@ -1,0 +1,1 @@
+"""Small pieces the stages share: params and files, records, the task, tracking."""

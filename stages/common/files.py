@@ -1,0 +1,87 @@
+"""Atomic writes and content hashes.
+
+Outputs are written to a temporary name and renamed, so a crash never leaves a half-written
+file that DVC would hash as a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def _clean(value: Any) -> Any:
+    """Strict JSON: NaN and infinities become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(_clean(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    lines = [json.dumps(_clean(r), ensure_ascii=False, allow_nan=False) for r in rows]
+    write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a file this pipeline wrote (trusted format; raw input goes through records)."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@contextmanager
+def atomic_dir(path: Path):
+    """Yield a temporary folder that replaces `path` only when the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def md5_file(path: Path) -> str:
+    digest = hashlib.md5()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def md5_path(path: Path) -> str:
+    """md5 of a file, or of a folder's sorted (relative path, file md5) list."""
+    path = Path(path)
+    if path.is_file():
+        return md5_file(path)
+    listing = sorted(
+        (str(p.relative_to(path)), md5_file(p)) for p in path.rglob("*") if p.is_file()
+    )
+    return hashlib.md5(json.dumps(listing).encode()).hexdigest()

@@ -1,0 +1,89 @@
+"""Shared fixtures: the tiny model (built once per session) and a throwaway project copy.
+
+Stages run in-process here (one import of torch/transformers for the whole session); the
+end-to-end tests in test_pipeline.py run them through DVC instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_model import build_tiny_model, ticket_corpus  # noqa: E402
+
+# Set before any stage imports wandb/huggingface: no telemetry, nothing in the user's home.
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["GX_ANALYTICS_ENABLED"] = "false"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+TEMPLATE_PATHS = ["conf", "stages", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore",
+                  "pyproject.toml"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hf_home(tmp_path_factory):
+    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf_home"))
+    os.environ["WANDB_DIR"] = str(tmp_path_factory.mktemp("wandb"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    corpus = ticket_corpus(ROOT / "data/raw/tickets.jsonl")
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", corpus)
+
+
+def copy_template(dest: Path, raw_rows: int | None = 240) -> Path:
+    """The template's tracked files, with the first `raw_rows` lines of the bundled data."""
+    for rel in TEMPLATE_PATHS:
+        src = ROOT / rel
+        if src.is_dir():
+            shutil.copytree(src, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    lines = (ROOT / "data/raw/tickets.jsonl").read_text(encoding="utf-8").splitlines(True)
+    (dest / "data/raw").mkdir(parents=True)
+    (dest / "data/raw/tickets.jsonl").write_text("".join(lines[:raw_rows]), encoding="utf-8")
+    return dest
+
+
+def tiny_overrides(model_dir: Path) -> list[str]:
+    """Hydra overrides that make the pipeline run in seconds on the tiny model."""
+    return [f"model.name_or_path={model_dir}", "train.max_steps=4", "train.eval_steps=2",
+            "train.logging_steps=1", "train.per_device_train_batch_size=4",
+            "train.learning_rate=1e-3", "eval.max_examples=8", "eval.max_new_tokens=12",
+            "data.max_rejected_fraction=0.5"]
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
+    """A project copy with params.yaml composed for the tiny model; cwd is its root."""
+    from stages.common.compose import compose
+
+    root = copy_template(tmp_path / "project")
+    monkeypatch.chdir(root)
+    compose(root / "params.yaml", tiny_overrides(tiny_model_dir))
+    return root
+
+
+def set_params(root: Path, **updates) -> dict:
+    """Edit the project's params.yaml: set_params(root, **{"dedup.threshold": 0.5})."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for dotted, value in updates.items():
+        node = params
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return params

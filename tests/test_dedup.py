@@ -1,0 +1,64 @@
+"""dedup: exact and near duplicates collapse to one row; conflicting answers follow the policy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import set_params
+from stages import dedup
+from stages.common.files import read_jsonl, write_jsonl
+from stages.common.records import record_id
+
+A = '{"urgency": "high", "category": "billing"}'
+B = '{"urgency": "low", "category": "billing"}'
+
+
+def rec(line: int, user: str, answer: str) -> dict:
+    messages = [{"role": "system", "content": "Triage."}, {"role": "user", "content": user},
+                {"role": "assistant", "content": answer}]
+    return {"id": record_id(messages), "source": "raw.jsonl", "line": line, "messages": messages}
+
+
+TICKET = "My card was charged twice for the Pro plan this month and I need a refund today please"
+ROWS = [
+    rec(1, TICKET, A),
+    rec(2, TICKET.upper() + "  ", A),                               # exact after normalisation
+    rec(3, TICKET + " thanks in advance", A),                       # near duplicate, same answer
+    rec(4, "The iOS app crashes whenever I open the reports screen after the update", A),
+    rec(5, "The iOS app crashes whenever I open the reports screen after the update!", B),  # conflict
+    rec(6, "Please add a dark mode to the web app, no rush at all", B),
+]
+
+
+def run(project, policy="drop_all"):
+    write_jsonl(project / "data/interim/valid.jsonl", ROWS)
+    set_params(project, **{"dedup.conflict_policy": policy})
+    dedup.main()
+    kept = read_jsonl(project / "data/interim/dedup.jsonl")
+    removed = read_jsonl(project / "data/interim/dedup_removed.jsonl")
+    report = json.loads((project / "reports/dedup.json").read_text())
+    return [r["line"] for r in kept], {r["line"]: r["reason"] for r in removed}, report
+
+
+def test_duplicates_and_conflicts_drop_all(project):
+    kept, removed, report = run(project)
+    assert kept == [1, 6]
+    assert removed == {2: "exact_duplicate", 3: "near_duplicate",
+                       4: "conflicting_answers", 5: "conflicting_answers"}
+    assert report["rows_in"] == report["rows_out"] + report["rows_removed"] == 6
+
+
+@pytest.mark.parametrize("policy, kept_conflict", [("first", 4), ("majority", None)])
+def test_conflict_policies(project, policy, kept_conflict):
+    kept, removed, _ = run(project, policy)
+    # majority with a 1:1 tie has nothing to trust, so it drops both
+    assert (kept_conflict in kept) if kept_conflict else (4 not in kept and 5 not in kept)
+
+
+def test_removed_rows_point_at_what_they_duplicate(project):
+    run(project)
+    removed = read_jsonl(project / "data/interim/dedup_removed.jsonl")
+    exact = next(r for r in removed if r["line"] == 2)
+    assert exact["duplicate_of_line"] == 1 and exact["duplicate_of"] == ROWS[0]["id"]

@@ -1,0 +1,94 @@
+"""End to end through DVC on the tiny model, in a fresh git repo made from the template:
+`dvc repro` produces every declared output, a second `dvc repro` reruns nothing, and
+`dvc exp run -S ...` shows in `dvc exp show --json` with its metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import copy_template
+
+pytestmark = pytest.mark.slow
+GIT_ID = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@example.com",
+          "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@example.com"}
+
+
+def sh(cwd: Path, *cmd: str, env: dict) -> str:
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+def make_repo(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    repo = copy_template(tmp_path / "repo", raw_rows=240)
+    # a config group for the tiny model, selected in the defaults list like a user would
+    (repo / "conf/model/tiny.yaml").write_text(
+        f"name_or_path: {tiny_model_dir}\nallow_download: false\ntraining_chat_template: null\n")
+    train = yaml.safe_load((repo / "conf/train/default.yaml").read_text())
+    train.update(max_steps=4, eval_steps=2, logging_steps=1, per_device_train_batch_size=4)
+    (repo / "conf/train/tiny.yaml").write_text(yaml.safe_dump(train))
+    config = (repo / "conf/config.yaml").read_text()
+    config = config.replace("model: smollm2_135m", "model: tiny").replace(
+        "train: default", "train: tiny")
+    (repo / "conf/config.yaml").write_text(config)
+    (repo / "conf/eval/default.yaml").write_text(
+        "max_new_tokens: 12\nbatch_size: 8\nmax_examples: 8\n")
+    (repo / "conf/data/tickets.yaml").write_text(
+        (repo / "conf/data/tickets.yaml").read_text().replace(
+            "max_rejected_fraction: 0.2", "max_rejected_fraction: 0.5"))
+    return repo
+
+
+def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_DIR", "DVC_ROOT")}
+    env.update(GIT_ID, WANDB_MODE="offline", PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+               DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site"))
+    repo = make_repo(tmp_path, tiny_model_dir)
+    py = sys.executable
+    sh(repo, py, "-m", "stages.common.compose", env=env)
+    sh(repo, "git", "init", "-q", "-b", "main", env=env)
+    sh(repo, "git", "add", "-A", env=env)
+    sh(repo, "git", "commit", "-qm", "template", env=env)
+
+    out = sh(repo, py, "-m", "dvc", "repro", env=env)
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    for name in stages:
+        assert f"Running stage '{name}'" in out
+    for name, stage in stages.items():
+        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            path = entry if isinstance(entry, str) else next(iter(entry))
+            assert (repo / path).exists(), f"{name}: declared output {path} missing"
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert set(metrics["base"]) == set(metrics["tuned"])
+    for report in ("validate", "dedup", "split"):
+        data = json.loads((repo / f"reports/{report}.json").read_text())
+        assert data["rows_in"] >= data["rows_out"] > 0
+    # every stage left a finished offline W&B run, with its inputs' md5 in the config
+    runs = list((repo / "wandb").glob("offline-run-*"))
+    assert len(runs) == len(stages)
+
+    again = sh(repo, py, "-m", "dvc", "repro", env=env)
+    assert "Running stage" not in again
+
+    sh(repo, "git", "add", "-A", env=env)
+    sh(repo, "git", "commit", "-qm", "first run", env=env)
+    sh(repo, py, "-m", "dvc", "exp", "run", "-n", "lr-2e-3", "-S", "train.learning_rate=0.002",
+       env=env)
+    shown = _json_part(sh(repo, py, "-m", "dvc", "exp", "show", "--json", env=env))
+    experiments = [exp for rev in shown for exp in (rev.get("experiments") or [])]
+    named = [e for e in experiments if e.get("name") == "lr-2e-3"]
+    assert named, f"experiment missing from dvc exp show: {shown}"
+    data = named[0]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.002
+    assert "tuned" in data["metrics"]["reports/metrics.json"]["data"]
+
+
+def _json_part(text: str):
+    return json.loads(text[text.index("["):])
