@@ -116,6 +116,7 @@ def build_trainer(params: dict, precision: str, output_dir: str):
         data_seed=seed,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",  # for tokens/s in the report
     )
     return SFTTrainer(
         model=model, args=args, processing_class=tokenizer,

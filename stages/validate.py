@@ -12,6 +12,8 @@ any reason listed in `data.fatal_reasons` occurs.
 
 from __future__ import annotations
 
+import re
+
 from collections import Counter
 from pathlib import Path
 
@@ -83,7 +85,10 @@ def build_suite(gx, gxe, task: Task, max_length: int):
         (gxe.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=max_length), "too_long"),
     ]
     if task.answer_regex:
-        rules.append((gxe.ExpectColumnValuesToMatchRegex(column="answer", regex=task.answer_regex),
+        # GX searches (pandas str.contains); anchor it so the whole answer must match, as
+        # the metrics demand. Named groups become non-capturing: GX only needs yes/no.
+        whole = r"^\s*(?:" + re.sub(r"\(\?P<\w+>", "(?:", task.answer_regex) + r")\s*$"
+        rules.append((gxe.ExpectColumnValuesToMatchRegex(column="answer", regex=whole),
                       "answer_format"))
     for name, allowed in task.labels.items():
         rules.append((gxe.ExpectColumnValuesToBeInSet(column=f"label_{name}", value_set=allowed),

@@ -31,7 +31,7 @@ DEFECTS = {  # expected reason -> raw line
     "no_assistant": json.dumps({"messages": [SYSTEM, {"role": "user", "content": "Hi"}]}),
     "empty_assistant": json.dumps(chat(answer="  ")),
     "empty_content": json.dumps(chat(user=" ")),
-    "answer_format": json.dumps(chat(answer="urgency high, billing")),
+    "answer_format": json.dumps(chat(answer=GOOD_ANSWER + " Hope that helps!")),  # whole answer
     "label_outside_set": json.dumps(chat(answer='{"urgency": "high", "category": "sales"}')),
     "too_long": json.dumps(chat(user="log line " * 400)),
     "bad_role_order": json.dumps({"messages": [{"role": "user", "content": "a"}, SYSTEM,
