@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import copy_template
+from test_tracking import read_offline_run
 
 pytestmark = pytest.mark.slow
 GIT_ID = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@example.com",
@@ -71,8 +72,12 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
         data = json.loads((repo / f"reports/{report}.json").read_text())
         assert data["rows_in"] >= data["rows_out"] > 0
     # every stage left a finished offline W&B run, with its inputs' md5 in the config
-    runs = list((repo / "wandb").glob("offline-run-*"))
-    assert len(runs) == len(stages)
+    runs = [read_offline_run(d) for d in (repo / "wandb").glob("offline-run-*")]
+    assert sorted(r["config"]["stage"] for r in runs) == sorted(stages)
+    for run in runs:
+        assert run["state"] == "finished", run["name"]
+        md5s = run["config"]["data_md5"]
+        assert md5s and all(len(v) == 32 for v in md5s.values()), md5s
 
     again = sh(repo, py, "-m", "dvc", "repro", env=env)
     assert "Running stage" not in again
