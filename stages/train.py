@@ -12,6 +12,7 @@ reports/train.json, reports/plots/train_loss.csv and reports/plots/eval_loss.csv
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -48,6 +49,16 @@ def peft_config(method: dict):
     return LoraConfig(r=int(method["r"]), lora_alpha=int(method["alpha"]),
                       lora_dropout=float(method["dropout"]), target_modules=method["target_modules"],
                       task_type="CAUSAL_LM")
+
+
+def sort_adapter_config(path: Path) -> None:
+    """peft saves target_modules from a set, in hash order: sort it so the output's md5
+    (and DVC's view of it) is the same on every run."""
+    if path.exists():
+        config = json.loads(path.read_text())
+        if isinstance(config.get("target_modules"), list):
+            config["target_modules"] = sorted(config["target_modules"])
+        write_json(path, config)
 
 
 def loss_curves(log_history: list[dict]) -> tuple[str, str]:
@@ -151,6 +162,7 @@ def main() -> None:
         with atomic_dir(OUT_DIR) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
             trainer.processing_class.save_pretrained(tmp)
+            sort_adapter_config(Path(tmp) / "adapter_config.json")
 
         train_csv, eval_csv = loss_curves(trainer.state.log_history)
         write_text(PLOTS / "train_loss.csv", train_csv)

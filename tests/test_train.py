@@ -48,6 +48,8 @@ def test_lora_run_writes_adapter_report_and_curves(prepared):
     tuned = prepared / "models/tuned"
     assert (tuned / "adapter_config.json").exists()
     assert (tuned / "adapter_model.safetensors").exists()
+    modules = json.loads((tuned / "adapter_config.json").read_text())["target_modules"]
+    assert modules == sorted(modules)  # byte-stable output, whatever the hash seed
     report = json.loads((prepared / "reports/train.json").read_text())
     assert report["optimizer_steps"] == 4 and report["precision"] == "fp32"
     assert 0 < report["parameters"]["trainable"] < report["parameters"]["total"]
