@@ -14,13 +14,14 @@ reason and the id it duplicates), reports/dedup.json.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 from stages.common import tracking
 from stages.common.config import StageError, load_params, run_stage
 from stages.common.files import md5_path, read_jsonl, write_json, write_jsonl
-from stages.common.records import answer_text, normalize_text, prompt_messages
+from stages.common.kinds import answer_key, request_text
+from stages.common.similarity import UnionFind, near_duplicate_pairs
 
 INPUT = Path("data/interim/valid.jsonl")
 OUTPUT = Path("data/interim/dedup.jsonl")
@@ -29,56 +30,9 @@ REPORT = Path("reports/dedup.json")
 POLICIES = ("drop_all", "majority", "first")
 
 
-def prompt_text(record: dict) -> str:
-    return normalize_text(" \n".join(m["content"] for m in prompt_messages(record)))
-
-
-def shingles(text: str, size: int) -> set[bytes]:
-    words = text.split()
-    if len(words) <= size:
-        return {" ".join(words).encode()}
-    return {" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)}
-
-
-def near_duplicate_pairs(texts: list[str], size: int, num_perm: int, threshold: float, seed: int):
-    """Index pairs whose estimated Jaccard similarity is at least `threshold`."""
-    from datasketch import MinHash, MinHashLSH
-
-    # Weight recall over precision: the default banding misses ~1 in 10 pairs at Jaccard 0.82,
-    # while extra candidates cost only a signature comparison below.
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
-    signatures = []
-    for i, text in enumerate(texts):
-        m = MinHash(num_perm=num_perm, seed=seed)
-        m.update_batch(list(shingles(text, size)))
-        signatures.append(m)
-        lsh.insert(i, m)
-    for i, m in enumerate(signatures):
-        for j in lsh.query(m):
-            # LSH candidates can be below the threshold: keep only confirmed pairs.
-            if j > i and m.jaccard(signatures[j]) >= threshold:
-                yield i, j
-
-
-class UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, i: int, j: int) -> None:
-        a, b = self.find(i), self.find(j)
-        if a != b:
-            self.parent[max(a, b)] = min(a, b)  # the earliest row stays the root
-
-
 def resolve_cluster(members: list[int], answers: list[str], policy: str):
     """(kept indices, {removed index: reason}) for one cluster of the same request."""
-    distinct = Counter(normalize_text(answers[i]) for i in members)
+    distinct = Counter(answers[i] for i in members)
     if len(distinct) == 1:
         return [members[0]], {i: "near_duplicate" for i in members[1:]}
     if policy == "first":
@@ -87,7 +41,7 @@ def resolve_cluster(members: list[int], answers: list[str], policy: str):
         (top, n), *rest = distinct.most_common()
         if rest and rest[0][1] == n:  # a tie has no majority: nothing to trust
             return [], {i: "conflicting_answers" for i in members}
-        keep = next(i for i in members if normalize_text(answers[i]) == top)
+        keep = next(i for i in members if answers[i] == top)
     else:
         return [], {i: "conflicting_answers" for i in members}
     return [keep], {i: "conflicting_answers" for i in members if i != keep}
@@ -113,7 +67,7 @@ def main() -> None:
         remaining = [i for i in range(len(records)) if i not in removed]
 
         # 2. clusters of the same request: equal normalised prompt, or near-equal by MinHash
-        texts = [prompt_text(records[i]) for i in remaining]
+        texts = [request_text(records[i]) for i in remaining]
         uf = UnionFind(len(remaining))
         by_prompt: dict[str, int] = {}
         for k, text in enumerate(texts):
@@ -121,11 +75,9 @@ def main() -> None:
         for a, b in near_duplicate_pairs(texts, int(cfg["shingle_size"]), int(cfg["num_perm"]),
                                          float(cfg["threshold"]), seed):
             uf.union(a, b)
-        clusters: dict[int, list[int]] = defaultdict(list)
-        for k in range(len(remaining)):
-            clusters[uf.find(k)].append(k)
+        clusters = uf.clusters()
 
-        answers = [answer_text(records[i]) for i in remaining]
+        answers = [answer_key(records[i]) for i in remaining]
         examples = []
         for members in clusters.values():
             if len(members) == 1:

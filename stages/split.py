@@ -1,12 +1,20 @@
-"""Stage split: seeded train / validation / test split, stratified by the task's label fields.
+"""Stage split: seeded, stratified, group-aware train / validation / test split with a leakage check.
 
-Within each stratum (the combined values of `task.stratify_by`) rows are shuffled with the seed;
-each split gets its fraction of every stratum, with largest-remainder rounding so the split
-sizes match the fractions overall. Rows of a split keep their original order, so the same seed
-gives byte-identical files. Exact prompt overlap between test and train is counted as a leakage
-check (dedup already merged repeated prompts, so it should be zero).
+1. Groups: records whose requests are near-alike (MinHash Jaccard >= split.group_threshold,
+   looser than dedup's) form one group, and a group always lands in one split, so paraphrases
+   of a test ticket never sit in train.
+2. Stratified by the task's label fields: within each stratum, groups are shuffled with the
+   seed and fill test, then validation, up to each split's share of the stratum's rows
+   (largest-remainder rounding); the rest is train. Same seed, same input -> byte-identical files.
+3. Leakage: each test row's word n-grams (13; 8 for records under
+   split.leakage.short_record_words words) are looked up in train; a row is flagged when at
+   least split.leakage.min_overlap of its n-grams occur there, or when its request equals a
+   train request. Optionally every split is checked against an external evaluation file too.
+   Policy `report` lists them; `remove` drops them (written down in the removed file).
+4. Class balance per split; optional rebalancing of train (cap or upsample).
 
-Outputs: data/processed/{train,validation,test}.jsonl, reports/split.json.
+Outputs: data/processed/{train,validation,test}.jsonl, data/interim/split_removed.jsonl,
+reports/split.json.
 """
 
 from __future__ import annotations
@@ -20,11 +28,14 @@ from pathlib import Path
 from stages.common import tracking
 from stages.common.config import StageError, load_params, run_stage
 from stages.common.files import md5_path, read_jsonl, write_json, write_jsonl
-from stages.common.records import normalize_text, prompt_messages
+from stages.common.kinds import answer_of, canonical, content_text, kind_of, request_text
+from stages.common.records import read_file
+from stages.common.similarity import UnionFind, near_duplicate_pairs, ngrams
 from stages.common.task import Task
 
 INPUT = Path("data/interim/dedup.jsonl")
 OUT_DIR = Path("data/processed")
+REMOVED = Path("data/interim/split_removed.jsonl")
 REPORT = Path("reports/split.json")
 SPLITS = ("train", "validation", "test")
 
@@ -40,66 +51,190 @@ def quotas(sizes: dict[str, int], fraction: float) -> dict[str, int]:
     return out
 
 
-def stratified_split(strata: list[str], fractions: dict[str, float], seed: int) -> list[str]:
-    """The split name of each row."""
-    members: dict[str, list[int]] = defaultdict(list)
-    for i, s in enumerate(strata):
-        members[s].append(i)
-    for s, rows in members.items():
-        # per-stratum stream: adding a stratum does not reshuffle the others
-        salt = int(hashlib.sha1(s.encode()).hexdigest()[:8], 16)
-        random.Random(seed * 1_000_003 + salt).shuffle(rows)
-    sizes = {s: len(rows) for s, rows in members.items()}
+def stratified_group_split(strata: list[str], groups: list[list[int]],
+                           fractions: dict[str, float], seed: int) -> list[str]:
+    """The split name of each row; every group goes whole to one split."""
+    by_stratum: dict[str, list[list[int]]] = defaultdict(list)
+    for members in groups:
+        by_stratum[strata[members[0]]].append(members)  # a group follows its first row's label
+    sizes = {s: sum(len(g) for g in gs) for s, gs in by_stratum.items()}
     test_q = quotas(sizes, fractions["test"])
     left = {s: sizes[s] - test_q[s] for s in sizes}
-    val_fraction = fractions["validation"] / max(1e-9, 1 - fractions["test"])
-    val_q = quotas(left, val_fraction)
+    val_q = quotas(left, fractions["validation"] / max(1e-9, 1 - fractions["test"]))
     assignment = [""] * len(strata)
-    for s, rows in members.items():
-        for k, i in enumerate(rows):
-            assignment[i] = ("test" if k < test_q[s] else
-                             "validation" if k < test_q[s] + val_q[s] else "train")
+    for s, stratum_groups in sorted(by_stratum.items()):
+        # per-stratum stream: adding a stratum does not reshuffle the others
+        salt = int(hashlib.sha1(s.encode()).hexdigest()[:8], 16)
+        random.Random(seed * 1_000_003 + salt).shuffle(stratum_groups)
+        filled = {"test": 0, "validation": 0}
+        for members in stratum_groups:
+            if filled["test"] < test_q[s]:
+                name = "test"
+            elif filled["validation"] < val_q[s]:
+                name = "validation"
+            else:
+                name = "train"
+            if name != "train":
+                filled[name] += len(members)
+            for i in members:
+                assignment[i] = name
     return assignment
+
+
+def similar_groups(records: list[dict], cfg: dict, seed: int) -> list[list[int]]:
+    uf = UnionFind(len(records))
+    texts = [request_text(r) for r in records]
+    first: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        uf.union(first.setdefault(text, i), i)
+    if cfg.get("group_threshold"):
+        for a, b in near_duplicate_pairs(texts, 3, 128, float(cfg["group_threshold"]), seed):
+            uf.union(a, b)
+    return sorted(uf.clusters().values())
+
+
+class NgramIndex:
+    """Word n-grams of reference records, for the share of a row's n-grams found there."""
+
+    def __init__(self, records: list[dict], short_words: int):
+        self.short_words = short_words
+        self.grams = {8: defaultdict(list), 13: defaultdict(list)}
+        for k, r in enumerate(records):
+            text = content_text(r)
+            for n, index in self.grams.items():
+                for gram in ngrams(text, n):
+                    index[gram].append(k)
+        self.requests = {request_text(r): k for k, r in enumerate(records) if "text" not in r}
+
+    def overlap(self, record: dict) -> tuple[float, int | None]:
+        """(share of the row's n-grams found in the reference, index of the best match)."""
+        if "text" not in record and request_text(record) in self.requests:
+            return 1.0, self.requests[request_text(record)]
+        text = content_text(record)
+        n = 8 if len(text.split()) < self.short_words else 13
+        grams = ngrams(text, n) or {text}
+        hits = Counter(k for g in grams for k in set(self.grams[n].get(g, ())))
+        found = sum(1 for g in grams if g in self.grams[n])
+        return found / len(grams), (hits.most_common(1)[0][0] if hits else None)
+
+
+def external_records(path: str) -> list[dict]:
+    """Rows of an evaluation set kept elsewhere (any kind, any readable format)."""
+    out = []
+    for row in read_file(Path(path)):
+        kind = kind_of(row["obj"])
+        if kind:
+            out.append({**canonical(kind, row["obj"])[0], "source": path, "line": row["line"]})
+    if not out:
+        raise StageError(f"split.leakage.external_eval: {path}: no readable records")
+    return out
 
 
 def main() -> None:
     params = load_params()
-    fractions = {name: float(params["split"][name]) for name in SPLITS}
+    cfg = params["split"]
+    fractions = {name: float(cfg[name]) for name in SPLITS}
     if abs(sum(fractions.values()) - 1) > 1e-6 or min(fractions.values()) < 0:
         raise StageError(f"split fractions {fractions} must be non-negative and sum to 1")
+    leak_cfg = cfg.get("leakage") or {}
+    policy = leak_cfg.get("policy", "report")
+    if policy not in ("report", "remove"):
+        raise StageError(f"split.leakage.policy={policy}: use report or remove")
+    rebalance = cfg.get("rebalance") or "none"
+    if rebalance not in ("none", "cap", "upsample"):
+        raise StageError(f"split.rebalance={rebalance}: use none, cap or upsample")
     task, seed = Task.from_params(params), int(params["seed"])
+    inputs = {"dedup": md5_path(INPUT)}
+    if leak_cfg.get("external_eval"):
+        inputs["external_eval"] = md5_path(Path(leak_cfg["external_eval"]))
 
-    with tracking.stage_run("split", params, ["split", "task"], {"dedup": md5_path(INPUT)}) as run:
+    with tracking.stage_run("split", params, ["split", "task"], inputs) as run:
         records = read_jsonl(INPUT)
         if len(records) < len(SPLITS):
             raise StageError(f"{INPUT}: {len(records)} records are too few to split")
-        strata = [task.stratum(r["messages"][-1]["content"]) for r in records]
-        assignment = stratified_split(strata, fractions, seed)
+        strata = [task.stratum(answer_of(r)) if "text" not in r else "" for r in records]
+        groups = similar_groups(records, cfg, seed)
+        assignment = stratified_group_split(strata, groups, fractions, seed)
+        parts = {name: [i for i, a in enumerate(assignment) if a == name] for name in SPLITS}
+        removed: dict[int, dict] = {}
 
-        parts = {name: [r for r, a in zip(records, assignment) if a == name] for name in SPLITS}
-        for name, rows in parts.items():
+        # leakage: test against train, and every split against an external eval set
+        min_overlap = float(leak_cfg.get("min_overlap", 0.8))
+        short = int(leak_cfg.get("short_record_words", 50))
+        train_index = NgramIndex([records[i] for i in parts["train"]], short)
+        leaks = []
+        for i in parts["test"]:
+            share, match = train_index.overlap(records[i])
+            if share >= min_overlap:
+                other = records[parts["train"][match]]
+                leaks.append({"split": "test", "id": records[i]["id"], "line": records[i]["line"],
+                              "overlap": round(share, 3), "against": "train",
+                              "matches_line": other["line"]})
+                if policy == "remove":
+                    removed[i] = {"reason": "leak_test_train", "matches_line": other["line"]}
+        if leak_cfg.get("external_eval"):
+            external = external_records(leak_cfg["external_eval"])
+            external_index = NgramIndex(external, short)
+            for i, record in enumerate(records):
+                share, match = external_index.overlap(record)
+                if share >= min_overlap:
+                    leaks.append({"split": assignment[i], "id": record["id"],
+                                  "line": record["line"], "overlap": round(share, 3),
+                                  "against": "external_eval",
+                                  "matches_line": external[match]["line"]})
+                    if policy == "remove":
+                        removed[i] = {"reason": "leak_external_eval",
+                                      "matches_line": external[match]["line"]}
+
+        # optional rebalancing of train by stratum
+        train_rows = [i for i in parts["train"] if i not in removed]
+        added: list[int] = []
+        if rebalance != "none" and task.stratify_by:
+            by_stratum: dict[str, list[int]] = defaultdict(list)
+            for i in train_rows:
+                by_stratum[strata[i]].append(i)
+            cap = int(cfg.get("rebalance_cap") or max(len(v) for v in by_stratum.values()))
+            rng = random.Random(seed)
+            for s, rows in sorted(by_stratum.items()):
+                if rebalance == "cap" and len(rows) > cap:
+                    for i in sorted(rng.sample(rows, len(rows) - cap)):
+                        removed[i] = {"reason": "rebalance_cap"}
+                elif rebalance == "upsample" and len(rows) < cap:
+                    added += [rows[k % len(rows)] for k in range(cap - len(rows))]
+
+        outputs = {name: [records[i] for i in rows if i not in removed] for name, rows in parts.items()}
+        outputs["train"] += [records[i] for i in sorted(added)]
+        for name, rows in outputs.items():
             write_jsonl(OUT_DIR / f"{name}.jsonl", rows)
+        write_jsonl(REMOVED, [{**records[i], "split": assignment[i], **why}
+                              for i, why in sorted(removed.items())])
 
-        train_prompts = {normalize_text(str(prompt_messages(r))) for r in parts["train"]}
-        leaked = [r["id"] for r in parts["test"]
-                  if normalize_text(str(prompt_messages(r))) in train_prompts]
-        balance = {name: dict(sorted(Counter(s for s, a in zip(strata, assignment) if a == name)
-                                     .items())) for name in SPLITS}
+        balance = {name: dict(sorted(Counter(
+            task.stratum(answer_of(r)) if "text" not in r else "" for r in rows).items()))
+            for name, rows in outputs.items()}
+        by_reason = Counter(why["reason"] for why in removed.values())
         report = {
             "rows_in": len(records),
-            "rows_out": sum(len(p) for p in parts.values()),
-            "rows_removed": 0,
-            "sizes": {name: len(rows) for name, rows in parts.items()},
+            "rows_out": sum(len(rows) for rows in outputs.values()) - len(added),
+            "rows_removed": len(removed),
+            "removed_by_reason": dict(sorted(by_reason.items())),
+            "rows_added_by_upsampling": len(added),
+            "sizes": {name: len(rows) for name, rows in outputs.items()},
             "fractions": fractions,
+            "seed": seed,
             "stratify_by": task.stratify_by,
+            "groups": {"count": len(groups), "multi_row": sum(1 for g in groups if len(g) > 1),
+                       "largest": max(len(g) for g in groups)},
             "class_balance": balance,
-            "leakage": {"test_prompts_in_train": len(leaked), "ids": leaked[:20]},
+            "leakage": {"policy": policy, "min_overlap": min_overlap, "flagged": len(leaks),
+                        "rows": leaks[:200]},
         }
         assert report["rows_in"] == report["rows_out"] + report["rows_removed"]
         write_json(REPORT, report)
-        run.summary.update({f"split/{n}": len(p) for n, p in parts.items()})
-        run.summary["split/leaked_test_prompts"] = len(leaked)
-        print(f"split: {report['sizes']}, test prompts also in train: {len(leaked)}")
+        run.summary.update({f"split/{n}": len(rows) for n, rows in outputs.items()})
+        run.summary["split/leaks_flagged"] = len(leaks)
+        print(f"split: {report['sizes']}, {report['groups']['multi_row']} groups of near-alike "
+              f"requests kept together, leakage flagged {len(leaks)} ({policy})")
 
 
 if __name__ == "__main__":

@@ -1,67 +1,110 @@
-"""Stage validate: check every raw record with a Great Expectations suite; quarantine the rest.
+"""Stage validate: read every raw record, check it with a Great Expectations suite, quarantine the rest.
 
-Reads `data.path` (file, glob or list), measures each row (structure, roles, answer format,
-labels, token length with the base model's tokenizer and chat template), then runs one GX
-expectation per rule over that table. Each failing row goes to the quarantine file with all its
-reason codes and its source file and line; the others go on as canonical records.
+1. Read `data.path` (files, globs; JSONL, JSON array, CSV, Parquet) row by row; an unreadable
+   file stops the stage with one line naming it.
+2. Decide the record kind (`data.kind`, or detected per file from the fields when `auto`) and
+   turn each row into its canonical shape (stages/common/kinds.py); rows that do not fit get a
+   structural reason code (missing_field, wrong_type, message_missing_key, ...).
+3. Measure each canonical row (roles, order, empty turns, control characters, U+FFFD, leaked
+   special tokens, answer format and labels of the task, token lengths with the base model's
+   tokenizer and chat template, trainable tokens left after truncation) into a table, and run
+   one GX expectation per rule over it. Failing rows go to the quarantine file with all their
+   reason codes, the detail of a structural error, and their source file and line.
+4. Too-long rows follow `data.length_policy`: reject (quarantine, counts against the gate),
+   drop (quarantine, not counted against the gate) or truncate (kept; training cuts them at
+   train.max_length; rows left with no trainable token are quarantined).
 
-Outputs: data/interim/valid.jsonl, data/interim/quarantine.jsonl, reports/validate.json.
-Gate: the stage fails when the rejected fraction exceeds `data.max_rejected_fraction`, or when
-any reason listed in `data.fatal_reasons` occurs.
+Outputs: data/interim/valid.jsonl, data/interim/quarantine.jsonl, reports/validate.json and
+GX Data Docs under reports/data_docs/. The gate fails the stage above
+`data.max_rejected_fraction` rejected rows or on any reason in `data.fatal_reasons`.
 """
 
 from __future__ import annotations
 
+import os
 import re
-
 from collections import Counter
 from pathlib import Path
 
 from stages.common import tracking
 from stages.common.config import StageError, load_params, run_stage
 from stages.common.files import md5_path, write_json, write_jsonl
-from stages.common.records import ROLES, read_raw, record_id, resolve_paths
+from stages.common.kinds import (KINDS, ROLES, RowError, canonical, conversation_text,
+                                 detect_kind, kind_of)
+from stages.common.records import read_file, record_id, resolve_paths
 from stages.common.task import Task
 
 VALID = Path("data/interim/valid.jsonl")
 QUARANTINE = Path("data/interim/quarantine.jsonl")
 REPORT = Path("reports/validate.json")
+DATA_DOCS = Path("reports/data_docs")
 TOKENIZER_DIR = Path("models/base")
+LENGTH_POLICIES = ("reject", "truncate", "drop")
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, LF and CR are fine
 
 
-def measure(obj) -> dict:
-    """Per-row facts the expectations check; None where a fact does not apply."""
-    facts = {"parse_error": None, "missing_key": None, "unknown_role": None, "role_order": None,
-             "empty_content": None, "n_assistant": None, "answer": None}
-    if not isinstance(obj, dict):
-        facts["parse_error"] = "not_an_object"
-        return facts
-    messages = obj.get("messages")
-    if messages is None:
-        facts["parse_error"] = "missing_messages"
-        return facts
-    if not isinstance(messages, list) or not messages:
-        facts["parse_error"] = "messages_not_a_list"
-        return facts
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
-            m.get("content"), str
-        ):
-            facts["missing_key"] = f"message {i} needs string 'role' and 'content'"
-            return facts
-    roles = [m["role"] for m in messages]
-    unknown = [r for r in roles if r not in ROLES]
-    facts["unknown_role"] = unknown[0] if unknown else None
-    facts["n_assistant"] = roles.count("assistant")
-    facts["role_order"] = role_order_error(roles)
-    facts["empty_content"] = any(not m["content"].strip() for m in messages[:-1])
-    if roles[-1] == "assistant":
-        facts["answer"] = messages[-1]["content"]
-    return facts
+# --- 1-2. rows -> canonical records --------------------------------------------------------
 
+def choose_kinds(files: dict[Path, list[dict]], declared: str) -> dict[Path, str]:
+    """The kind of each file: declared, or detected; files of different kinds are an error."""
+    if declared != "auto":
+        return {path: declared for path in files}
+    kinds = {}
+    for path, rows in files.items():
+        objects = [r["obj"] for r in rows if r["parse_error"] is None]
+        kind, counts = detect_kind(objects)
+        if kind is None:
+            if not rows:
+                continue  # an empty file has no kind; it is reported, not guessed
+            keys = sorted({k for o in objects if isinstance(o, dict) for k in o})[:8]
+            raise StageError(f"{path}: cannot tell the record kind from its fields {keys}; "
+                             f"set data.kind to one of {', '.join(KINDS)}")
+        print(f"validate: {path}: detected kind '{kind}' ({counts[kind]} of {len(rows)} rows)")
+        kinds[path] = kind
+    if len(set(kinds.values())) > 1:
+        listing = "; ".join(f"{p}: {k}" for p, k in kinds.items())
+        raise StageError(f"data.path mixes record kinds ({listing}); use one kind per data set "
+                         f"or convert the files")
+    return kinds
+
+
+def schema_drift(files: dict[Path, list[dict]]) -> dict[str, dict]:
+    """Top-level fields each file has or lacks against the first file (same kind, other keys)."""
+    keysets = {}
+    for path, rows in files.items():
+        objects = [r["obj"] for r in rows if r["parse_error"] is None and isinstance(r["obj"], dict)]
+        if objects:
+            keysets[path] = set().union(*(o.keys() for o in objects))
+    if len(keysets) < 2:
+        return {}
+    first_path, first = next(iter(keysets.items()))
+    return {str(p): {"compared_to": str(first_path), "missing": sorted(first - keys),
+                     "extra": sorted(keys - first)}
+            for p, keys in keysets.items() if keys != first}
+
+
+def to_record(row: dict, kind: str) -> tuple[dict | None, str | None, str]:
+    """(canonical record, structural reason, detail) of one raw row."""
+    if row["parse_error"]:
+        return None, row["parse_error"], ""
+    try:
+        fields, meta = canonical(kind, row["obj"])
+    except RowError as err:
+        found = kind_of(row["obj"])
+        if err.reason == "missing_field" and found and found != kind:
+            return None, "kind_mismatch", f"fields of a {found} record in a {kind} data set"
+        return None, err.reason, err.detail
+    record = {"id": record_id(fields), "source": row["source"], "line": row["line"],
+              "kind": kind, **fields}
+    if meta:
+        record["meta"] = meta
+    return record, None, ""
+
+
+# --- 3. facts the expectations check --------------------------------------------------------
 
 def role_order_error(roles: list[str]) -> str | None:
-    body = roles[1:] if roles[0] == "system" else roles
+    body = roles[1:] if roles and roles[0] == "system" else roles
     if "system" in body:
         return "system message not first"
     if not body or body[-1] != "assistant":
@@ -72,18 +115,110 @@ def role_order_error(roles: list[str]) -> str | None:
     return None
 
 
-def build_suite(gx, gxe, task: Task, max_length: int):
+def measure(record: dict | None, special_tokens: re.Pattern | None) -> dict:
+    """Per-row facts; None where a fact does not apply (a row that failed to parse)."""
+    facts = {"unknown_role": None, "role_order": None, "n_assistant": None,
+             "empty_content": None, "empty_answer": None, "control_chars": None,
+             "replacement_char": None, "special_token": None, "chosen_equals_rejected": None,
+             "answer": None}
+    if record is None:
+        return facts
+    messages = conversation_text(record)
+    contents = [m["content"] for m in messages]
+    facts["control_chars"] = any(CONTROL_CHARS.search(c) for c in contents)
+    facts["replacement_char"] = any("\ufffd" in c for c in contents)
+    if special_tokens is not None:
+        leaked = next((m.group(0) for c in contents for m in [special_tokens.search(c)] if m), None)
+        facts["special_token"] = leaked
+    if "text" in record:
+        facts["empty_content"] = not record["text"].strip()
+        return facts
+    if "messages" in record:
+        dialogue, answers = record["messages"], [record["messages"][-1]]
+    else:  # preference: the prompt, then each answer must be a proper assistant turn
+        dialogue = [*record["prompt"], *record["chosen"]]
+        answers = [record["chosen"][-1], record["rejected"][-1]]
+        facts["chosen_equals_rejected"] = record["chosen"] == record["rejected"]
+        for reply in (record["chosen"], record["rejected"]):
+            unknown = [m["role"] for m in reply if m["role"] != "assistant"]
+            if unknown:
+                facts["role_order"] = "chosen/rejected must be assistant messages"
+    roles = [m["role"] for m in dialogue]
+    unknown = [r for r in roles if r not in ROLES]
+    facts["unknown_role"] = unknown[0] if unknown else None
+    facts["n_assistant"] = roles.count("assistant")
+    facts["role_order"] = facts["role_order"] or role_order_error(roles)
+    facts["empty_content"] = any(not m["content"].strip() for m in dialogue[:-1])
+    facts["empty_answer"] = any(not a["content"].strip() for a in answers)
+    if answers[0]["role"] == "assistant":
+        facts["answer"] = answers[0]["content"]
+    return facts
+
+
+def token_counts(records: list[dict | None], tokenizer) -> list[tuple[int, list[tuple[int, int]]] | None]:
+    """(tokens of the whole rendered record, [(start, end) of each trained assistant turn]).
+
+    Spans come from rendering prefixes with the model's own chat template, which works for any
+    template that renders a conversation's prefix as a prefix of the whole."""
+    texts: list[str] = []
+    plans: list[tuple[int, list[tuple[int, int | None]]] | None] = []
+
+    def render(messages, prompt=False):
+        texts.append(tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in messages],
+            tokenize=False, add_generation_prompt=prompt))
+        return len(texts) - 1
+
+    for record in records:
+        if record is None:
+            plans.append(None)
+            continue
+        if "text" in record:
+            texts.append(record["text"])
+            plans.append((len(texts) - 1, []))
+            continue
+        messages = record.get("messages") or [*record["prompt"], *record["chosen"]]
+        whole = render(messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant" and m.get("weight", 1):
+                end = whole if i == len(messages) - 1 else render(messages[: i + 1])
+                spans.append((render(messages[:i], prompt=True), end))
+        plans.append((whole, spans))
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [None if plan is None else (lengths[plan[0]], [(lengths[a], lengths[b]) for a, b in plan[1]])
+            for plan in plans]
+
+
+def trainable_within(spans: list[tuple[int, int]], limit: int | None) -> int:
+    return sum(max(0, (end if limit is None else min(end, limit)) - start) for start, end in spans)
+
+
+# --- 3b. the Great Expectations suite --------------------------------------------------------
+
+def build_rules(task: Task, max_length: int, length_policy: str):
     """The expectations, each paired with the reason code its failing rows get."""
+    import great_expectations.expectations as gxe
+
     rules = [
-        (gxe.ExpectColumnValuesToBeNull(column="parse_error"), None),  # reason = the value
-        (gxe.ExpectColumnValuesToBeNull(column="missing_key"), "message_missing_key"),
+        (gxe.ExpectColumnValuesToBeNull(column="structure_error"), None),  # reason = the value
         (gxe.ExpectColumnValuesToBeNull(column="unknown_role"), "unknown_role"),
-        (gxe.ExpectColumnValuesToBeBetween(column="n_assistant", min_value=1), "no_assistant"),
         (gxe.ExpectColumnValuesToBeNull(column="role_order"), "bad_role_order"),
+        (gxe.ExpectColumnValuesToBeBetween(column="n_assistant", min_value=1), "no_assistant"),
         (gxe.ExpectColumnValuesToBeInSet(column="empty_content", value_set=[False]), "empty_content"),
-        (gxe.ExpectColumnValuesToMatchRegex(column="answer", regex=r"\S"), "empty_assistant"),
-        (gxe.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=max_length), "too_long"),
+        (gxe.ExpectColumnValuesToBeInSet(column="empty_answer", value_set=[False]), "empty_assistant"),
+        (gxe.ExpectColumnValuesToBeInSet(column="control_chars", value_set=[False]), "control_chars"),
+        (gxe.ExpectColumnValuesToBeInSet(column="replacement_char", value_set=[False]),
+         "replacement_char"),
+        (gxe.ExpectColumnValuesToBeNull(column="special_token"), "special_token_leak"),
+        (gxe.ExpectColumnValuesToBeInSet(column="chosen_equals_rejected", value_set=[False]),
+         "chosen_equals_rejected"),
+        (gxe.ExpectColumnValuesToBeBetween(column="trainable_tokens", min_value=1),
+         "zero_trainable_tokens"),
     ]
+    if length_policy != "truncate":
+        rules.append((gxe.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=max_length),
+                      "too_long"))
     if task.answer_regex:
         # GX searches (pandas str.contains); anchor it so the whole answer must match, as
         # the metrics demand. Named groups become non-capturing: GX only needs yes/no.
@@ -93,58 +228,56 @@ def build_suite(gx, gxe, task: Task, max_length: int):
     for name, allowed in task.labels.items():
         rules.append((gxe.ExpectColumnValuesToBeInSet(column=f"label_{name}", value_set=allowed),
                       "label_outside_set"))
-    return gx.ExpectationSuite(name="raw_records", expectations=[e for e, _ in rules]), rules
+    return rules
 
 
-def run_suite(frame, task: Task, max_length: int) -> tuple[dict[int, list[str]], dict]:
-    """Row index -> reason codes, plus a per-expectation summary."""
+def run_suite(frame, rules, docs_dir: Path | None) -> tuple[dict[int, list[str]], dict]:
+    """Row index -> reason codes, plus a per-expectation summary; Data Docs when asked."""
     import great_expectations as gx
-    import great_expectations.expectations as gxe
-
+    from great_expectations.core.run_identifier import RunIdentifier
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (context.data_sources.add_pandas("raw").add_dataframe_asset("records")
              .add_batch_definition_whole_dataframe("all"))
-    suite, rules = build_suite(gx, gxe, task, max_length)
-    suite = context.suites.add(suite)
+    suite = context.suites.add(gx.ExpectationSuite(name="raw_records",
+                                                   expectations=[e for e, _ in rules]))
     # results come back in another order: match them to rules by the expectation's id
     reasons = {e.id: reason for e, reason in zip(suite.expectations, (r for _, r in rules))}
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(name="raw_records", data=batch, suite=suite))
-    result = definition.run(batch_parameters={"dataframe": frame},
-                            result_format={"result_format": "COMPLETE"})
+    actions = []
+    if docs_dir is not None:
+        context.add_data_docs_site(site_name="local", site_config={
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                              "base_directory": str(docs_dir.resolve())}})
+        actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["local"]))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name="validate", validation_definitions=[definition], actions=actions,
+        result_format={"result_format": "COMPLETE", "partial_unexpected_count": 10}))
+    # a fixed run id keeps the Data Docs file names the same from run to run
+    run_id = RunIdentifier(run_name="validate", run_time="2000-01-01T00:00:00Z")
+    outcome = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
+    result = next(iter(outcome.run_results.values()))
+
     failures: dict[int, list[str]] = {}
     summary = {}
     for res in result.results:
         cfg = res.expectation_config
         indexes = res.result.get("unexpected_index_list") or []
         name = f"{cfg.type}({cfg.kwargs.get('column')})"
-        summary[name] = {"reason": reasons[cfg.id] or "parse_error",
+        summary[name] = {"reason": reasons[cfg.id] or "structural (per row)",
                          "success": bool(res.success), "unexpected": len(indexes)}
         for index in indexes:
             index = int(index["index"] if isinstance(index, dict) else index)
-            reason = reasons[cfg.id] or frame.at[index, "parse_error"]
+            reason = reasons[cfg.id] or frame.at[index, "structure_error"]
             failures.setdefault(index, [])
             if reason not in failures[index]:
                 failures[index].append(reason)
     return failures, summary
-
-
-def token_lengths(rows: list[dict], facts: list[dict]) -> list[int | None]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    lengths: list[int | None] = []
-    for row, f in zip(rows, facts):
-        ok = f["parse_error"] is None and f["missing_key"] is None and f["unknown_role"] is None
-        if not ok:
-            lengths.append(None)
-            continue
-        text = tokenizer.apply_chat_template(row["obj"]["messages"], tokenize=False)
-        lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    return lengths
 
 
 def percentiles(values: list[int]) -> dict:
@@ -156,60 +289,105 @@ def percentiles(values: list[int]) -> dict:
             "mean": round(sum(ordered) / len(ordered), 1)}
 
 
+def special_token_pattern(tokenizer) -> re.Pattern | None:
+    tokens = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    tokens |= set(tokenizer.all_special_tokens)
+    tokens = sorted((t for t in tokens if t), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
 def main() -> None:
     import pandas as pd
+    from transformers import AutoTokenizer
 
     params = load_params()
     data, task = params["data"], Task.from_params(params)
     max_length = int(params["train"]["max_length"])
-    if data["kind"] not in ("messages", "auto"):
-        raise StageError(f"data.kind={data['kind']}: this version reads chat 'messages' records")
+    policy = data.get("length_policy", "reject")
+    if data["kind"] not in (*KINDS, "auto"):
+        raise StageError(f"data.kind={data['kind']}: use one of {', '.join(KINDS)} or auto")
+    if policy not in LENGTH_POLICIES:
+        raise StageError(f"data.length_policy={policy}: use one of {', '.join(LENGTH_POLICIES)}")
     paths = resolve_paths(data["path"])
-    inputs = {f"raw/{p.name}": md5_path(p) for p in paths}
+    inputs = {str(p): md5_path(p) for p in paths}
 
     with tracking.stage_run("validate", params, ["data", "task", "train"], inputs) as run:
-        rows = read_raw(paths)
+        files = {path: read_file(path) for path in paths}
+        empty_files = [str(p) for p, rows in files.items() if not rows]
+        for path in empty_files:
+            print(f"validate: warning: {path} holds no records")
+        rows = [row for file_rows in files.values() for row in file_rows]
         if not rows:
             raise StageError(f"{', '.join(map(str, paths))}: no records")
-        facts = [measure(r["obj"]) if r["parse_error"] is None else
-                 {**measure(None), "parse_error": r["parse_error"]} for r in rows]
-        lengths = token_lengths(rows, facts)
-        for f, n in zip(facts, lengths):
-            f["n_tokens"] = n
-            fields = task.parse(f["answer"]) if f["answer"] else None
+        kinds = choose_kinds(files, data["kind"])
+        drift = schema_drift(files)
+        for path, change in drift.items():
+            print(f"validate: warning: schema drift in {path} against {change['compared_to']}: "
+                  f"missing {change['missing']}, extra {change['extra']}")
+        if drift and data.get("schema_drift", "warn") == "fail":
+            raise StageError(f"schema drift between files: {drift}")
+
+        converted = [to_record(row, kinds.get(Path(row["source"]), data["kind"])) for row in rows]
+        records = [c[0] for c in converted]
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"  # batch encoding below; no forks follow
+        tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+        leak_pattern = special_token_pattern(tokenizer)
+        facts = [{"structure_error": reason, **measure(record, leak_pattern)}
+                 for record, reason, _ in converted]
+        counts = token_counts(records, tokenizer)
+        for f, c, record in zip(facts, counts, records):
+            f["n_tokens"] = c[0] if c else None
+            # raw text is packed into windows for pre-training: every token trains
+            # what training will see: cut at max_length only under truncate (else too_long)
+            limit = max_length if policy == "truncate" else None
+            f["trainable_tokens"] = (None if c is None else c[0] if record and "text" in record
+                                     else trainable_within(c[1], limit))
+            fields = task.parse(f["answer"]) if f["answer"] is not None else None
             for name in task.labels:
-                f[f"label_{name}"] = (fields or {}).get(name)
+                f[f"label_{name}"] = (fields or {}).get(name) if f["answer"] is not None else None
         frame = pd.DataFrame(facts).astype(object)  # keep None (not NaN) in every column
-        failures, summary = run_suite(frame, task, max_length)
+        rules = build_rules(task, max_length, policy)
+        failures, summary = run_suite(frame, rules, DATA_DOCS)
 
         valid, quarantined = [], []
-        for i, row in enumerate(rows):
-            if i in failures:
-                quarantined.append({"source": row["source"], "line": row["line"],
-                                    "reasons": failures[i], "record": row["obj"],
-                                    **({"raw": row["raw"]} if "raw" in row else {})})
-            else:
-                messages = [{"role": m["role"], "content": m["content"]}
-                            for m in row["obj"]["messages"]]
-                valid.append({"id": record_id(messages), "source": row["source"],
-                              "line": row["line"], "messages": messages})
+        for i, (row, (record, reason, detail)) in enumerate(zip(rows, converted)):
+            if i not in failures:
+                valid.append(record)
+                continue
+            entry = {"source": row["source"], "line": row["line"], "reasons": failures[i]}
+            if detail:
+                entry["detail"] = detail
+            entry["record"] = row["obj"]
+            if "raw" in row:
+                entry["raw"] = row["raw"]
+            quarantined.append(entry)
         write_jsonl(VALID, valid)
         write_jsonl(QUARANTINE, quarantined)
 
         by_reason = Counter(r for q in quarantined for r in q["reasons"])
-        balance = Counter(task.stratum(v["messages"][-1]["content"]) for v in valid)
-        valid_lengths = [lengths[i] for i in range(len(rows)) if i not in failures]
+        n_tokens = [f["n_tokens"] for i, f in enumerate(facts) if i not in failures]
+        truncated = [n - max_length for n in n_tokens if n and n > max_length]
+        balance = Counter(task.stratum(f["answer"]) for i, f in enumerate(facts)
+                          if i not in failures and f["answer"] is not None and task.stratify_by)
         report = {
             "rows_in": len(rows),
             "rows_out": len(valid),
             "rows_quarantined": len(quarantined),
             "pass_rate": round(len(valid) / len(rows), 4),
             "quarantined_by_reason": dict(sorted(by_reason.items())),
-            "token_length": percentiles([n for n in valid_lengths if n is not None]),
+            "kinds": {str(p): k for p, k in kinds.items()},
+            "files": {str(p): len(r) for p, r in files.items()},
+            "empty_files": empty_files,
+            "schema_drift": drift,
+            "token_length": percentiles([n for n in n_tokens if n is not None]),
+            "trainable_tokens": percentiles([f["trainable_tokens"] for i, f in enumerate(facts)
+                                             if i not in failures and f["trainable_tokens"]]),
             "max_length": max_length,
+            "length_policy": policy,
+            "truncated": {"rows": len(truncated), "tokens_cut": sum(truncated)},
             "class_balance": dict(sorted(balance.items())),
             "expectations": summary,
-            "files": [str(p) for p in paths],
+            "data_docs": str(DATA_DOCS / "index.html"),
         }
         assert report["rows_in"] == report["rows_out"] + report["rows_quarantined"]
         write_json(REPORT, report)
@@ -219,7 +397,9 @@ def main() -> None:
         print(f"validate: {len(rows)} rows in, {len(valid)} valid, {len(quarantined)} quarantined "
               f"{dict(by_reason)}")
 
-        rejected = len(quarantined) / len(rows)
+        # the gate: `drop` means the user accepts losing too-long rows, so they do not count
+        excused = {"too_long"} if policy == "drop" else set()
+        rejected = sum(1 for q in quarantined if set(q["reasons"]) - excused) / len(rows)
         fatal = [r for r in data.get("fatal_reasons") or [] if by_reason.get(r)]
         if rejected > float(data["max_rejected_fraction"]) or fatal:
             top = ", ".join(f"{r} ({n}, e.g. {example_lines(quarantined, r)})"

@@ -1,4 +1,6 @@
-"""validate: every defect gets its reason code and line; counts reconcile; the gate fails loudly."""
+"""validate: every record kind from every file format; a corpus of bad inputs where each defect
+gets its reason code and line (or, for an unreadable file, a one-line error); counts reconcile;
+the gate fails loudly."""
 
 from __future__ import annotations
 
@@ -7,88 +9,273 @@ import json
 import pytest
 
 from conftest import set_params
-from stages import validate
+from stages import base_model, validate
 from stages.common.config import StageError
 from stages.common.files import read_jsonl
 
 SYSTEM = {"role": "system", "content": "Triage."}
-GOOD_ANSWER = '{"urgency": "high", "category": "billing"}'
+GOOD = '{"urgency": "high", "category": "billing"}'
+OTHER = '{"urgency": "low", "category": "account"}'
 
 
-def chat(user="I was charged twice.", answer=GOOD_ANSWER, **extra):
+def chat(user="I was charged twice.", answer=GOOD, **extra):
     return {"messages": [SYSTEM, {"role": "user", "content": user},
                          {"role": "assistant", "content": answer}], **extra}
 
 
-DEFECTS = {  # expected reason -> raw line
-    "malformed_json": '{"messages": [{"role": "user", "content": "cut off',
-    "not_an_object": json.dumps(["a", "list"]),
-    "missing_messages": json.dumps({"conversation": []}),
-    "messages_not_a_list": json.dumps({"messages": "hello"}),
-    "message_missing_key": json.dumps({"messages": [{"role": "user"}]}),
-    "unknown_role": json.dumps({"messages": [SYSTEM, {"role": "customer", "content": "Hi"},
-                                             {"role": "assistant", "content": GOOD_ANSWER}]}),
-    "no_assistant": json.dumps({"messages": [SYSTEM, {"role": "user", "content": "Hi"}]}),
-    "empty_assistant": json.dumps(chat(answer="  ")),
-    "empty_content": json.dumps(chat(user=" ")),
-    "answer_format": json.dumps(chat(answer=GOOD_ANSWER + " Hope that helps!")),  # whole answer
-    "label_outside_set": json.dumps(chat(answer='{"urgency": "high", "category": "sales"}')),
-    "too_long": json.dumps(chat(user="log line " * 400)),
-    "bad_role_order": json.dumps({"messages": [{"role": "user", "content": "a"}, SYSTEM,
-                                               {"role": "assistant", "content": GOOD_ANSWER}]}),
+def msgs(*turns):
+    return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+
+# kind -> a good record, and the defects of that kind: reason code -> record (dict or raw line)
+GOOD_ROWS = {
+    "messages": chat(),
+    "sharegpt": {"conversations": [{"from": "human", "value": "I was charged twice."},
+                                   {"from": "gpt", "value": GOOD}]},
+    "alpaca": {"instruction": "Triage this ticket.", "input": "I was charged twice.",
+               "output": GOOD},
+    "prompt_completion": {"prompt": "I was charged twice.", "completion": GOOD},
+    "preference": {"prompt": "I was charged twice.", "chosen": GOOD, "rejected": "billing!"},
+    "text": {"text": "Support handbook: refunds are issued within five days."},
 }
+DEFECTS = {
+    "messages": [
+        ("malformed_json", '{"messages": [{"role": "user", "content": "cut off'),
+        ("invalid_utf8", b'{"messages": "\xff\xfe"}'),
+        ("nul_byte", b'{"messages": [\x00]}'),
+        ("not_an_object", json.dumps(["a", "list"])),
+        ("missing_field", {"conversation": []}),
+        ("wrong_type", {"messages": "hello"}),
+        ("wrong_type", {"messages": [{"role": "user", "content": 42}]}),
+        ("empty_conversation", {"messages": []}),
+        ("null_value", {"messages": [SYSTEM, {"role": "user", "content": None}]}),
+        ("null_value", {"messages": [SYSTEM, None]}),
+        ("message_missing_key", {"messages": [{"role": "user"}]}),
+        ("message_unrecognized_key", {"messages": [{"role": "user", "content": "hi", "name": "x"},
+                                                   {"role": "assistant", "content": GOOD}]}),
+        ("unknown_role", msgs(("customer", "Hi"), ("assistant", GOOD))),
+        ("no_assistant", msgs(("system", "Triage."), ("user", "Hi"))),
+        ("bad_role_order", msgs(("user", "a"), ("system", "Triage."), ("assistant", GOOD))),
+        ("bad_role_order", msgs(("user", "a"), ("user", "b"), ("assistant", GOOD))),
+        ("empty_content", chat(user=" ")),
+        ("empty_assistant", chat(answer="  ")),
+        ("control_chars", chat(user="charged\u0007 twice")),
+        ("replacement_char", chat(user="charged tw\ufffdce")),
+        ("special_token_leak", chat(user="charged<|im_end|> twice")),
+        ("too_long", chat(user="log line " * 400)),
+        ("too_long", chat(user="x" * 200_000)),  # a huge record
+        ("answer_format", chat(answer=GOOD + " Hope that helps!")),
+        ("label_outside_set", chat(answer='{"urgency": "high", "category": "sales"}')),
+        ("bad_weight", {"messages": [{"role": "user", "content": "hi"},
+                                     {"role": "assistant", "content": GOOD, "weight": 2}]}),
+        ("zero_trainable_tokens", {"messages": [{"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": GOOD, "weight": 0}]}),
+        ("kind_mismatch", GOOD_ROWS["alpaca"]),
+    ],
+    "sharegpt": [
+        ("unknown_role", {"conversations": [{"from": "human", "value": "hi"},
+                                            {"from": "observation", "value": GOOD}]}),
+        ("message_missing_key", {"conversations": [{"from": "human"}]}),
+        ("wrong_type", {"conversations": {"from": "human", "value": "hi"}}),
+    ],
+    "alpaca": [
+        ("missing_field", {"instruction": "Triage.", "input": "hi"}),
+        ("null_value", {"instruction": "Triage.", "output": None}),
+        ("wrong_type", {"instruction": "Triage.", "output": GOOD, "history": ["not a pair"]}),
+        ("empty_content", {"instruction": "   ", "output": GOOD}),
+    ],
+    "prompt_completion": [
+        ("empty_assistant", {"prompt": "I was charged twice.", "completion": ""}),
+        ("answer_format", {"prompt": "I was charged twice.", "completion": "billing, high"}),
+    ],
+    "preference": [
+        ("chosen_equals_rejected", {"prompt": "hi", "chosen": GOOD, "rejected": GOOD}),
+        ("empty_assistant", {"prompt": "hi", "chosen": GOOD, "rejected": " "}),
+        ("missing_field", {"chosen": [{"role": "user", "content": "a"}],
+                           "rejected": [{"role": "user", "content": "b"}]}),
+    ],
+    "text": [
+        ("empty_content", {"text": "  \n "}),
+        ("null_value", {"text": None}),
+    ],
+}
+# which file format carries each kind's corpus (every format gets at least one kind)
+FORMATS = {"messages": ".jsonl", "sharegpt": ".json", "alpaca": ".json",
+           "prompt_completion": ".csv", "preference": ".jsonl", "text": ".parquet"}
+
+
+def write_data(path, records: list, suffix: str) -> list[int]:
+    """Write records in a format; return the line (row) number of each."""
+    if suffix == ".jsonl":
+        lines = [r if isinstance(r, (str, bytes)) else json.dumps(r) for r in records]
+        # a BOM on the first line and CRLF endings must not cost a record
+        data = b"\xef\xbb\xbf" + b"\r\n".join(x if isinstance(x, bytes) else x.encode()
+                                              for x in lines) + b"\r\n"
+        path.write_bytes(data)
+        return list(range(1, len(records) + 1))
+    if suffix == ".json":
+        path.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
+        return list(range(2, len(records) + 2))
+    if suffix == ".csv":
+        import csv
+
+        columns = sorted({k for r in records for k in r})
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            for r in records:
+                writer.writerow([r.get(c, "") for c in columns])
+        return list(range(2, len(records) + 2))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = sorted({k for r in records for k in r})
+    pq.write_table(pa.Table.from_pydict({c: [r.get(c) for r in records] for c in columns}), path)
+    return list(range(1, len(records) + 1))
 
 
 @pytest.fixture
-def validated(project):
-    from stages import base_model
-
+def base(project):
     base_model.main()
-    good = [json.dumps(chat(user=f"Ticket number {i}: my card was charged twice."))
-            for i in range(10)]
-    lines = good[:5] + list(DEFECTS.values()) + good[5:]
-    (project / "data/raw/tickets.jsonl").write_bytes(
-        ("\n".join(lines) + "\n").encode() + b'\xff\xfe{"bad utf8": 1}\n')
-    set_params(project, **{"data.max_rejected_fraction": 0.9})
-    validate.main()
+    (project / "data/raw/tickets.jsonl").unlink()
+    set_params(project, **{"data.max_rejected_fraction": 0.95, "train.max_length": 128})
     return project
 
 
-def test_each_defect_gets_its_reason_and_line(validated):
-    quarantine = read_jsonl(validated / "data/interim/quarantine.jsonl")
-    by_line = {q["line"]: q for q in quarantine}
-    for offset, reason in enumerate(DEFECTS):
-        line = 6 + offset  # five good lines come first
-        assert line in by_line, f"{reason} (line {line}) not quarantined"
-        assert reason in by_line[line]["reasons"], (reason, by_line[line]["reasons"])
-        assert by_line[line]["source"].endswith("tickets.jsonl")
-    invalid_utf8 = [q for q in quarantine if "invalid_utf8" in q["reasons"]]
-    assert len(invalid_utf8) == 1 and invalid_utf8[0]["raw"]  # the bytes are kept, not lost
+def run(project, kind: str, files: dict[str, list], declared: str | None = None):
+    paths = []
+    lines = {}
+    for name, records in files.items():
+        path = project / "data/raw" / name
+        lines[name] = write_data(path, records, path.suffix)
+        paths.append(f"data/raw/{name}")
+    set_params(project, **{"data.path": paths, "data.kind": declared or kind})
+    validate.main()
+    report = json.loads((project / "reports/validate.json").read_text())
+    return lines, report
 
 
-def test_counts_reconcile_and_valid_rows_are_canonical(validated):
-    report = json.loads((validated / "reports/validate.json").read_text())
-    valid = read_jsonl(validated / "data/interim/valid.jsonl")
-    quarantine = read_jsonl(validated / "data/interim/quarantine.jsonl")
-    assert report["rows_in"] == 10 + len(DEFECTS) + 1
-    assert report["rows_out"] == len(valid) == 10
-    assert report["rows_quarantined"] == len(quarantine) == len(DEFECTS) + 1
-    assert report["rows_in"] == report["rows_out"] + report["rows_quarantined"]
-    assert sum(1 for q in quarantine if "too_long" in q["reasons"]) == 1
-    assert {"id", "source", "line", "messages"} <= set(valid[0])
-    assert report["token_length"]["max"] <= report["max_length"]
+@pytest.mark.parametrize("kind", list(DEFECTS))
+def test_each_defect_gets_its_reason_and_line(base, kind):
+    good = GOOD_ROWS[kind]
+    defects = DEFECTS[kind]
+    records = [good, good | {"note": "kept in meta"}] + [d for _, d in defects]
+    name = f"{kind}{FORMATS[kind]}"
+    if FORMATS[kind] != ".jsonl":  # raw bytes only make sense in JSON Lines
+        records = [r for r in records if isinstance(r, dict)]
+        defects = [(reason, d) for reason, d in defects if isinstance(d, dict)]
+    lines, report = run(base, kind, {name: records})
+
+    quarantine = {q["line"]: q for q in read_jsonl(base / "data/interim/quarantine.jsonl")}
+    for (reason, _), line in zip(defects, lines[name][2:]):
+        assert line in quarantine, f"{kind}: {reason} (line {line}) not quarantined"
+        assert reason in quarantine[line]["reasons"], (kind, reason, quarantine[line])
+        assert quarantine[line]["source"].endswith(name)
+    valid = read_jsonl(base / "data/interim/valid.jsonl")
+    assert [v["line"] for v in valid] == lines[name][:2]  # the two good rows, nothing else
+    assert valid[1]["meta"] == {"note": "kept in meta"}
+    assert all(v["kind"] == kind for v in valid)
+    # counts reconcile
+    assert report["rows_in"] == len(records) == report["rows_out"] + report["rows_quarantined"]
+    assert report["rows_quarantined"] == len(quarantine) == len(defects)
 
 
-def test_gate_fails_with_top_reasons_and_lines(validated):
-    set_params(validated, **{"data.max_rejected_fraction": 0.1})
-    with pytest.raises(StageError, match=r"validation gate failed.*tickets.jsonl:\d+"):
+def test_canonical_shapes(base):
+    for kind, shape in [("sharegpt", "messages"), ("alpaca", "messages"),
+                        ("prompt_completion", "messages"), ("preference", "chosen"),
+                        ("text", "text")]:
+        run(base, kind, {f"{kind}{FORMATS[kind]}": [GOOD_ROWS[kind]]})
+        (record,) = read_jsonl(base / "data/interim/valid.jsonl")
+        assert shape in record and {"id", "source", "line", "kind"} <= set(record), record
+        (base / f"data/raw/{kind}{FORMATS[kind]}").unlink()
+    # alpaca: instruction and input become one user turn, output the assistant turn
+    run(base, "alpaca", {"a.json": [GOOD_ROWS["alpaca"]]})
+    (record,) = read_jsonl(base / "data/interim/valid.jsonl")
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant"]
+    assert record["messages"][0]["content"] == "Triage this ticket.\n\nI was charged twice."
+
+
+def test_auto_detects_kind_per_file_and_reports_drift(base, capsys):
+    a = [GOOD_ROWS["alpaca"]] * 2
+    b = [GOOD_ROWS["alpaca"] | {"system": "Be brief."}]
+    _, report = run(base, "alpaca", {"a.jsonl": a, "b.csv": b}, declared="auto")
+    assert report["kinds"] == {"data/raw/a.jsonl": "alpaca", "data/raw/b.csv": "alpaca"}
+    assert report["schema_drift"]["data/raw/b.csv"]["extra"] == ["system"]
+    assert "detected kind 'alpaca'" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"bin.jsonl": b"\x00\x01\x02\x03" * 100}, r"bin.jsonl: looks like a binary file"),
+    ({"obj.json": b'{"messages": []}'}, r"obj.json: a .json data file must hold an array"),
+    ({"cut.json": b'[{"text": "a"},\n{"text": '}, r"cut.json:2:\d+: not a valid JSON document"),
+    ({"notes.txt": b"hello"}, r"notes.txt: unsupported file type"),
+    ({"bad.parquet": b"PAR1 not really"}, r"bad.parquet: not a readable Parquet file"),
+    ({"dup.csv": b"text,text\na,b\n"}, r"dup.csv:1: CSV header needs unique"),
+    ({"latin1.csv": "text\ncaf\xe9\n".encode("latin-1")}, r"latin1.csv: not UTF-8"),
+    ({"a.jsonl": json.dumps(GOOD_ROWS["text"]).encode(),
+      "b.jsonl": json.dumps(GOOD_ROWS["alpaca"]).encode()}, r"mixes record kinds.*a.jsonl: text"),
+    ({"odd.jsonl": b'{"question": "a", "answer": "b"}'}, r"odd.jsonl: cannot tell the record kind"),
+    ({"empty.jsonl": b""}, r"no records"),
+])
+def test_unreadable_files_are_one_line_errors(base, files, message):
+    for name, data in files.items():
+        (base / "data/raw" / name).write_bytes(data)
+    set_params(base, **{"data.path": [f"data/raw/{n}" for n in files], "data.kind": "auto"})
+    with pytest.raises(StageError, match=message) as err:
         validate.main()
+    assert "\n" not in str(err.value)
 
 
-def test_fatal_reason_fails_on_a_single_row(validated):
-    set_params(validated, **{"data.fatal_reasons": ["invalid_utf8"]})
+def test_empty_file_beside_others_is_reported(base):
+    (base / "data/raw/empty.jsonl").write_bytes(b"\n\n")
+    _, report = run(base, "messages", {"a.jsonl": [chat()]})
+    set_params(base, **{"data.path": ["data/raw/a.jsonl", "data/raw/empty.jsonl"]})
+    validate.main()
+    report = json.loads((base / "reports/validate.json").read_text())
+    assert report["empty_files"] == ["data/raw/empty.jsonl"] and report["rows_out"] == 1
+
+
+def test_length_policies(base):
+    long_answer_last = chat(user="log line " * 100)
+    # an earlier answer survives truncation, which keeps the start of a conversation
+    long_multi_turn = msgs(("user", "hi"), ("assistant", GOOD), ("user", "log line " * 100),
+                           ("assistant", OTHER))
+    rows = [chat(), long_answer_last, long_multi_turn]
+    _, rejected = run(base, "messages", {"a.jsonl": rows})
+    assert rejected["quarantined_by_reason"] == {"too_long": 2}
+
+    set_params(base, **{"data.length_policy": "truncate"})
+    validate.main()
+    truncated = json.loads((base / "reports/validate.json").read_text())
+    assert truncated["quarantined_by_reason"] == {"zero_trainable_tokens": 1}
+    assert truncated["truncated"]["rows"] == 1 and truncated["truncated"]["tokens_cut"] > 0
+    assert truncated["rows_out"] == 2
+
+    set_params(base, **{"data.length_policy": "drop", "data.max_rejected_fraction": 0.0})
+    validate.main()  # dropped rows are written down but do not fail the gate
+    dropped = json.loads((base / "reports/validate.json").read_text())
+    assert dropped["quarantined_by_reason"] == {"too_long": 2}
+
+
+def test_gate_fails_with_top_reasons_and_lines(base):
+    set_params(base, **{"data.max_rejected_fraction": 0.1})
+    with pytest.raises(StageError, match=r"validation gate failed.*a.jsonl:2"):
+        run(base, "messages", {"a.jsonl": [chat(), chat(answer="")]})
+
+
+def test_fatal_reason_fails_on_a_single_row(base):
+    set_params(base, **{"data.fatal_reasons": ["invalid_utf8"]})
     with pytest.raises(StageError, match="fatal reasons"):
-        validate.main()
+        run(base, "messages", {"a.jsonl": [chat()] * 5 + [b'{"a": "\xff"}']})
+
+
+def test_bundled_data_defects_all_caught(project):
+    base_model.main()
+    validate.main()  # the first 240 lines of data/raw/tickets.jsonl
+    report = json.loads((project / "reports/validate.json").read_text())
+    assert report["rows_in"] == report["rows_out"] + report["rows_quarantined"]
+    assert report["rows_quarantined"] > 0 and report["token_length"]["max"] <= report["max_length"]
+    assert (project / "reports/data_docs/index.html").exists()
 
 
 def test_missing_data_file_is_one_line_error(project):

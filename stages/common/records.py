@@ -1,18 +1,19 @@
-"""Reading raw data files into canonical records, without losing a line.
+"""Reading raw data files into rows, without losing a line; stable ids and text normalisation.
 
-`read_raw(paths)` turns every line of every input file into one row: either a parsed object or
-a parse error with its reason code, always with `source` (the file) and `line` (1-based), so
-validation can quarantine what it cannot use and point back at the original line.
-
-Canonical chat record, as written by the data stages (JSONL):
-    {"id": "<stable content hash>", "source": "data/raw/x.jsonl", "line": 12,
-     "messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+`read_file(path)` turns every line of a JSONL file, every element of a JSON array and every row
+of a CSV or Parquet file into one row: a parsed object, or a parse error with its reason code,
+always with `source` (the file) and `line` (1-based line in the file; the row number for
+Parquet), so validation can quarantine what it cannot use and point back at the original.
+A file that cannot be read at all raises StageError with one line naming the file and why.
+Record kinds and their canonical shapes are in `stages/common/kinds.py`.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
+import io
 import json
 import re
 import unicodedata
@@ -21,49 +22,54 @@ from typing import Any
 
 from stages.common.config import StageError
 
-ROLES = ("system", "user", "assistant")
-KINDS = ("messages", "auto")  # more record kinds arrive with the format readers (issue 3)
-READABLE_SUFFIXES = (".jsonl", ".json")
+READABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+BOM = b"\xef\xbb\xbf"
 
 
 def resolve_paths(spec: str | list[str]) -> list[Path]:
-    """`data.path` as a file, a glob, or a list of either -> sorted existing files."""
+    """`data.path` as a file, a glob, or a list of either -> existing files, in order."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     paths: list[Path] = []
     for item in specs:
         matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-        if not matches or not Path(matches[0]).exists():
+        if not matches or not Path(matches[0]).is_file():
             raise StageError(f"data.path: {item}: no such file")
-        paths += [Path(m) for m in matches]
+        paths += [Path(m) for m in matches if Path(m) not in paths]
     for path in paths:
-        if path.suffix not in READABLE_SUFFIXES:
-            raise StageError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .json)")
+        if path.suffix.lower() not in READABLE_SUFFIXES:
+            raise StageError(f"{path}: unsupported file type {path.suffix!r} "
+                             f"(use {', '.join(READABLE_SUFFIXES)})")
     return paths
 
 
-def _row(source: Path, line: int, obj: Any = None, error: str | None = None, raw: bytes = b"") -> dict:
+def _row(source: Path, line: int, obj: Any = None, error: str | None = None,
+         raw: bytes | str = b"") -> dict:
     row = {"source": str(source), "line": line, "obj": obj, "parse_error": error}
     if error:  # keep the unreadable line itself, so the quarantine loses nothing
-        row["raw"] = raw.decode("utf-8", errors="replace")
+        row["raw"] = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
     return row
 
 
-def read_file(path: Path) -> list[dict]:
-    """One row per non-blank line of a JSONL file, or per element of a JSON array."""
-    data = path.read_bytes()
-    if path.suffix == ".json":
-        try:
-            items = json.loads(data.decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise StageError(f"{path}: not a readable JSON document ({err})") from err
-        if not isinstance(items, list):
-            raise StageError(f"{path}: a .json data file must hold an array of records")
-        return [_row(path, i + 1, obj) for i, obj in enumerate(items)]
+def looks_binary(data: bytes) -> bool:
+    """A file of mostly NULs or undecodable bytes is not text data, whatever its name says."""
+    head = data[:8192]
+    if not head:
+        return False
+    if head.count(b"\x00") > len(head) // 10:
+        return True
+    return head.decode("utf-8", errors="replace").count("\ufffd") > len(head) // 10
+
+
+def read_jsonl(path: Path, data: bytes) -> list[dict]:
     rows = []
+    # CRLF: json ignores the trailing \r; blank lines are skipped, numbering is preserved
     for number, raw in enumerate(data.split(b"\n"), start=1):
-        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]  # a UTF-8 byte order mark from an editor export
+        if number == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM):]  # a UTF-8 byte order mark from an editor export
         if not raw.strip():
+            continue
+        if b"\x00" in raw:
+            rows.append(_row(path, number, error="nul_byte", raw=raw.replace(b"\x00", b"")))
             continue
         try:
             text = raw.decode("utf-8")
@@ -73,17 +79,116 @@ def read_file(path: Path) -> list[dict]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
-            rows.append(_row(path, number, error="malformed_json", raw=raw))
+            rows.append(_row(path, number, error="malformed_json", raw=text))
             continue
         rows.append(_row(path, number, obj))
     return rows
 
 
-def read_raw(paths: list[Path]) -> list[dict]:
-    rows: list[dict] = []
-    for path in paths:
-        rows += read_file(path)
+def read_json_array(path: Path, data: bytes) -> list[dict]:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise StageError(f"{path}: not UTF-8 text (byte {err.start})") from err
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise StageError(f"{path}:{err.lineno}:{err.colno}: not a valid JSON document "
+                         f"({err.msg})") from err
+    if isinstance(items, dict):
+        raise StageError(f"{path}: a .json data file must hold an array of records, "
+                         f"found an object (JSON Lines go in .jsonl)")
+    if not isinstance(items, list):
+        raise StageError(f"{path}: a .json data file must hold an array of records")
+    # line of each element: walk the array with raw_decode to find where each one starts
+    decoder, lines, pos = json.JSONDecoder(), [], text.index("[") + 1
+    for _ in items:
+        while text[pos] in " \t\r\n,":
+            pos += 1
+        lines.append(text.count("\n", 0, pos) + 1)
+        _, pos = decoder.raw_decode(text, pos)
+    return [_row(path, line, obj) for line, obj in zip(lines, items)]
+
+
+MESSAGE_FIELDS = {"role", "content", "from", "value", "weight"}
+
+
+def _cell(value: str) -> Any:
+    """CSV cells are strings. A cell holding a JSON list (messages) or one message object is
+    parsed; any other text, JSON-looking answers included, stays a string."""
+    stripped = value.strip()
+    if stripped[:1] not in ("[", "{"):
+        return value
+    try:
+        parsed = json.loads(stripped)
+    except json.JSONDecodeError:
+        return value
+    if isinstance(parsed, list) or (isinstance(parsed, dict) and parsed
+                                    and set(parsed) <= MESSAGE_FIELDS):
+        return parsed
+    return value
+
+
+def read_csv(path: Path, data: bytes) -> list[dict]:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise StageError(f"{path}: not UTF-8 text (byte {err.start}); save the CSV as UTF-8") from err
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return []
+    except csv.Error as err:
+        raise StageError(f"{path}:1: unreadable CSV header ({err})") from err
+    if len(set(header)) != len(header) or not all(h.strip() for h in header):
+        raise StageError(f"{path}:1: CSV header needs unique, non-empty column names: {header}")
+    rows, start = [], reader.line_num + 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            rows.append(_row(path, start, error="malformed_csv", raw=str(err)))
+            start = reader.line_num + 1
+            continue
+        line, start = start, reader.line_num + 1
+        if not any(c.strip() for c in cells):
+            continue
+        if "\x00" in "".join(cells):
+            rows.append(_row(path, line, error="nul_byte", raw=",".join(cells).replace("\x00", "")))
+        elif len(cells) != len(header):
+            rows.append(_row(path, line, error="malformed_csv",
+                             raw=f"{len(cells)} fields, header has {len(header)}: " + ",".join(cells)))
+        else:
+            rows.append(_row(path, line, {h: _cell(c) for h, c in zip(header, cells)}))
     return rows
+
+
+def read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise StageError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from err
+    return [_row(path, i, obj) for i, obj in enumerate(table.to_pylist(), start=1)]
+
+
+def read_file(path: Path) -> list[dict]:
+    """One row per record of a JSONL, JSON-array, CSV or Parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return read_parquet(path)
+    data = path.read_bytes()
+    if looks_binary(data):
+        raise StageError(f"{path}: looks like a binary file, not {suffix[1:].upper()} text")
+    if suffix == ".json":
+        return read_json_array(path, data)
+    if suffix == ".csv":
+        return read_csv(path, data)
+    return read_jsonl(path, data)
 
 
 def normalize_text(text: str) -> str:
@@ -91,16 +196,15 @@ def normalize_text(text: str) -> str:
     return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
-def record_id(messages: list[dict]) -> str:
-    """Stable id: hash of the normalised conversation (same content -> same id)."""
-    canonical = json.dumps([[m["role"], normalize_text(m["content"])] for m in messages])
-    return hashlib.sha1(canonical.encode("utf-8")).hexdigest()[:16]
+def record_id(content: Any) -> str:
+    """Stable id: hash of the normalised content (same content -> same id), whatever the kind."""
+    def norm(value: Any) -> Any:
+        if isinstance(value, str):
+            return normalize_text(value)
+        if isinstance(value, dict):
+            return [[k, norm(value[k])] for k in sorted(value)]
+        if isinstance(value, list):
+            return [norm(v) for v in value]
+        return value
 
-
-def prompt_messages(record: dict) -> list[dict]:
-    """Everything before the final assistant answer."""
-    return record["messages"][:-1]
-
-
-def answer_text(record: dict) -> str:
-    return record["messages"][-1]["content"]
+    return hashlib.sha1(json.dumps(norm(content)).encode("utf-8")).hexdigest()[:16]

@@ -1,0 +1,266 @@
+"""Record kinds: detect them from the fields, and turn each raw object into its canonical form.
+
+Three canonical shapes come out, whatever went in (one JSONL record per line, plus `id`,
+`source`, `line` and `kind`, the kind it was read as):
+
+    chat        {"messages": [{"role": ..., "content": ..., "weight"?: 0|1}, ...]}
+                from messages (OpenAI), sharegpt (conversations/from/value),
+                alpaca (instruction/input/output) and prompt_completion (plain or conversational)
+    preference  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+                from prompt/chosen/rejected (plain, conversational or with an implicit prompt)
+                and ShareGPT-style rows (conversations + chosen/rejected messages)
+    text        {"text": "..."} for continued pre-training
+
+Top-level keys a kind does not use are kept under `meta`, so nothing is lost. A row that does
+not fit its kind raises `RowError(reason, detail)`; validation quarantines it with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+from stages.common.records import normalize_text
+
+KINDS = ("messages", "sharegpt", "alpaca", "prompt_completion", "preference", "text")
+SHAPE = {"messages": "chat", "sharegpt": "chat", "alpaca": "chat", "prompt_completion": "chat",
+         "preference": "preference", "text": "text"}
+ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = {"role", "content", "weight"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "model": "assistant",
+                  "bard": "assistant", "bing": "assistant"}
+# the fields a kind reads; anything else at the top level goes to `meta`
+FIELDS = {
+    "messages": {"messages"},
+    "sharegpt": {"conversations", "system"},
+    "alpaca": {"instruction", "input", "output", "system", "history"},
+    "prompt_completion": {"prompt", "completion"},
+    "preference": {"prompt", "chosen", "rejected", "conversations", "system"},
+    "text": {"text"},
+}
+
+
+class RowError(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+def kind_of(obj: Any) -> str | None:
+    """The kind a row's fields say it is, or None. Order matters: a ShareGPT preference row has
+    `conversations` too, and preference rows may carry a `prompt`."""
+    if not isinstance(obj, dict):
+        return None
+    keys = obj.keys()
+    if "chosen" in keys and "rejected" in keys:
+        return "preference"
+    for kind, required in (("messages", {"messages"}), ("sharegpt", {"conversations"}),
+                           ("alpaca", {"instruction", "output"}),
+                           ("prompt_completion", {"prompt", "completion"}), ("text", {"text"})):
+        if required <= keys:
+            return kind
+    return None
+
+
+def detect_kind(objects: list[Any]) -> tuple[str | None, Counter]:
+    """The most common kind among a file's rows, and the count of each."""
+    counts = Counter(k for k in map(kind_of, objects) if k)
+    return (counts.most_common(1)[0][0] if counts else None), counts
+
+
+def _string(value: Any, where: str) -> str:
+    if value is None:
+        raise RowError("null_value", f"{where} is null")
+    if not isinstance(value, str):
+        raise RowError("wrong_type", f"{where} is {type(value).__name__}, not a string")
+    return value
+
+
+def _required(obj: dict, key: str) -> Any:
+    if key not in obj:
+        raise RowError("missing_field", f"no '{key}'")
+    return obj[key]
+
+
+def chat_messages(value: Any, where: str = "messages") -> list[dict]:
+    """OpenAI-style messages, checked for shape (roles and order are checked by validation)."""
+    if value is None:
+        raise RowError("null_value", f"{where} is null")
+    if not isinstance(value, list):
+        raise RowError("wrong_type", f"{where} is {type(value).__name__}, not a list")
+    if not value:
+        raise RowError("empty_conversation", f"{where} is empty")
+    out = []
+    for i, m in enumerate(value):
+        if m is None:
+            raise RowError("null_value", f"{where}[{i}] is null")
+        if not isinstance(m, dict):
+            raise RowError("wrong_type", f"{where}[{i}] is {type(m).__name__}, not an object")
+        missing = [k for k in ("role", "content") if k not in m]
+        if missing:
+            raise RowError("message_missing_key", f"{where}[{i}] has no {missing[0]!r}")
+        extra = sorted(set(m) - MESSAGE_KEYS)
+        if extra:
+            raise RowError("message_unrecognized_key", f"{where}[{i}] has {extra[0]!r}")
+        role = _string(m["role"], f"{where}[{i}].role")
+        message = {"role": role, "content": _string(m["content"], f"{where}[{i}].content")}
+        if "weight" in m:
+            if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
+                raise RowError("bad_weight", f"{where}[{i}].weight is {m['weight']!r}, not 0 or 1")
+            message["weight"] = int(m["weight"])
+        out.append(message)
+    return out
+
+
+def sharegpt_messages(value: Any, where: str = "conversations") -> list[dict]:
+    if value is None:
+        raise RowError("null_value", f"{where} is null")
+    if not isinstance(value, list):
+        raise RowError("wrong_type", f"{where} is {type(value).__name__}, not a list")
+    if not value:
+        raise RowError("empty_conversation", f"{where} is empty")
+    out = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict):
+            raise RowError("wrong_type" if turn is not None else "null_value",
+                           f"{where}[{i}] is not an object")
+        missing = [k for k in ("from", "value") if k not in turn]
+        if missing:
+            raise RowError("message_missing_key", f"{where}[{i}] has no {missing[0]!r}")
+        extra = sorted(set(turn) - {"from", "value", "weight"})
+        if extra:
+            raise RowError("message_unrecognized_key", f"{where}[{i}] has {extra[0]!r}")
+        source = _string(turn["from"], f"{where}[{i}].from")
+        # unknown speakers (observation, function_call, ...) keep their name: validation
+        # quarantines them as unknown_role instead of guessing
+        message = {"role": SHAREGPT_ROLES.get(source.lower(), source),
+                   "content": _string(turn["value"], f"{where}[{i}].value")}
+        if "weight" in turn:
+            message["weight"] = turn["weight"]
+        out.append(message)
+    return chat_messages(out, where)
+
+
+def _with_system(obj: dict, messages: list[dict]) -> list[dict]:
+    if obj.get("system") is None:
+        return messages
+    return [{"role": "system", "content": _string(obj["system"], "system")}, *messages]
+
+
+def _turns(value: Any, role: str, where: str) -> list[dict]:
+    """A plain string becomes one message of `role`; a list is conversational messages."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, dict):  # a single message object (ShareGPT-style preference)
+        return sharegpt_messages([value], where) if "from" in value else chat_messages([value], where)
+    return chat_messages(value, where)
+
+
+def to_chat(kind: str, obj: dict) -> dict:
+    if kind == "messages":
+        return {"messages": chat_messages(_required(obj, "messages"))}
+    if kind == "sharegpt":
+        return {"messages": _with_system(obj, sharegpt_messages(_required(obj, "conversations")))}
+    if kind == "alpaca":
+        instruction = _string(_required(obj, "instruction"), "instruction")
+        extra_input = _string(obj.get("input") or "", "input")
+        output = _string(_required(obj, "output"), "output")
+        history = []
+        for i, pair in enumerate(obj.get("history") or []):
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise RowError("wrong_type", f"history[{i}] is not a [question, answer] pair")
+            history += [{"role": "user", "content": _string(pair[0], f"history[{i}][0]")},
+                        {"role": "assistant", "content": _string(pair[1], f"history[{i}][1]")}]
+        user = instruction + ("\n\n" + extra_input if extra_input.strip() else "")
+        return {"messages": _with_system(obj, [*history, {"role": "user", "content": user},
+                                               {"role": "assistant", "content": output}])}
+    if kind == "prompt_completion":
+        prompt = _turns(_required(obj, "prompt"), "user", "prompt")
+        completion = _turns(_required(obj, "completion"), "assistant", "completion")
+        return {"messages": prompt + completion}
+    raise ValueError(kind)
+
+
+def to_preference(obj: dict) -> dict:
+    chosen = _turns(_required(obj, "chosen"), "assistant", "chosen")
+    rejected = _turns(_required(obj, "rejected"), "assistant", "rejected")
+    if "conversations" in obj:  # ShareGPT style: the conversation is the prompt
+        prompt = _with_system(obj, sharegpt_messages(obj["conversations"]))
+    elif "prompt" in obj:
+        prompt = _with_system(obj, _turns(obj["prompt"], "user", "prompt"))
+    else:  # implicit prompt: the shared start of both conversations
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise RowError("missing_field", "no 'prompt' and chosen/rejected share no prefix")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def canonical(kind: str, obj: Any) -> tuple[dict, dict]:
+    """(the kind's canonical fields, the unused top-level fields) of one raw object."""
+    if not isinstance(obj, dict):
+        raise RowError("not_an_object", f"a JSON {type(obj).__name__}, not an object")
+    if kind == "preference":
+        fields = to_preference(obj)
+    elif kind == "text":
+        fields = {"text": _string(_required(obj, "text"), "text")}
+    else:
+        fields = to_chat(kind, obj)
+    meta = {k: v for k, v in obj.items() if k not in FIELDS[kind]}
+    return fields, meta
+
+
+def conversation_text(record: dict) -> list[dict]:
+    """All messages of a canonical record (chat or preference), for per-message checks."""
+    if "messages" in record:
+        return record["messages"]
+    if "prompt" in record:
+        return [*record["prompt"], *record["chosen"], *record["rejected"]]
+    return [{"role": "text", "content": record["text"]}]
+
+
+def prompt_of(record: dict) -> list[dict]:
+    """What the model is given: everything before the final answer."""
+    if "messages" in record:
+        return record["messages"][:-1]
+    return record.get("prompt", [])
+
+
+def answer_of(record: dict) -> str:
+    """The answer the model should give (the chosen one for preference; the text for text)."""
+    if "messages" in record:
+        return record["messages"][-1]["content"]
+    if "chosen" in record:
+        return "\n".join(m["content"] for m in record["chosen"])
+    return record["text"]
+
+
+def request_text(record: dict) -> str:
+    """What makes two records "the same request", normalised: the prompt without its system
+    message (one instruction shared by a whole task would make every pair look alike), or the
+    whole text of a raw-text record."""
+    if "text" in record:
+        return normalize_text(record["text"])
+    return normalize_text(" \n".join(m["content"] for m in prompt_of(record)
+                                      if m["role"] != "system"))
+
+
+def answer_key(record: dict) -> str:
+    """What must agree among copies of one request: the answer (for preference, the pair)."""
+    if "text" in record:
+        return ""
+    if "chosen" in record:
+        return normalize_text(json.dumps([record["chosen"], record["rejected"]]))
+    return normalize_text(answer_of(record))
+
+
+def content_text(record: dict) -> str:
+    """Everything but system messages, normalised: what the leakage check compares."""
+    if "text" in record:
+        return normalize_text(record["text"])
+    return normalize_text(" \n".join(m["content"] for m in conversation_text(record)
+                                      if m["role"] != "system"))
