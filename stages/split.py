@@ -5,11 +5,12 @@
    of a test ticket never sit in train.
 2. Stratified by the task's label fields: within each stratum, groups are shuffled with the
    seed and fill test, then validation, up to each split's share of the stratum's rows
-   (largest-remainder rounding); the rest is train. Same seed, same input -> byte-identical files.
-3. Leakage: each test row's word n-grams (13; 8 for records under
-   split.leakage.short_record_words words) are looked up in train; a row is flagged when at
-   least split.leakage.min_overlap of its n-grams occur there, or when its request equals a
-   train request. Optionally every split is checked against an external evaluation file too.
+   (largest-remainder rounding); a group too big for the room left goes to train, and so
+   does the rest. Same seed, same input -> byte-identical files.
+3. Leakage: each test row's request (prompt without system message; raw text as is) is cut
+   into word n-grams (13; 8 under split.leakage.short_record_words words) and looked up in
+   the train requests; a row is flagged when at least split.leakage.min_overlap of its
+   n-grams occur there, or when its request equals a train request. Optionally every split is checked against an external evaluation file too.
    Policy `report` lists them; `remove` drops them (written down in the removed file).
 4. Class balance per split; optional rebalancing of train (cap or upsample).
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from stages.common import tracking
 from stages.common.config import StageError, load_params, run_stage
 from stages.common.files import md5_path, read_jsonl, write_json, write_jsonl
-from stages.common.kinds import answer_of, canonical, content_text, kind_of, request_text
+from stages.common.kinds import answer_of, canonical, kind_of, request_text
 from stages.common.records import read_file
 from stages.common.similarity import UnionFind, near_duplicate_pairs, ngrams
 from stages.common.task import Task
@@ -66,16 +67,12 @@ def stratified_group_split(strata: list[str], groups: list[list[int]],
         # per-stratum stream: adding a stratum does not reshuffle the others
         salt = int(hashlib.sha1(s.encode()).hexdigest()[:8], 16)
         random.Random(seed * 1_000_003 + salt).shuffle(stratum_groups)
-        filled = {"test": 0, "validation": 0}
+        room = {"test": test_q[s], "validation": val_q[s]}
         for members in stratum_groups:
-            if filled["test"] < test_q[s]:
-                name = "test"
-            elif filled["validation"] < val_q[s]:
-                name = "validation"
-            else:
-                name = "train"
+            # a group goes where it fits whole; one bigger than the room left goes to train
+            name = next((n for n in ("test", "validation") if len(members) <= room[n]), "train")
             if name != "train":
-                filled[name] += len(members)
+                room[name] -= len(members)
             for i in members:
                 assignment[i] = name
     return assignment
@@ -96,26 +93,29 @@ def similar_groups(records: list[dict], cfg: dict, seed: int) -> list[list[int]]
 class NgramIndex:
     """Word n-grams of reference records, for the share of a row's n-grams found there."""
 
-    def __init__(self, records: list[dict], short_words: int):
+    def __init__(self, records: list[dict], short_words: int, sizes: set[int]):
         self.short_words = short_words
-        self.grams = {8: defaultdict(list), 13: defaultdict(list)}
+        # n-gram -> the first reference row that has it (enough to name one match)
+        self.first: dict[int, dict[str, int]] = {n: {} for n in sizes}
         for k, r in enumerate(records):
-            text = content_text(r)
-            for n, index in self.grams.items():
+            text = request_text(r)
+            for n, index in self.first.items():
                 for gram in ngrams(text, n):
-                    index[gram].append(k)
+                    index.setdefault(gram, k)
         self.requests = {request_text(r): k for k, r in enumerate(records) if "text" not in r}
 
+    def size_for(self, text: str) -> int:
+        return 8 if len(text.split()) < self.short_words else 13
+
     def overlap(self, record: dict) -> tuple[float, int | None]:
-        """(share of the row's n-grams found in the reference, index of the best match)."""
-        if "text" not in record and request_text(record) in self.requests:
-            return 1.0, self.requests[request_text(record)]
-        text = content_text(record)
-        n = 8 if len(text.split()) < self.short_words else 13
-        grams = ngrams(text, n) or {text}
-        hits = Counter(k for g in grams for k in set(self.grams[n].get(g, ())))
-        found = sum(1 for g in grams if g in self.grams[n])
-        return found / len(grams), (hits.most_common(1)[0][0] if hits else None)
+        """(share of the row's n-grams found in the reference, a reference row that has most)."""
+        text = request_text(record)
+        if "text" not in record and text in self.requests:
+            return 1.0, self.requests[text]
+        index = self.first[self.size_for(text)]
+        grams = ngrams(text, self.size_for(text)) or {text}
+        hits = Counter(index[g] for g in grams if g in index)
+        return sum(hits.values()) / len(grams), (hits.most_common(1)[0][0] if hits else None)
 
 
 def external_records(path: str) -> list[dict]:
@@ -161,7 +161,8 @@ def main() -> None:
         # leakage: test against train, and every split against an external eval set
         min_overlap = float(leak_cfg.get("min_overlap", 0.8))
         short = int(leak_cfg.get("short_record_words", 50))
-        train_index = NgramIndex([records[i] for i in parts["train"]], short)
+        sizes = {8 if len(request_text(records[i]).split()) < short else 13 for i in parts["test"]}
+        train_index = NgramIndex([records[i] for i in parts["train"]], short, sizes)
         leaks = []
         for i in parts["test"]:
             share, match = train_index.overlap(records[i])
@@ -174,7 +175,7 @@ def main() -> None:
                     removed[i] = {"reason": "leak_test_train", "matches_line": other["line"]}
         if leak_cfg.get("external_eval"):
             external = external_records(leak_cfg["external_eval"])
-            external_index = NgramIndex(external, short)
+            external_index = NgramIndex(external, short, {8, 13})
             for i, record in enumerate(records):
                 share, match = external_index.overlap(record)
                 if share >= min_overlap:
@@ -231,6 +232,9 @@ def main() -> None:
         }
         assert report["rows_in"] == report["rows_out"] + report["rows_removed"]
         write_json(REPORT, report)
+        if report["groups"]["largest"] > len(records) * fractions["test"]:
+            print(f"split: warning: a group of {report['groups']['largest']} near-alike rows went "
+                  f"to train whole; raise split.group_threshold if groups chain too much")
         run.summary.update({f"split/{n}": len(rows) for n, rows in outputs.items()})
         run.summary["split/leaks_flagged"] = len(leaks)
         print(f"split: {report['sizes']}, {report['groups']['multi_row']} groups of near-alike "

@@ -62,3 +62,47 @@ def test_removed_rows_point_at_what_they_duplicate(project):
     removed = read_jsonl(project / "data/interim/dedup_removed.jsonl")
     exact = next(r for r in removed if r["line"] == 2)
     assert exact["duplicate_of_line"] == 1 and exact["duplicate_of"] == ROWS[0]["id"]
+
+
+def test_system_prompt_does_not_make_tickets_alike(project):
+    """A long shared system prompt would push every pair over the threshold; it is ignored."""
+    system = {"role": "system", "content": " ".join(f"rule{i}" for i in range(60))}
+    rows = []
+    for i, user in enumerate(["the app crashes on start", "my parcel never arrived here",
+                              "please refund the double charge"]):
+        messages = [system, {"role": "user", "content": user}, {"role": "assistant", "content": A}]
+        rows.append({"id": record_id(messages), "source": "raw.jsonl", "line": i + 1,
+                     "messages": messages})
+    write_jsonl(project / "data/interim/valid.jsonl", rows)
+    dedup.main()
+    assert len(read_jsonl(project / "data/interim/dedup.jsonl")) == 3
+
+
+def test_preference_and_text_kinds(project):
+    def pref(line, prompt, chosen, rejected):
+        fields = {"prompt": [{"role": "user", "content": prompt}],
+                  "chosen": [{"role": "assistant", "content": chosen}],
+                  "rejected": [{"role": "assistant", "content": rejected}]}
+        return {"id": record_id(fields), "source": "p.jsonl", "line": line, "kind": "preference",
+                **fields}
+
+    write_jsonl(project / "data/interim/valid.jsonl", [
+        pref(1, TICKET, A, "no idea"), pref(2, TICKET + " thanks in advance", A, "no idea"),
+        pref(3, "The iOS app crashes on the reports screen", A, B),
+        pref(4, "The iOS app crashes on the reports screen", B, A)])  # preference flipped
+    _, removed, _ = run_rows(project)
+    assert removed == {2: "near_duplicate", 3: "conflicting_answers", 4: "conflicting_answers"}
+
+    text = "Refunds are issued within five business days of the request being approved by billing."
+    write_jsonl(project / "data/interim/valid.jsonl", [
+        {"id": record_id(t), "source": "t.jsonl", "line": i + 1, "kind": "text", "text": t}
+        for i, t in enumerate([text, text + " See the policy.", "Shipping takes two weeks."])])
+    kept, removed, _ = run_rows(project)
+    assert kept == [1, 3] and removed == {2: "near_duplicate"}
+
+
+def run_rows(project):
+    dedup.main()
+    kept = read_jsonl(project / "data/interim/dedup.jsonl")
+    removed = read_jsonl(project / "data/interim/dedup_removed.jsonl")
+    return [r["line"] for r in kept], {r["line"]: r["reason"] for r in removed}, None

@@ -56,3 +56,95 @@ def test_same_seed_same_bytes_other_seed_other_split(project):
 def test_quotas_use_largest_remainder():
     assert split.quotas({"a": 5, "b": 5, "c": 1}, 0.1) == {"a": 1, "b": 0, "c": 0}
     assert sum(split.quotas({"a": 7, "b": 3}, 0.5).values()) == 5
+
+
+def chat_row(line: int, user: str, answer: str) -> dict:
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return {"id": record_id(messages), "source": "raw.jsonl", "line": line, "messages": messages}
+
+
+def paraphrases(n_groups=30, size=4):
+    """Groups of near-alike tickets: one random 20-word ticket per group, four sign-offs."""
+    import random
+
+    rng, out = random.Random(0), []
+    for g in range(n_groups):
+        base = " ".join(f"word{rng.randrange(500)}" for _ in range(20))
+        answer = json.dumps({"urgency": URG[g % 4], "category": CAT[g % 3]})
+        out += [chat_row(len(out) + 1, f"group{g} {base} {closing}", answer)
+                for closing in ["thanks", "cheers", "regards", "please help"][:size]]
+    return out
+
+
+def test_near_alike_requests_never_straddle_splits(project):
+    write_jsonl(project / "data/interim/dedup.jsonl", paraphrases())
+    run(project)
+    where = {}
+    for name in split.SPLITS:
+        for r in read_jsonl(project / f"data/processed/{name}.jsonl"):
+            where.setdefault(r["messages"][0]["content"].split()[0], set()).add(name)
+    assert len(where) == 30, where
+    assert all(len(splits) == 1 for splits in where.values()), where
+    report = json.loads((project / "reports/split.json").read_text())
+    assert report["groups"]["multi_row"] == 30 and report["groups"]["largest"] == 4
+
+
+def test_leakage_reported_then_removed(project):
+    import random
+
+    rng, records = random.Random(1), rows(200)
+    for pair in range(20):  # a ticket and its copy with one word added, free to split apart
+        words = " ".join(f"word{rng.randrange(500)}" for _ in range(14))
+        answer = records[pair]["messages"][1]["content"]
+        records += [chat_row(1000 + 2 * pair, words, answer),
+                    chat_row(1001 + 2 * pair, words + " ref", answer)]
+    write_jsonl(project / "data/interim/dedup.jsonl", records)
+    set_params(project, **{"split.group_threshold": None})
+    run(project)
+    report = json.loads((project / "reports/split.json").read_text())
+    flagged = report["leakage"]["rows"]
+    assert report["leakage"]["policy"] == "report" and report["rows_removed"] == 0
+    assert flagged and all(row["line"] >= 1000 and row["against"] == "train" for row in flagged)
+    assert all(abs(row["line"] - row["matches_line"]) == 1 for row in flagged)  # its twin
+
+    set_params(project, **{"split.leakage.policy": "remove"})
+    run(project)
+    report = json.loads((project / "reports/split.json").read_text())
+    removed = read_jsonl(project / "data/interim/split_removed.jsonl")
+    assert len(removed) == report["rows_removed"] == len(flagged)
+    assert {r["reason"] for r in removed} == {"leak_test_train"}
+    assert report["rows_in"] == report["rows_out"] + report["rows_removed"]
+
+    set_params(project, **{"split.group_threshold": 0.5})  # groups keep twins together
+    run(project)
+    assert json.loads((project / "reports/split.json").read_text())["leakage"]["flagged"] == 0
+
+
+def test_external_eval_set_is_kept_out(project):
+    records = rows(100)
+    write_jsonl(project / "data/interim/dedup.jsonl", records)
+    external = project / "data/raw/benchmark.jsonl"
+    write_jsonl(external, [{"messages": records[5]["messages"]}, {"text": "unrelated words"}])
+    set_params(project, **{"split.leakage.external_eval": "data/raw/benchmark.jsonl",
+                           "split.leakage.policy": "remove"})
+    run(project)
+    removed = read_jsonl(project / "data/interim/split_removed.jsonl")
+    assert [(r["line"], r["reason"]) for r in removed] == [(6, "leak_external_eval")]
+
+
+def test_rebalance_cap_and_upsample(project):
+    skewed = [r for r in rows(240) if "billing" in r["messages"][1]["content"]] + rows(240)[:24]
+    write_jsonl(project / "data/interim/dedup.jsonl", skewed)
+    set_params(project, **{"task.stratify_by": ["category"], "split.rebalance": "cap",
+                           "split.rebalance_cap": 10})
+    run(project)
+    report = json.loads((project / "reports/split.json").read_text())
+    assert max(report["class_balance"]["train"].values()) == 10
+    assert report["removed_by_reason"]["rebalance_cap"] == report["rows_removed"] > 0
+    assert report["rows_in"] == report["rows_out"] + report["rows_removed"]
+
+    set_params(project, **{"split.rebalance": "upsample", "split.rebalance_cap": None})
+    run(project)
+    report = json.loads((project / "reports/split.json").read_text())
+    assert len(set(report["class_balance"]["train"].values())) == 1  # every stratum equal
+    assert report["rows_added_by_upsampling"] > 0 and report["rows_removed"] == 0

@@ -178,6 +178,10 @@ def test_each_defect_gets_its_reason_and_line(base, kind):
     # counts reconcile
     assert report["rows_in"] == len(records) == report["rows_out"] + report["rows_quarantined"]
     assert report["rows_quarantined"] == len(quarantine) == len(defects)
+    if kind == "messages":  # one defect, one reason: no echo of the same fault under other codes
+        assert quarantine[lines[name][2 + 13]]["reasons"] == ["no_assistant"]
+        assert quarantine[lines[name][2 + 21]]["reasons"] == ["too_long"]
+        assert quarantine[lines[name][2 + 12]]["reasons"] == ["unknown_role"]
 
 
 def test_canonical_shapes(base):
@@ -282,3 +286,27 @@ def test_missing_data_file_is_one_line_error(project):
     set_params(project, **{"data.path": "data/raw/nothing.jsonl"})
     with pytest.raises(StageError, match="nothing.jsonl: no such file"):
         validate.main()
+
+
+def test_token_spans_match_prefix_rendering(base):
+    """The batched counts (with the shortcut for final answers) equal plain prefix rendering."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base / "models/base")
+    records = [{"messages": [SYSTEM, {"role": "user", "content": f"ticket {i} " * (i % 7 + 1)},
+                             {"role": "assistant", "content": GOOD if i % 2 else OTHER}]}
+               for i in range(30)]
+    records.append(msgs(("user", "hi"), ("assistant", GOOD), ("user", "and?"), ("assistant", OTHER)))
+    records.append({"prompt": [{"role": "user", "content": "hi"}],
+                    "chosen": [{"role": "assistant", "content": GOOD}],
+                    "rejected": [{"role": "assistant", "content": OTHER}]})
+
+    def n(messages, prompt=False):
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt,
+                                                 return_dict=True)["input_ids"])
+
+    for record, (total, spans) in zip(records, validate.token_counts(records, tokenizer)):
+        messages = record.get("messages") or record["prompt"] + record["chosen"]
+        expected = [(n(messages[:i], prompt=True), n(messages[: i + 1]))
+                    for i, m in enumerate(messages) if m["role"] == "assistant"]
+        assert total == n(messages) and spans == expected, record

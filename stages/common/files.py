@@ -28,6 +28,13 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _dumps(row: dict) -> str:
+    try:  # the common case: nothing to clean, and no recursive walk over every record
+        return json.dumps(row, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        return json.dumps(_clean(row), ensure_ascii=False, allow_nan=False)
+
+
 def write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,7 +48,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    lines = [json.dumps(_clean(r), ensure_ascii=False, allow_nan=False) for r in rows]
+    lines = [_dumps(r) for r in rows]
     write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
 

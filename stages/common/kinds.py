@@ -257,10 +257,3 @@ def answer_key(record: dict) -> str:
         return normalize_text(json.dumps([record["chosen"], record["rejected"]]))
     return normalize_text(answer_of(record))
 
-
-def content_text(record: dict) -> str:
-    """Everything but system messages, normalised: what the leakage check compares."""
-    if "text" in record:
-        return normalize_text(record["text"])
-    return normalize_text(" \n".join(m["content"] for m in conversation_text(record)
-                                      if m["role"] != "system"))

@@ -197,12 +197,13 @@ def normalize_text(text: str) -> str:
 
 
 def record_id(content: Any) -> str:
-    """Stable id: hash of the normalised content (same content -> same id), whatever the kind."""
-    def norm(value: Any) -> Any:
+    """Stable id: hash of the normalised content (same content -> same id), whatever the kind.
+    Only text is normalised (message contents, raw text); roles and keys are taken as they are."""
+    def norm(value: Any, key: str = "") -> Any:
         if isinstance(value, str):
-            return normalize_text(value)
+            return normalize_text(value) if key in ("", "content", "text") else value
         if isinstance(value, dict):
-            return [[k, norm(value[k])] for k in sorted(value)]
+            return [[k, norm(value[k], k)] for k in sorted(value)]
         if isinstance(value, list):
             return [norm(v) for v in value]
         return value
