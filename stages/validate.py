@@ -29,8 +29,8 @@ from pathlib import Path
 from stages.common import tracking
 from stages.common.config import StageError, load_params, run_stage
 from stages.common.files import md5_path, write_json, write_jsonl
-from stages.common.kinds import (KINDS, ROLES, RowError, canonical, conversation_text,
-                                 detect_kind, kind_of)
+from stages.common.kinds import (KINDS, ROLES, SHAPE, RowError, canonical, conversation_text,
+                                 detect_kind, kind_of, rename_fields)
 from stages.common.records import read_file, record_id, resolve_paths
 from stages.common.task import Task
 
@@ -248,26 +248,32 @@ def trainable_within(spans: list[tuple[int, int]], limit: int | None) -> int:
 
 # --- 3b. the Great Expectations suite --------------------------------------------------------
 
-def build_rules(task: Task, max_length: int, length_policy: str):
-    """The expectations, each paired with the reason code its failing rows get."""
+def build_rules(task: Task, max_length: int, length_policy: str, shape: str):
+    """The expectations of one record shape (chat, preference, text), each paired with the
+    reason code its failing rows get."""
     import great_expectations.expectations as gxe
 
     rules = [
         (gxe.ExpectColumnValuesToBeNull(column="structure_error"), None),  # reason = the value
-        (gxe.ExpectColumnValuesToBeNull(column="unknown_role"), "unknown_role"),
-        (gxe.ExpectColumnValuesToBeNull(column="role_order"), "bad_role_order"),
-        (gxe.ExpectColumnValuesToBeBetween(column="n_assistant", min_value=1), "no_assistant"),
         (gxe.ExpectColumnValuesToBeInSet(column="empty_content", value_set=[False]), "empty_content"),
-        (gxe.ExpectColumnValuesToBeInSet(column="empty_answer", value_set=[False]), "empty_assistant"),
         (gxe.ExpectColumnValuesToBeInSet(column="control_chars", value_set=[False]), "control_chars"),
         (gxe.ExpectColumnValuesToBeInSet(column="replacement_char", value_set=[False]),
          "replacement_char"),
         (gxe.ExpectColumnValuesToBeNull(column="special_token"), "special_token_leak"),
-        (gxe.ExpectColumnValuesToBeInSet(column="chosen_equals_rejected", value_set=[False]),
-         "chosen_equals_rejected"),
+    ]
+    if shape == "text":  # raw text is packed into windows: no turns, no answer, no length limit
+        return rules
+    rules += [
+        (gxe.ExpectColumnValuesToBeNull(column="unknown_role"), "unknown_role"),
+        (gxe.ExpectColumnValuesToBeNull(column="role_order"), "bad_role_order"),
+        (gxe.ExpectColumnValuesToBeBetween(column="n_assistant", min_value=1), "no_assistant"),
+        (gxe.ExpectColumnValuesToBeInSet(column="empty_answer", value_set=[False]), "empty_assistant"),
         (gxe.ExpectColumnValuesToBeBetween(column="trainable_tokens", min_value=1),
          "zero_trainable_tokens"),
     ]
+    if shape == "preference":
+        rules.append((gxe.ExpectColumnValuesToBeInSet(column="chosen_equals_rejected",
+                                                      value_set=[False]), "chosen_equals_rejected"))
     if length_policy != "truncate":
         rules.append((gxe.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=max_length),
                       "too_long"))
@@ -283,7 +289,7 @@ def build_rules(task: Task, max_length: int, length_policy: str):
     return rules
 
 
-def run_suite(frame, rules, docs_dir: Path | None) -> tuple[dict[int, list[str]], dict]:
+def run_suite(frame, rules, suite_name: str, docs_dir: Path | None) -> tuple[dict[int, list[str]], dict]:
     """Row index -> reason codes, plus a per-expectation summary; Data Docs when asked."""
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
@@ -293,12 +299,12 @@ def run_suite(frame, rules, docs_dir: Path | None) -> tuple[dict[int, list[str]]
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     batch = (context.data_sources.add_pandas("raw").add_dataframe_asset("records")
              .add_batch_definition_whole_dataframe("all"))
-    suite = context.suites.add(gx.ExpectationSuite(name="raw_records",
+    suite = context.suites.add(gx.ExpectationSuite(name=suite_name,
                                                    expectations=[e for e, _ in rules]))
     # results come back in another order: match them to rules by the expectation's id
     reasons = {e.id: reason for e, reason in zip(suite.expectations, (r for _, r in rules))}
     definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="raw_records", data=batch, suite=suite))
+        gx.ValidationDefinition(name=suite_name, data=batch, suite=suite))
     actions = []
     if docs_dir is not None:
         context.add_data_docs_site(site_name="local", site_config={
@@ -330,6 +336,19 @@ def run_suite(frame, rules, docs_dir: Path | None) -> tuple[dict[int, list[str]]
             if reason not in failures[index]:
                 failures[index].append(reason)
     return failures, summary
+
+
+OFFLINE_STYLE = """<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}
+td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}</style>"""
+
+
+def style_data_docs(docs_dir: Path) -> None:
+    """Data Docs load their CSS from CDNs; a small inline stylesheet keeps tables readable
+    offline (the CDN styles still win when online)."""
+    for page in docs_dir.rglob("*.html"):
+        html = page.read_text(encoding="utf-8")
+        if OFFLINE_STYLE not in html:
+            page.write_text(html.replace("<head>", "<head>" + OFFLINE_STYLE, 1), encoding="utf-8")
 
 
 def percentiles(values: list[int]) -> dict:
@@ -368,6 +387,10 @@ def main() -> None:
         empty_files = [str(p) for p, rows in files.items() if not rows]
         for path in empty_files:
             print(f"validate: warning: {path} holds no records")
+        columns = data.get("columns") or {}
+        for file_rows in files.values():
+            for row in file_rows:
+                row["obj"] = rename_fields(row["obj"], columns)
         rows = [row for file_rows in files.values() for row in file_rows]
         if not rows:
             raise StageError(f"{', '.join(map(str, paths))}: no records")
@@ -399,8 +422,11 @@ def main() -> None:
             for name in task.labels:
                 f[f"label_{name}"] = (fields or {}).get(name) if f["answer"] is not None else None
         frame = pd.DataFrame(facts).astype(object)  # keep None (not NaN) in every column
-        rules = build_rules(task, max_length, policy)
-        failures, summary = run_suite(frame, rules, DATA_DOCS)
+        kind = next(iter(kinds.values()), data["kind"])
+        shape = SHAPE.get(kind, "chat")
+        rules = build_rules(task, max_length, policy, shape)
+        failures, summary = run_suite(frame, rules, f"{kind}_records", DATA_DOCS)
+        style_data_docs(DATA_DOCS)
 
         valid, quarantined = [], []
         for i, (row, (record, reason, detail)) in enumerate(zip(rows, converted)):
@@ -420,6 +446,8 @@ def main() -> None:
         by_reason = Counter(r for q in quarantined for r in q["reasons"])
         n_tokens = [f["n_tokens"] for i, f in enumerate(facts) if i not in failures]
         truncated = [n - max_length for n in n_tokens if n and n > max_length]
+        over = [f["n_tokens"] - max_length for f in facts  # every row, whatever its fate
+                if f["n_tokens"] and f["n_tokens"] > max_length]
         balance = Counter(task.stratum(f["answer"]) for i, f in enumerate(facts)
                           if i not in failures and f["answer"] is not None and task.stratify_by)
         report = {
@@ -438,6 +466,7 @@ def main() -> None:
             "max_length": max_length,
             "length_policy": policy,
             "truncated": {"rows": len(truncated), "tokens_cut": sum(truncated)},
+            "over_max_length": {"rows": len(over), "tokens_over": sum(over)},
             "class_balance": dict(sorted(balance.items())),
             "expectations": summary,
             "data_docs": str(DATA_DOCS / "index.html"),

@@ -310,3 +310,30 @@ def test_token_spans_match_prefix_rendering(base):
         expected = [(n(messages[:i], prompt=True), n(messages[: i + 1]))
                     for i, m in enumerate(messages) if m["role"] == "assistant"]
         assert total == n(messages) and spans == expected, record
+
+
+def test_sets_in_the_wild(base):
+    """Shapes of well-known public sets: Dolly (renamed columns), UltraFeedback (the prompt
+    repeated inside chosen/rejected, extra score fields), ShareGPT-style preference."""
+    dolly = {"instruction": "Triage this.", "context": "I was charged twice.", "response": GOOD,
+             "category": "classification"}
+    set_params(base, **{"data.columns": {"input": "context", "output": "response"}})
+    _, report = run(base, "alpaca", {"dolly.jsonl": [dolly]}, declared="auto")
+    (record,) = read_jsonl(base / "data/interim/valid.jsonl")
+    assert report["rows_out"] == 1 and record["meta"] == {"category": "classification"}
+    assert record["messages"][0]["content"] == "Triage this.\n\nI was charged twice."
+    set_params(base, **{"data.columns": {}})
+
+    user = {"role": "user", "content": "I was charged twice."}
+    ultrafeedback = {"prompt": "I was charged twice.", "score_chosen": 9.0, "score_rejected": 2.0,
+                     "chosen": [user, {"role": "assistant", "content": GOOD}],
+                     "rejected": [user, {"role": "assistant", "content": "sales"}]}
+    sharegpt_pref = {"conversations": [{"from": "human", "value": "I was charged twice."}],
+                     "chosen": {"from": "gpt", "value": GOOD},
+                     "rejected": {"from": "gpt", "value": "sales"}}
+    _, report = run(base, "preference", {"uf.jsonl": [ultrafeedback, sharegpt_pref]},
+                    declared="auto")
+    assert report["rows_out"] == 2, read_jsonl(base / "data/interim/quarantine.jsonl")
+    for record in read_jsonl(base / "data/interim/valid.jsonl"):
+        assert [m["role"] for m in record["prompt"]] == ["user"]
+        assert [m["role"] for m in record["chosen"]] == ["assistant"]

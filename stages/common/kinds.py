@@ -190,6 +190,12 @@ def to_preference(obj: dict) -> dict:
         prompt = _with_system(obj, sharegpt_messages(obj["conversations"]))
     elif "prompt" in obj:
         prompt = _with_system(obj, _turns(obj["prompt"], "user", "prompt"))
+        # some sets (UltraFeedback) repeat the prompt, with or without its system message,
+        # at the start of both conversations: strip it
+        for reply in (chosen, rejected):
+            shared = next((n for n in (len(prompt), len(prompt) - 1)
+                           if n > 0 and reply[:n] == prompt[-n:]), 0)
+            del reply[:shared]
     else:  # implicit prompt: the shared start of both conversations
         n = 0
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
@@ -257,3 +263,14 @@ def answer_key(record: dict) -> str:
         return normalize_text(json.dumps([record["chosen"], record["rejected"]]))
     return normalize_text(answer_of(record))
 
+
+
+def rename_fields(obj: Any, columns: dict[str, str]) -> Any:
+    """Apply `data.columns` ({our field: their field}) to one raw object."""
+    if not columns or not isinstance(obj, dict):
+        return obj
+    renamed = dict(obj)
+    for ours, theirs in columns.items():
+        if theirs in renamed and ours != theirs:
+            renamed[ours] = renamed.pop(theirs)
+    return renamed
