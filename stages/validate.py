@@ -152,8 +152,8 @@ def measure(record: dict | None, special_tokens: re.Pattern | None) -> dict:
         facts["role_order"] = facts["role_order"] or role_order_error(roles)
     facts["empty_content"] = any(not m["content"].strip() for m in dialogue[:-1])
     facts["empty_answer"] = any(not a["content"].strip() for a in answers)
-    if answers[0]["role"] == "assistant":
-        facts["answer"] = answers[0]["content"]
+    if answers[0]["role"] == "assistant" and answers[0]["content"].strip():
+        facts["answer"] = answers[0]["content"]  # an empty one is empty_assistant, not off-format
     return facts
 
 

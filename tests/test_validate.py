@@ -182,6 +182,7 @@ def test_each_defect_gets_its_reason_and_line(base, kind):
         assert quarantine[lines[name][2 + 13]]["reasons"] == ["no_assistant"]
         assert quarantine[lines[name][2 + 21]]["reasons"] == ["too_long"]
         assert quarantine[lines[name][2 + 12]]["reasons"] == ["unknown_role"]
+        assert quarantine[lines[name][2 + 17]]["reasons"] == ["empty_assistant"]
 
 
 def test_canonical_shapes(base):
