@@ -82,6 +82,16 @@ def score_only_answer_tokens() -> None:
         trl_utils._use_triton = lambda device: True
 
 
+def chat_records(path: Path) -> list[dict]:
+    records = read_jsonl(path)
+    other = next((r for r in records if "messages" not in r), None)
+    if other is not None:
+        raise StageError(f"{path}: supervised fine-tuning needs chat records, found a "
+                         f"'{other.get('kind')}' record (line {other.get('line')} of "
+                         f"{other.get('source')}); DPO and continued pre-training are not here yet")
+    return records
+
+
 def build_trainer(params: dict, precision: str, output_dir: str):
     """The TRL SFTTrainer on the train and validation splits, exactly as the stage runs it."""
     import torch
@@ -96,8 +106,8 @@ def build_trainer(params: dict, precision: str, output_dir: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(BASE)
     model = AutoModelForCausalLM.from_pretrained(BASE, dtype=dtype)
-    train_rows = [{"messages": r["messages"]} for r in read_jsonl(TRAIN)]
-    eval_rows = [{"messages": r["messages"]} for r in read_jsonl(VALIDATION)]
+    train_rows = [{"messages": r["messages"]} for r in chat_records(TRAIN)]
+    eval_rows = [{"messages": r["messages"]} for r in chat_records(VALIDATION)]
     if not train_rows:
         raise StageError(f"{TRAIN}: no training records")
     args = SFTConfig(

@@ -489,8 +489,12 @@ def main() -> None:
             why = (f"fatal reasons {fatal}" if fatal else
                    f"{rejected:.1%} of rows rejected > data.max_rejected_fraction="
                    f"{data['max_rejected_fraction']}")
+            hint = ""
+            if by_reason.most_common(1)[0][0] in ("answer_format", "label_outside_set"):
+                hint = (f" (answers do not fit task '{task.name}': choose the task of this data, "
+                        f"e.g. -S task=generic for free text)")
             raise StageError(f"validation gate failed: {why}; top reasons: {top}; "
-                             f"see {QUARANTINE}")
+                             f"see {QUARANTINE}{hint}")
 
 
 def example_lines(quarantined: list[dict], reason: str, n: int = 3) -> str:

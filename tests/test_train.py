@@ -75,3 +75,12 @@ def yaml_params(root):
     import yaml
 
     return yaml.safe_load((root / "params.yaml").read_text())
+
+
+def test_non_chat_records_stop_with_one_line(prepared):
+    from stages.common.config import StageError
+
+    write_jsonl(prepared / "data/processed/train.jsonl",
+                [{"id": "x", "source": "raw.jsonl", "line": 3, "kind": "text", "text": "hello"}])
+    with pytest.raises(StageError, match=r"needs chat records, found a 'text' record \(line 3"):
+        train.main()

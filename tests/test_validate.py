@@ -124,7 +124,8 @@ def write_data(path, records: list, suffix: str) -> list[int]:
             writer = csv.writer(f)
             writer.writerow(columns)
             for r in records:
-                writer.writerow([r.get(c, "") for c in columns])
+                writer.writerow([v if isinstance(v := r.get(c, ""), str) else json.dumps(v)
+                                 for c in columns])
         return list(range(2, len(records) + 2))
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -338,3 +339,59 @@ def test_sets_in_the_wild(base):
     for record in read_jsonl(base / "data/interim/valid.jsonl"):
         assert [m["role"] for m in record["prompt"]] == ["user"]
         assert [m["role"] for m in record["chosen"]] == ["assistant"]
+
+
+def test_foreign_data_under_the_ticket_task_says_which_task_to_pick(base):
+    set_params(base, **{"data.max_rejected_fraction": 0.2})
+    foreign = {"instruction": "Summarise.", "output": "A short summary."}
+    with pytest.raises(StageError, match="task=generic"):
+        run(base, "alpaca", {"a.jsonl": [foreign] * 3})
+    set_params(base, **{"task": {"name": "generic", "answer_regex": None, "labels": {},
+                                 "stratify_by": []}})
+    _, report = run(base, "alpaca", {"a.jsonl": [foreign] * 3})
+    assert report["rows_out"] == 3
+
+
+WORDS = ("refund invoice login password parcel courier screen crash export report upgrade "
+         "discount warranty battery address").split()
+
+
+def distinct_rows(kind: str, n: int = 40) -> list[dict]:
+    """n good rows of a kind whose requests share no word 3-gram, so dedup keeps them all."""
+    rows = []
+    for i in range(n):
+        words = [f"{WORDS[(i + j * 4) % len(WORDS)]}{i}" for j in range(6)]
+        user = "Ticket " + " ".join(words)
+        answer = json.dumps({"urgency": ["low", "high"][i % 2],
+                             "category": ["billing", "account"][i // 2 % 2]})
+        rows.append({
+            "messages": chat(user=user, answer=answer),
+            "sharegpt": {"conversations": [{"from": "human", "value": user},
+                                           {"from": "gpt", "value": answer}]},
+            "alpaca": {"instruction": "Triage this ticket.", "input": user, "output": answer},
+            "prompt_completion": {"prompt": user, "completion": answer},
+            "preference": {"prompt": user, "chosen": answer, "rejected": "no idea, sorry"},
+            "text": {"text": f"Handbook section {i}: " + " ".join(words) + "."},
+        }[kind])
+    return rows
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_every_kind_from_every_format_through_the_data_stages(base, suffix):
+    """A config switch (data.path, data.kind) is all it takes: validate -> dedup -> split."""
+    from stages import dedup, split
+
+    for kind in GOOD_ROWS:
+        for old in (base / "data/raw").iterdir():
+            old.unlink()
+        _, report = run(base, kind, {f"{kind}{suffix}": distinct_rows(kind)})
+        assert (report["rows_in"], report["rows_out"]) == (40, 40), (kind, report)
+        dedup.main()
+        split.main()
+        dedup_report = json.loads((base / "reports/dedup.json").read_text())
+        split_report = json.loads((base / "reports/split.json").read_text())
+        assert dedup_report["rows_in"] == 40 == dedup_report["rows_out"], (kind, dedup_report)
+        sizes = {name: len(read_jsonl(base / f"data/processed/{name}.jsonl"))
+                 for name in ("train", "validation", "test")}
+        assert sum(sizes.values()) == split_report["rows_out"] == 40 and min(sizes.values()) > 0
+        assert all(r["kind"] == kind for r in read_jsonl(base / "data/processed/train.jsonl"))

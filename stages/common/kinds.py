@@ -84,16 +84,20 @@ def _required(obj: dict, key: str) -> Any:
     return obj[key]
 
 
-def chat_messages(value: Any, where: str = "messages") -> list[dict]:
-    """OpenAI-style messages, checked for shape (roles and order are checked by validation)."""
+def _conversation(value: Any, where: str) -> list:
     if value is None:
         raise RowError("null_value", f"{where} is null")
     if not isinstance(value, list):
         raise RowError("wrong_type", f"{where} is {type(value).__name__}, not a list")
     if not value:
         raise RowError("empty_conversation", f"{where} is empty")
+    return value
+
+
+def chat_messages(value: Any, where: str = "messages") -> list[dict]:
+    """OpenAI-style messages, checked for shape (roles and order are checked by validation)."""
     out = []
-    for i, m in enumerate(value):
+    for i, m in enumerate(_conversation(value, where)):
         if m is None:
             raise RowError("null_value", f"{where}[{i}] is null")
         if not isinstance(m, dict):
@@ -115,14 +119,9 @@ def chat_messages(value: Any, where: str = "messages") -> list[dict]:
 
 
 def sharegpt_messages(value: Any, where: str = "conversations") -> list[dict]:
-    if value is None:
-        raise RowError("null_value", f"{where} is null")
-    if not isinstance(value, list):
-        raise RowError("wrong_type", f"{where} is {type(value).__name__}, not a list")
-    if not value:
-        raise RowError("empty_conversation", f"{where} is empty")
+    """ShareGPT turns ({from, value}) as chat messages, checked like them."""
     out = []
-    for i, turn in enumerate(value):
+    for i, turn in enumerate(_conversation(value, where)):
         if not isinstance(turn, dict):
             raise RowError("wrong_type" if turn is not None else "null_value",
                            f"{where}[{i}] is not an object")
