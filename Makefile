@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## Create .venv and install the pinned packages (reruns only when pyproject.toml changes)
 
-repro: $(STAMP)  ## Run the pipeline (dvc repro): base model -> validate -> dedup -> split -> train -> evaluate
+repro: $(STAMP)  ## Run the pipeline (dvc repro): base model -> validate -> dedup -> split -> train -> export -> evaluate
 	$(BIN)/dvc repro
 	@$(BIN)/python -c "import json; m=json.load(open('reports/metrics.json')); print('metrics:', json.dumps({k: m[k] for k in ('base','tuned','delta')}, indent=1))"
 
@@ -46,10 +46,19 @@ test-fast: $(STAMP)  ## Run the tests without the slow end-to-end ones
 params: $(STAMP)  ## Compose conf/ into params.yaml (what dvc exp run does) without running
 	$(BIN)/python -m stages.common.compose
 
+serve: $(STAMP)  ## Serve models/merged over an OpenAI-compatible API on loopback (port: serve.port)
+	$(BIN)/python scripts/serve.py
+
+bench-train: $(STAMP)  ## Benchmark the train stage against a plain TRL SFTTrainer (tokens/s, MFU)
+	$(BIN)/python scripts/bench_train.py
+
+bench-data: $(STAMP)  ## Benchmark validate -> dedup -> split on 10k and 100k generated records
+	$(BIN)/python scripts/bench_data.py
+
 wandb-sync: $(STAMP)  ## Upload the offline W&B runs (needs WANDB_API_KEY in the environment)
 	$(BIN)/wandb sync --sync-all wandb/
 
 clean-venv:  ## Remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install repro test test-fast params wandb-sync clean-venv
+.PHONY: help install repro test test-fast params serve bench-train bench-data wandb-sync clean-venv

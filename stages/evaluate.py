@@ -1,9 +1,12 @@
 """Stage evaluate: the base and the tuned model on the held-out test split, side by side.
 
-Both models answer the same prompts (the test records without their final answer, rendered with
-the shipped chat template) with greedy decoding, in batches with left padding. Metrics are the
-project's local `evaluate` modules in stages/metrics/: exact match always; format adherence,
-per-field accuracy and macro-F1 when the task declares an answer format and labels.
+The tuned model is models/merged (export proved it answers as base + adapter). Both models
+answer the same prompts (each test record without its final answer, or a preference record's
+prompt, rendered with the shipped chat template) with greedy decoding, in batches with left
+padding. Metrics are the project's local `evaluate` modules in stages/metrics/: exact match
+always; format adherence, per-field accuracy and macro-F1 when the task declares an answer
+format and labels. Both models' loss and perplexity on the test answers (on the whole text for
+raw-text records, which have no prompts to answer) come beside them.
 
 Outputs: reports/metrics.json ({"base": ..., "tuned": ..., "delta": ...}),
 reports/predictions.jsonl (prompt, reference, both answers, per-metric correctness) and
@@ -12,18 +15,20 @@ reports/plots/metrics.csv (base vs tuned bars).
 
 from __future__ import annotations
 
+import math
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
 
 from stages.common import tracking
 from stages.common.config import load_params, run_stage
+from stages.common.examples import IGNORE, chat_example, text_example
 from stages.common.files import md5_path, read_jsonl, write_json, write_jsonl, write_text
+from stages.common.kinds import answer_of, prompt_of
 from stages.common.task import Task
 
-BASE, TUNED = Path("models/base"), Path("models/tuned")
+BASE, TUNED = Path("models/base"), Path("models/merged")
 TEST = Path("data/processed/test.jsonl")
 METRICS = Path("reports/metrics.json")
 PREDICTIONS = Path("reports/predictions.jsonl")
@@ -31,15 +36,44 @@ PLOT = Path("reports/plots/metrics.csv")
 METRIC_MODULES = Path(__file__).parent / "metrics"
 
 
-def load_tuned(base_model):
-    from transformers import AutoModelForCausalLM
+def loss_examples(records: list[dict], tokenizer) -> list[dict]:
+    """Token ids and labels scored for test loss: the answer of a chat record (the chosen
+    one of a preference record) as training would label it, or the whole raw text."""
+    template = (BASE / "chat_template_training.jinja").read_text(encoding="utf-8")
+    out = []
+    for r in records:
+        if "text" in r:
+            out.append(text_example(tokenizer, r["text"]))
+        else:
+            messages = r["messages"] if "messages" in r else [*r["prompt"], *r["chosen"]]
+            out.append(chat_example(tokenizer, messages, template))
+    return out
 
-    if (TUNED / "adapter_config.json").exists():
-        from peft import PeftModel
 
-        # merged weights give the same answers as base + adapter and generate faster
-        return PeftModel.from_pretrained(base_model, TUNED).merge_and_unload()
-    return AutoModelForCausalLM.from_pretrained(TUNED, dtype=base_model.dtype)
+def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> float:
+    """Mean negative log-likelihood per labelled token over all examples."""
+    import torch
+
+    total, count = 0.0, 0
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        batch = [examples[i] for i in order[start : start + batch_size]]
+        width = max(len(e["input_ids"]) for e in batch)
+        ids = torch.tensor([e["input_ids"] + [pad_id] * (width - len(e["input_ids"]))
+                            for e in batch], device=model.device)
+        labels = torch.tensor([e["labels"] + [IGNORE] * (width - len(e["labels"]))
+                               for e in batch], device=model.device)
+        mask = (torch.arange(width, device=model.device)[None, :]
+                < torch.tensor([len(e["input_ids"]) for e in batch], device=model.device)[:, None])
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask.long()).logits.float()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE, reduction="sum")
+        total += nll.item()
+        count += int((labels[:, 1:] != IGNORE).sum())
+    return total / max(1, count)
 
 
 def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int):
@@ -93,22 +127,30 @@ def main() -> None:
         if cfg.get("max_examples"):
             rows = rows[: int(cfg["max_examples"])]
         tokenizer = AutoTokenizer.from_pretrained(BASE)
-        prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False,
-                                                 add_generation_prompt=True) for r in rows]
-        references = [r["messages"][-1]["content"] for r in rows]
+        rows_with_prompts = [r for r in rows if prompt_of(r)]  # raw text has nothing to answer
+        prompts = [tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in prompt_of(r)], tokenize=False,
+            add_generation_prompt=True) for r in rows_with_prompts]
+        references = [answer_of(r) for r in rows_with_prompts]
+        examples = loss_examples(rows, tokenizer)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
-        answers, seconds = {}, {}
-        base_model = AutoModelForCausalLM.from_pretrained(BASE, dtype=dtype).to(device)
-        for name in ("base", "tuned"):
-            model = base_model if name == "base" else load_tuned(base_model)
+        answers, seconds, losses = {}, {}, {}
+        for name, folder in (("base", BASE), ("tuned", TUNED)):
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
             start = time.perf_counter()
             answers[name] = generate(model, tokenizer, prompts, int(cfg["batch_size"]),
-                                     int(cfg["max_new_tokens"]))
+                                     int(cfg["max_new_tokens"])) if prompts else []
             seconds[name] = round(time.perf_counter() - start, 1)
+            losses[name] = test_loss(model, examples, int(cfg["batch_size"]),
+                                     tokenizer.pad_token_id)
+            del model
 
-        metrics = {name: score(answers[name], references, task) for name in answers}
+        metrics = {name: (score(answers[name], references, task) if prompts else {})
+                   | {"test_loss": round(losses[name], 4),
+                      "perplexity": round(math.exp(min(losses[name], 50)), 4)}
+                   for name in answers}
         metrics["delta"] = {k: round(metrics["tuned"][k] - metrics["base"][k], 4)
                             for k in metrics["base"]}
         metrics["n_examples"] = len(rows)
@@ -116,8 +158,9 @@ def main() -> None:
         write_json(METRICS, metrics)
 
         predictions = []
-        for r, reference, base, tuned in zip(rows, references, answers["base"], answers["tuned"]):
-            user = next((m["content"] for m in reversed(r["messages"]) if m["role"] == "user"), "")
+        for r, reference, base, tuned in zip(rows_with_prompts, references, answers["base"],
+                                             answers["tuned"]):
+            user = next((m["content"] for m in reversed(prompt_of(r)) if m["role"] == "user"), "")
             predictions.append({
                 "id": r["id"], "source": r["source"], "line": r["line"], "input": user,
                 "reference": reference, "base": base, "tuned": tuned,
@@ -125,8 +168,10 @@ def main() -> None:
                 "base_format": task.follows_format(base), "tuned_format": task.follows_format(tuned),
             })
         write_jsonl(PREDICTIONS, predictions)
-        bars = ["metric,model,value"] + [f"{k},{name},{metrics[name][k]}"
-                                         for name in ("base", "tuned") for k in metrics[name]]
+        # the bars share one 0..1 axis: rates only (loss and perplexity are in the json)
+        bars = ["metric,model,value"] + [f"{k},{name},{v}" for name in ("base", "tuned")
+                                         for k, v in metrics[name].items()
+                                         if k not in ("test_loss", "perplexity")]
         write_text(PLOT, "\n".join(bars) + "\n")
 
         import wandb
@@ -139,10 +184,6 @@ def main() -> None:
         summary = ", ".join(f"{k} {metrics['base'][k]:.2f} -> {metrics['tuned'][k]:.2f}"
                             for k in ("format_adherence", "exact_match") if k in metrics["base"])
         print(f"evaluate: {len(rows)} test examples; {summary}")
-
-
-def _strip(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
 
 
 if __name__ == "__main__":

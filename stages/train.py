@@ -1,32 +1,76 @@
-"""Stage train: supervised fine-tuning with TRL on the train split.
+"""Stage train: fine-tune the base model on the train split, validating on the validation split.
 
-Loss is on assistant tokens only: TRL's `assistant_only_loss` reads the `{% generation %}`
-markers of `models/base/chat_template_training.jinja`, which base_model proved renders exactly
-the shipped template. LoRA (peft) or full fine-tuning by `method.name`; gradient accumulation,
-scheduler with warmup and a validation loss every `train.eval_steps` come from `train`.
+Reads like a recipe:
+1. params: `method` (lora | qlora | dora | full), `objective` (sft | dpo | cpt), `train`, `launch`;
+   with launch.num_processes > 1 the stage relaunches itself, one process per GPU (accelerate) or
+   per CPU slot (torchrun, gloo);
+2. the base model, 4-bit for QLoRA, and the examples: chat records tokenized here with loss on
+   the answers only (stages/common/examples.py), raw text packed for continued pre-training,
+   preference pairs handed to TRL's DPOTrainer;
+3. a pre-flight plan before the first step (parameters, tokens, optimizer steps, time and memory
+   measured on a few warm-up batches), into the report and W&B;
+4. training with validation loss every `train.eval_steps`, a checkpoint at each evaluation in
+   models/checkpoints (a killed run started again resumes from the last one), optional early
+   stopping, and the best checkpoint by validation loss as the result;
+5. outputs: models/tuned (the adapter, or the whole model for method=full), reports/train.json,
+   loss curves in reports/plots/.
+
 Precision: fp32 on CPU (bf16 matmuls are ~500x slower there), bf16 on a GPU that supports it.
-
-Outputs: models/tuned/ (the LoRA adapter, or the full model for method=full),
-reports/train.json, reports/plots/train_loss.csv and reports/plots/eval_loss.csv.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import tempfile
+import math
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from stages.common import tracking
 from stages.common.config import StageError, load_params, run_stage
+from stages.common.examples import chat_example, text_example, trainable_tokens
 from stages.common.files import atomic_dir, md5_path, read_jsonl, write_json, write_text
 
 BASE = Path("models/base")
 TEMPLATE = BASE / "chat_template_training.jinja"
 TRAIN, VALIDATION = Path("data/processed/train.jsonl"), Path("data/processed/validation.jsonl")
 OUT_DIR = Path("models/tuned")
+CHECKPOINTS = Path("models/checkpoints")
+RUN_FILE = CHECKPOINTS / "run.json"  # which run the checkpoints belong to, and whether it ended
 REPORT = Path("reports/train.json")
 PLOTS = Path("reports/plots")
+METHODS = ("lora", "qlora", "dora", "full")
+OBJECTIVES = {"sft": "messages", "dpo": "chosen", "cpt": "text"}  # objective -> field it needs
+WARMUP_BATCHES = 3
+
+
+# --- 1. launch -----------------------------------------------------------------------------
+
+def relaunch_distributed(launch: dict) -> int | None:
+    """With launch.num_processes > 1, run this stage under a distributed launcher; None when
+    this process is already one of the workers (or one process is asked for)."""
+    n = int(launch.get("num_processes") or 1)
+    if n <= 1 or "LOCAL_RANK" in os.environ:
+        return None
+    import torch
+
+    bin_dir = Path(sys.executable).parent
+    if torch.cuda.is_available():
+        cmd = [str(bin_dir / "accelerate"), "launch", "--config_file", launch["config_file"],
+               "--num_processes", str(n), "-m", "stages.train"]
+    else:  # accelerate's multi-CPU launcher needs MPI; torchrun with gloo does not
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={n}", "-m", "stages.train"]
+    print(f"train: launching {n} processes: {' '.join(cmd)}", flush=True)
+    return subprocess.call(cmd)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def choose_precision(setting: str) -> str:
@@ -39,16 +83,277 @@ def choose_precision(setting: str) -> str:
     return "fp32"
 
 
+# --- 2. model and examples ------------------------------------------------------------------
+
+def load_model(method: dict, precision: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if method["name"] != "qlora":
+        return AutoModelForCausalLM.from_pretrained(BASE, dtype=dtype)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=method.get("quant_type", "nf4"),
+        bnb_4bit_use_double_quant=bool(method.get("double_quant", True)),
+        bnb_4bit_compute_dtype=dtype)
+    device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
+    model = AutoModelForCausalLM.from_pretrained(BASE, dtype=dtype, device_map=device_map,
+                                                 quantization_config=quantization)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def peft_config(method: dict):
+    if method["name"] not in METHODS:
+        raise StageError(f"method.name={method['name']}: use one of {', '.join(METHODS)}")
     if method["name"] == "full":
         return None
-    if method["name"] != "lora":
-        raise StageError(f"method.name={method['name']}: use lora or full")
     from peft import LoraConfig
 
     return LoraConfig(r=int(method["r"]), lora_alpha=int(method["alpha"]),
                       lora_dropout=float(method["dropout"]), target_modules=method["target_modules"],
-                      task_type="CAUSAL_LM")
+                      use_dora=method["name"] == "dora", task_type="CAUSAL_LM")
+
+
+def read_records(path: Path, objective: str) -> list[dict]:
+    """The split's records, checked to be the shape the objective trains on."""
+    field = OBJECTIVES[objective]
+    records = read_jsonl(path)
+    other = next((r for r in records if field not in r), None)
+    if other is not None:
+        wanted = {"sft": "chat (messages)", "dpo": "preference", "cpt": "text"}[objective]
+        raise StageError(
+            f"{path}: objective={objective} trains on {wanted} records, found a "
+            f"'{other.get('kind')}' record (line {other.get('line')} of {other.get('source')}); "
+            f"choose the objective that fits the data, or data of that kind")
+    return records
+
+
+def tokenized_rows(records: list[dict], tokenizer, objective: str, train_on: str,
+                   max_length: int, packing: bool) -> list[dict]:
+    """input_ids + labels per record; a row left without a trained token is an error."""
+    template = TEMPLATE.read_text(encoding="utf-8")
+    rows = []
+    for r in records:
+        if objective == "cpt":
+            row = text_example(tokenizer, r["text"])
+        else:
+            row = chat_example(tokenizer, r["messages"], template, train_on,
+                               None if packing else max_length)
+        if not trainable_tokens(row):
+            raise StageError(f"{r.get('source')}:{r.get('line')}: no trainable tokens left "
+                             f"within train.max_length={max_length}")
+        rows.append(row)
+    return rows
+
+
+def preference_rows(records: list[dict]) -> list[dict]:
+    def plain(messages):
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+    return [{"prompt": plain(r["prompt"]), "chosen": plain(r["chosen"]),
+             "rejected": plain(r["rejected"])} for r in records]
+
+
+def score_only_answer_tokens() -> None:
+    """Make TRL's fused loss project only label positions through the LM head on CPU.
+
+    TRL 1.16 skips the masked (prompt) positions only on Triton devices, to keep tile shapes
+    stable for compilers; on CPU it scores every position and then throws most away. Our
+    prompts are ~90% of each row, so this halves a CPU step (8.9 -> 4.0 s, same losses to
+    the last digit). `trl.trainer.utils` imported the check by name, so we rebind it there.
+    """
+    import trl.trainer.utils as trl_utils
+
+    if hasattr(trl_utils, "_use_triton"):
+        trl_utils._use_triton = lambda device: True
+
+
+def build_trainer(params: dict, precision: str, output_dir: str):
+    """The TRL trainer for the objective, on the train and validation splits, as the stage runs it."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, EarlyStoppingCallback, set_seed
+
+    cfg, method, seed = params["train"], params["method"], int(params["seed"])
+    objective = params.get("objective", {}).get("name", "sft")
+    if objective not in OBJECTIVES:
+        raise StageError(f"objective.name={objective}: use one of {', '.join(OBJECTIVES)}")
+    set_seed(seed)
+    if not torch.cuda.is_available():
+        score_only_answer_tokens()
+    tokenizer = AutoTokenizer.from_pretrained(BASE)
+    train_records = read_records(TRAIN, objective)
+    eval_records = read_records(VALIDATION, objective)
+    if not train_records:
+        raise StageError(f"{TRAIN}: no training records")
+    eval_steps = int(cfg["eval_steps"])
+    patience = cfg.get("early_stopping_patience")
+    common = dict(
+        output_dir=output_dir,
+        max_steps=int(cfg["max_steps"]),
+        num_train_epochs=float(cfg["num_train_epochs"]),
+        per_device_train_batch_size=int(cfg["per_device_train_batch_size"]),
+        per_device_eval_batch_size=int(cfg["per_device_eval_batch_size"]),
+        gradient_accumulation_steps=int(cfg["gradient_accumulation_steps"]),
+        learning_rate=float(cfg["learning_rate"]),
+        lr_scheduler_type=cfg["lr_scheduler_type"],
+        warmup_steps=float(cfg["warmup_ratio"]),  # a float below 1 is a ratio
+        weight_decay=float(cfg["weight_decay"]),
+        eval_strategy="steps" if eval_records else "no",
+        eval_steps=eval_steps,
+        # a checkpoint at every evaluation: resume point, and candidate for the best model
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=2,  # the latest and the best
+        load_best_model_at_end=bool(eval_records),
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=int(cfg["logging_steps"]),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
+        report_to=["wandb"] if is_main_process() else [],
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",  # for tokens/s in the report
+        ddp_find_unused_parameters=False,
+    )
+    callbacks = ([EarlyStoppingCallback(early_stopping_patience=int(patience))]
+                 if patience and eval_records else [])
+    peft = peft_config(method)
+    model = load_model(method, precision)
+
+    if objective == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        args = DPOConfig(**common, max_length=int(cfg["max_length"]),
+                         beta=float(params["objective"].get("beta", 0.1)),
+                         loss_type=[params["objective"].get("loss_type", "sigmoid")])
+        return DPOTrainer(
+            model=model, args=args, processing_class=tokenizer, peft_config=peft,
+            train_dataset=Dataset.from_list(preference_rows(train_records)),
+            eval_dataset=Dataset.from_list(preference_rows(eval_records)) if eval_records else None,
+            callbacks=callbacks)
+
+    from trl import SFTConfig, SFTTrainer
+
+    packing = bool(cfg.get("packing", False))
+    max_length = int(cfg["max_length"])
+    train_on = params.get("objective", {}).get("train_on", "assistant")
+    rows = {name: tokenized_rows(records, tokenizer, objective, train_on, max_length, packing)
+            for name, records in (("train", train_records), ("eval", eval_records))}
+    args = SFTConfig(
+        **common,
+        packing=packing,
+        packing_strategy="bfd_split",  # rows longer than max_length are split, never dropped
+        padding_free=bool(cfg.get("padding_free", True)),
+        # rows arrive tokenized and cut to max_length (validate measured them); padding-free
+        # batching without packing needs max_length unset
+        max_length=max_length if packing else None,
+    )
+    return SFTTrainer(
+        model=model, args=args, processing_class=tokenizer, peft_config=peft,
+        train_dataset=Dataset.from_list(rows["train"]),
+        eval_dataset=Dataset.from_list(rows["eval"]) if rows["eval"] else None,
+        callbacks=callbacks)
+
+
+# --- 3. pre-flight plan ------------------------------------------------------------------------
+
+def preflight(trainer, n_processes: int) -> dict:
+    """What the run will cost, measured on a few warm-up batches before the first step.
+
+    Forward and backward only (no optimizer step, gradients cleared, RNG restored), so the
+    run that follows is exactly the run without the measurement."""
+    import resource
+
+    import torch
+
+    model, args = trainer.model, trainer.args
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    dataset = trainer.train_dataset
+    length_columns = [c for c in ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids")
+                      if c in dataset.column_names]
+    tokens = sum(len(ids) for c in length_columns for ids in dataset[c])
+    loader = trainer.get_train_dataloader()
+    batches_per_epoch = len(loader)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
+    steps = (args.max_steps if args.max_steps > 0
+             else math.ceil(args.num_train_epochs * steps_per_epoch))
+
+    rng = torch.random.get_rng_state()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    seconds = []
+    for i, batch in enumerate(loader):
+        if i == WARMUP_BATCHES:
+            break
+        start = time.perf_counter()
+        loss = trainer.compute_loss(model, trainer._prepare_inputs(batch))
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    torch.random.set_rng_state(rng)
+    per_batch = sum(seconds[1:]) / len(seconds[1:]) if len(seconds) > 1 else seconds[0]
+    step_seconds = per_batch * args.gradient_accumulation_steps
+    # AdamW keeps two fp32 moments per trainable weight, allocated at the first step
+    optimizer_bytes = 2 * 4 * trainable
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {
+        "parameters": {"trainable": trainable, "total": total,
+                       "trainable_fraction": round(trainable / total, 5)},
+        "train_examples": len(dataset),
+        "tokens_per_epoch": tokens,
+        "processes": n_processes,
+        "effective_batch": (args.per_device_train_batch_size * args.gradient_accumulation_steps
+                            * n_processes),
+        "optimizer_steps": steps,
+        "epochs": round(steps / steps_per_epoch, 2),
+        "warmup_batches_measured": len(seconds),
+        "estimated_seconds_per_step": round(step_seconds, 3),
+        "estimated_train_minutes": round(step_seconds * steps / 60, 1),  # evaluations excluded
+        "estimated_peak_memory_gib": round((peak + optimizer_bytes) / 2**30, 2),
+        "memory_measured_on": "cuda" if cuda else "cpu (peak RSS)",
+    }
+
+
+# --- 4. checkpoints ------------------------------------------------------------------------------
+
+def run_fingerprint(params: dict, inputs: dict) -> str:
+    """What makes two runs the same run: their training params and their inputs."""
+    keys = ("train", "method", "objective", "seed", "launch")
+    blob = json.dumps({"params": {k: params.get(k) for k in keys}, "inputs": inputs},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def latest_checkpoint(fingerprint: str) -> Path | None:
+    """The last complete checkpoint of an unfinished run with this fingerprint; else start
+    clean (another run's checkpoints, or a finished run's, are removed)."""
+    state = json.loads(RUN_FILE.read_text()) if RUN_FILE.exists() else {}
+    if state.get("fingerprint") != fingerprint or state.get("finished"):
+        shutil.rmtree(CHECKPOINTS, ignore_errors=True)
+        return None
+    complete = []
+    for folder in CHECKPOINTS.glob("checkpoint-*"):
+        try:  # trainer_state.json is written last: a kill mid-save leaves it out or cut
+            json.loads((folder / "trainer_state.json").read_text())
+            complete.append((int(folder.name.split("-")[1]), folder))
+        except (OSError, ValueError):
+            continue
+    return max(complete)[1] if complete else None
 
 
 def sort_adapter_config(path: Path) -> None:
@@ -68,137 +373,129 @@ def loss_curves(log_history: list[dict]) -> tuple[str, str]:
     return "\n".join(train) + "\n", "\n".join(evals) + "\n"
 
 
-def score_only_answer_tokens() -> None:
-    """Make TRL's fused loss project only label positions through the LM head on CPU.
-
-    TRL 1.16 skips the masked (prompt) positions only on Triton devices, to keep tile shapes
-    stable for compilers; on CPU it scores every position and then throws most away. Our
-    prompts are ~90% of each row, so this halves a CPU step (8.9 -> 4.0 s, same losses to
-    the last digit). `trl.trainer.utils` imported the check by name, so we rebind it there.
-    """
-    import trl.trainer.utils as trl_utils
-
-    if hasattr(trl_utils, "_use_triton"):
-        trl_utils._use_triton = lambda device: True
-
-
-def chat_records(path: Path) -> list[dict]:
-    records = read_jsonl(path)
-    other = next((r for r in records if "messages" not in r), None)
-    if other is not None:
-        raise StageError(f"{path}: supervised fine-tuning needs chat records, found a "
-                         f"'{other.get('kind')}' record (line {other.get('line')} of "
-                         f"{other.get('source')}); DPO and continued pre-training are not here yet")
-    return records
-
-
-def build_trainer(params: dict, precision: str, output_dir: str):
-    """The TRL SFTTrainer on the train and validation splits, exactly as the stage runs it."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import SFTConfig, SFTTrainer
-
-    cfg, method, seed = params["train"], params["method"], int(params["seed"])
-    set_seed(seed)
-    if not torch.cuda.is_available():
-        score_only_answer_tokens()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(BASE)
-    model = AutoModelForCausalLM.from_pretrained(BASE, dtype=dtype)
-    train_rows = [{"messages": r["messages"]} for r in chat_records(TRAIN)]
-    eval_rows = [{"messages": r["messages"]} for r in chat_records(VALIDATION)]
-    if not train_rows:
-        raise StageError(f"{TRAIN}: no training records")
-    args = SFTConfig(
-        output_dir=output_dir,
-        max_steps=int(cfg["max_steps"]),
-        num_train_epochs=float(cfg["num_train_epochs"]),
-        per_device_train_batch_size=int(cfg["per_device_train_batch_size"]),
-        per_device_eval_batch_size=int(cfg["per_device_eval_batch_size"]),
-        gradient_accumulation_steps=int(cfg["gradient_accumulation_steps"]),
-        learning_rate=float(cfg["learning_rate"]),
-        lr_scheduler_type=cfg["lr_scheduler_type"],
-        warmup_steps=float(cfg["warmup_ratio"]),  # a float below 1 is a ratio
-        weight_decay=float(cfg["weight_decay"]),
-        max_length=int(cfg["max_length"]),
-        assistant_only_loss=True,
-        chat_template_path=str(TEMPLATE),
-        eval_strategy="steps" if eval_rows else "no",
-        eval_steps=int(cfg["eval_steps"]),
-        logging_steps=int(cfg["logging_steps"]),
-        save_strategy="no",
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=False,  # recomputation costs ~30% on CPU; memory is ample
-        report_to=["wandb"],
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",  # for tokens/s in the report
-    )
-    return SFTTrainer(
-        model=model, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        peft_config=peft_config(method),
-    )
-
+# --- 5. the stage --------------------------------------------------------------------------------
 
 def main() -> None:
     params = load_params()
+    launched = relaunch_distributed(params.get("launch") or {})
+    if launched is not None:
+        if launched != 0:
+            raise StageError(f"distributed training failed (exit code {launched}); see above")
+        return
+    main_process = is_main_process()
+    if not main_process:
+        os.environ["WANDB_MODE"] = "disabled"
+    n_processes = int(os.environ.get("WORLD_SIZE", "1"))
     method = params["method"]
+    objective = params.get("objective", {}).get("name", "sft")
     inputs = {"train": md5_path(TRAIN), "validation": md5_path(VALIDATION), "base": md5_path(BASE)}
+    fingerprint = run_fingerprint(params, inputs)
 
-    with tracking.stage_run("train", params, ["train", "method", "model"], inputs) as run:
+    sections = ["train", "method", "objective", "launch", "model"]
+    with tracking.stage_run("train", params, sections, inputs) as run:
         import torch
 
         precision = choose_precision(params["train"]["precision"])
-        with tempfile.TemporaryDirectory(prefix="train-") as scratch:
-            trainer = build_trainer(params, precision, scratch)
-            train_rows, eval_rows = trainer.train_dataset, trainer.eval_dataset or []
-            trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-            total = sum(p.numel() for p in trainer.model.parameters())
-            start = time.perf_counter()
-            result = trainer.train()
-            seconds = time.perf_counter() - start
-            evals = [h for h in trainer.state.log_history if "eval_loss" in h]
-            if eval_rows and (not evals or evals[-1]["step"] != trainer.state.global_step):
-                trainer.evaluate()  # the curve must end at the final weights
-                evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+        resume_from = latest_checkpoint(fingerprint) if main_process else None
+        if n_processes > 1:  # every worker resumes from the checkpoint the main process chose
+            resume_from = broadcast(resume_from)
+        if main_process:
+            CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+            write_json(RUN_FILE, {"fingerprint": fingerprint, "finished": False})
+        trainer = build_trainer(params, precision, str(CHECKPOINTS))
+        plan = preflight(trainer, n_processes)
+        if main_process:
+            run.config.update({"plan": plan})
+            print(f"train: plan: {plan['optimizer_steps']} steps of "
+                  f"{plan['effective_batch']} examples, {plan['parameters']['trainable']:,} "
+                  f"trainable parameters, ~{plan['estimated_train_minutes']} min, "
+                  f"~{plan['estimated_peak_memory_gib']} GiB"
+                  + (f"; resuming from {resume_from.name}" if resume_from else ""), flush=True)
+
+        start = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        seconds = time.perf_counter() - start
+        state = trainer.state
+        evals = [h for h in state.log_history if "eval_loss" in h]
+        if not main_process:
+            return
 
         with atomic_dir(OUT_DIR) as tmp:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
             trainer.processing_class.save_pretrained(tmp)
             sort_adapter_config(Path(tmp) / "adapter_config.json")
+        # the run is over: its checkpoints are no use to the next one
+        for item in CHECKPOINTS.iterdir():
+            if item != RUN_FILE:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        write_json(RUN_FILE, {"fingerprint": fingerprint, "finished": True})
 
-        train_csv, eval_csv = loss_curves(trainer.state.log_history)
+        train_csv, eval_csv = loss_curves(state.log_history)
         write_text(PLOTS / "train_loss.csv", train_csv)
         write_text(PLOTS / "eval_loss.csv", eval_csv)
-        tokens = trainer.state.num_input_tokens_seen or None
+        best_step = (int(state.best_model_checkpoint.rsplit("-", 1)[1])
+                     if state.best_model_checkpoint else None)
+        stopped_early = state.global_step < plan["optimizer_steps"]
+        tokens = state.num_input_tokens_seen or None
         report = {
             "method": method["name"],
+            "objective": objective,
             "precision": precision,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "parameters": {"trainable": trainable, "total": total},
-            "optimizer_steps": trainer.state.global_step,
-            "train_examples": len(train_rows),
-            "validation_examples": len(eval_rows),
+            "plan": plan,
+            "parameters": plan["parameters"],
+            "optimizer_steps": state.global_step,
+            "resumed": resume_from is not None,
+            "resumed_from_step": (int(resume_from.name.split("-")[1]) if resume_from else None),
+            "stopped_early": stopped_early,
+            "best_step": best_step,
+            "train_examples": plan["train_examples"],
+            "validation_examples": len(trainer.eval_dataset) if trainer.eval_dataset else 0,
             "train_loss": round(result.training_loss, 4),
-            "eval_loss": round(evals[-1]["eval_loss"], 4) if evals else None,
+            "final_train_loss": next((round(h["loss"], 4) for h in reversed(state.log_history)
+                                      if "loss" in h), None),
+            "eval_loss": round(state.best_metric, 4) if state.best_metric is not None else None,
+            "final_eval_loss": round(evals[-1]["eval_loss"], 4) if evals else None,
             "train_seconds": round(seconds, 1),
-            "seconds_per_step": round(seconds / max(1, trainer.state.global_step), 2),
+            "seconds_per_step": round(seconds / max(1, state.global_step), 2),
         }
         if tokens:
             report["tokens_per_second"] = round(tokens / seconds, 1)
         write_json(REPORT, report)
-        run.summary.update({"train/final_loss": report["train_loss"],
-                            "train/final_eval_loss": report["eval_loss"],
-                            "train/trainable_parameters": trainable})
+        run.summary.update({"train/final_loss": report["final_train_loss"],
+                            "train/best_eval_loss": report["eval_loss"],
+                            "train/trainable_parameters": plan["parameters"]["trainable"],
+                            "train/resumed_from_step": report["resumed_from_step"]})
+        log_adapter_artifact(run, method["name"])
         print(f"train: {report['optimizer_steps']} steps in {seconds:.0f}s, "
-              f"loss {report['train_loss']}, eval loss {report['eval_loss']}")
+              f"loss {report['final_train_loss']}, best eval loss {report['eval_loss']}"
+              + (f" (step {best_step})" if best_step else "")
+              + (f", resumed from step {report['resumed_from_step']}" if resume_from else ""))
+
+
+def broadcast(value):
+    """The main process's value, on every process of a distributed run."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState()  # joins the process group torchrun / accelerate set up
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def log_adapter_artifact(run, method: str) -> None:
+    """models/tuned as a W&B artifact reference: its checksums, not a second copy of the bytes."""
+    import wandb
+
+    if getattr(run, "disabled", False):
+        return
+    artifact = wandb.Artifact(f"tuned-{method}", type="model",
+                              metadata={"path": str(OUT_DIR), "md5": md5_path(OUT_DIR)})
+    artifact.add_reference(OUT_DIR.resolve().as_uri())
+    run.log_artifact(artifact)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import evaluate
@@ -37,17 +38,24 @@ def test_metric_modules():
 
 
 def test_stage_scores_base_and_tuned_on_same_prompts(prepared):  # noqa: F811
-    from stages import train
+    from stages import export, train
 
     train.main()
     test_rows = read_jsonl(prepared / "data/processed/validation.jsonl")
     write_jsonl(prepared / "data/processed/test.jsonl", test_rows)
+    export.main()
     evaluate_stage.main()
     metrics = json.loads((prepared / "reports/metrics.json").read_text())
     assert set(metrics["base"]) == set(metrics["tuned"]) >= {
-        "format_adherence", "exact_match", "urgency_accuracy", "category_macro_f1"}
+        "format_adherence", "exact_match", "urgency_accuracy", "category_macro_f1",
+        "test_loss", "perplexity"}
     for name in ("base", "tuned"):
-        assert all(0 <= v <= 1 for v in metrics[name].values())
+        rates = {k: v for k, v in metrics[name].items() if k not in ("test_loss", "perplexity")}
+        assert all(0 <= v <= 1 for v in rates.values())
+        assert metrics[name]["perplexity"] == pytest.approx(
+            math.exp(metrics[name]["test_loss"]), rel=1e-3)
+    # training lowered the loss of the answers it was trained on (validation rows, reused)
+    assert metrics["tuned"]["test_loss"] < metrics["base"]["test_loss"]
     assert metrics["delta"]["exact_match"] == pytest.approx(
         metrics["tuned"]["exact_match"] - metrics["base"]["exact_match"], abs=1e-4)
     predictions = read_jsonl(prepared / "reports/predictions.jsonl")

@@ -1,86 +1,336 @@
-"""train: loss only on assistant tokens; a LoRA adapter and loss curves come out."""
+"""train: which tokens carry loss for every record kind; every method and objective runs and
+writes an adapter (or model), a pre-flight plan and loss curves; gradient accumulation equals a
+bigger batch; two DDP processes equal one; a run killed with SIGKILL resumes to the same weights."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import yaml
 
 from conftest import ROOT, set_params
 from stages import base_model, train
-from stages.common.files import write_jsonl
+from stages.common.config import StageError
+from stages.common.examples import IGNORE, chat_example, text_example
+from stages.common.files import read_jsonl, write_jsonl
+from stages.common.kinds import canonical
+
+ANSWER = '{"urgency": "high", "category": "billing"}'
 
 
-@pytest.fixture
-def prepared(project):
-    """models/base from the tiny model, and small processed splits from the bundled data."""
-    base_model.main()
+def ticket_rows(n: int = 48) -> list[dict]:
+    """Canonical chat records from the bundled tickets (system, user, assistant)."""
     rows = []
-    for line in (ROOT / "data/raw/tickets.jsonl").read_text().splitlines()[:80]:
+    for line in (ROOT / "data/raw/tickets.jsonl").read_text().splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
         roles = [m.get("role") for m in record.get("messages", [])]
         if roles == ["system", "user", "assistant"] and record["messages"][2]["content"]:
-            rows.append({"id": str(len(rows)), "source": "x", "line": len(rows) + 1, **record})
+            rows.append({"id": str(len(rows)), "source": "raw.jsonl", "line": len(rows) + 1,
+                         "kind": "messages", **record})
+        if len(rows) == n:
+            return rows
+    return rows
+
+
+@pytest.fixture
+def prepared(project):
+    """models/base from the tiny model, and small processed splits from the bundled data."""
+    base_model.main()
+    rows = ticket_rows()
     write_jsonl(project / "data/processed/train.jsonl", rows[:40])
     write_jsonl(project / "data/processed/validation.jsonl", rows[40:48])
     return project
 
 
-def test_only_assistant_answers_carry_loss(prepared, tmp_path):
-    params = yaml_params(prepared)
-    trainer = train.build_trainer(params, "fp32", str(tmp_path / "out"))
-    tokenizer = trainer.processing_class
-    assert len(trainer.train_dataset) == 40  # no row lost to zero trainable tokens
-    for example, source in zip(trainer.train_dataset.select(range(5)),
-                               (json.loads(line) for line in
-                                (prepared / "data/processed/train.jsonl").read_text().splitlines())):
-        trained = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
-        answer = source["messages"][-1]["content"]
-        assert tokenizer.decode(trained) == answer + tokenizer.eos_token
+def params_of(root) -> dict:
+    return yaml.safe_load((root / "params.yaml").read_text())
 
 
-def test_lora_run_writes_adapter_report_and_curves(prepared):
+def report_of(root) -> dict:
+    return json.loads((root / "reports/train.json").read_text())
+
+
+def trained_text(tokenizer, example) -> str:
+    return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"])
+                             if label != IGNORE])
+
+
+# --- which tokens train ---------------------------------------------------------------------
+
+RAW = {  # kind -> (raw row, the text that must carry loss, the eos token appended)
+    "messages": ({"messages": [{"role": "system", "content": "Triage."},
+                               {"role": "user", "content": "Charged twice."},
+                               {"role": "assistant", "content": ANSWER}]}, [ANSWER]),
+    "sharegpt": ({"conversations": [{"from": "human", "value": "Charged twice."},
+                                    {"from": "gpt", "value": ANSWER}]}, [ANSWER]),
+    "alpaca": ({"instruction": "Triage this.", "input": "Charged twice.", "output": ANSWER},
+               [ANSWER]),
+    "prompt_completion": ({"prompt": "Charged twice.", "completion": ANSWER}, [ANSWER]),
+    # two answers: both train; an answer with weight 0 is context only
+    "multi_turn": ({"messages": [{"role": "user", "content": "Hi"},
+                                 {"role": "assistant", "content": "Hello, how can I help?"},
+                                 {"role": "user", "content": "Charged twice."},
+                                 {"role": "assistant", "content": ANSWER}]},
+                   ["Hello, how can I help?", ANSWER]),
+    "weighted": ({"messages": [{"role": "user", "content": "Hi"},
+                               {"role": "assistant", "content": "Hello!", "weight": 0},
+                               {"role": "user", "content": "Charged twice."},
+                               {"role": "assistant", "content": ANSWER, "weight": 1}]}, [ANSWER]),
+}
+
+
+@pytest.mark.parametrize("name", list(RAW))
+def test_loss_only_on_answers_for_every_chat_kind(prepared, name):
+    from transformers import AutoTokenizer
+
+    raw, answers = RAW[name]
+    kind = name if name in ("sharegpt", "alpaca", "prompt_completion") else "messages"
+    fields, _ = canonical(kind, raw)
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "models/base")
+    template = (prepared / "models/base/chat_template_training.jinja").read_text()
+    example = chat_example(tokenizer, fields["messages"], template)
+    eos = tokenizer.eos_token
+    assert trained_text(tokenizer, example) == "".join(a + eos for a in answers)
+    # the rest is the prompt, exactly as the shipped template renders it
+    rendered = tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in fields["messages"]], tokenize=False)
+    assert tokenizer.decode(example["input_ids"]) == rendered
+    everything = chat_example(tokenizer, fields["messages"], template, train_on="all")
+    assert trained_text(tokenizer, everything) == rendered
+
+
+def test_raw_text_trains_every_token_and_preference_only_completions(prepared, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "models/base")
+    example = text_example(tokenizer, "Refunds take five days.")
+    assert trained_text(tokenizer, example) == "Refunds take five days." + tokenizer.eos_token
+
+    write_preference_splits(prepared)
+    set_params(prepared, **{"objective": {"name": "dpo", "beta": 0.1, "loss_type": "sigmoid"}})
+    trainer = train.build_trainer(params_of(prepared), "fp32", str(tmp_path / "out"))
+    row = trainer.train_dataset[0]
+    source = read_jsonl(prepared / "data/processed/train.jsonl")[0]
+    # DPO scores the completions: chosen and rejected token ids decode to the two answers
+    assert tokenizer.decode(row["chosen_ids"]).startswith(source["chosen"][0]["content"])
+    assert tokenizer.decode(row["rejected_ids"]).startswith(source["rejected"][0]["content"])
+    assert source["prompt"][-1]["content"] in tokenizer.decode(row["prompt_ids"])
+
+
+def test_every_training_row_has_trainable_tokens(prepared, tmp_path):
+    trainer = train.build_trainer(params_of(prepared), "fp32", str(tmp_path / "out"))
+    assert len(trainer.train_dataset) == 40  # no row lost
+    assert all(any(label != IGNORE for label in row["labels"]) for row in trainer.train_dataset)
+    rows = ticket_rows(2)
+    rows[1]["messages"][-1]["weight"] = 0  # nothing left to learn from this row
+    write_jsonl(prepared / "data/processed/train.jsonl", rows)
+    with pytest.raises(StageError, match=r"raw.jsonl:2: no trainable tokens"):
+        train.build_trainer(params_of(prepared), "fp32", str(tmp_path / "out"))
+
+
+# --- the stage, per method and objective ------------------------------------------------------
+
+def test_lora_run_writes_adapter_plan_report_and_curves(prepared):
     train.main()
     tuned = prepared / "models/tuned"
     assert (tuned / "adapter_config.json").exists()
     assert (tuned / "adapter_model.safetensors").exists()
     modules = json.loads((tuned / "adapter_config.json").read_text())["target_modules"]
     assert modules == sorted(modules)  # byte-stable output, whatever the hash seed
-    report = json.loads((prepared / "reports/train.json").read_text())
+    report = report_of(prepared)
     assert report["optimizer_steps"] == 4 and report["precision"] == "fp32"
-    assert 0 < report["parameters"]["trainable"] < report["parameters"]["total"]
-    assert report["eval_loss"] is not None and report["train_loss"] > 0
+    assert report["resumed"] is False and report["resumed_from_step"] is None
+    plan = report["plan"]
+    assert 0 < plan["parameters"]["trainable"] < plan["parameters"]["total"]
+    assert plan["optimizer_steps"] == 4 and plan["effective_batch"] == 4
+    assert plan["tokens_per_epoch"] > 40 * 20 and plan["estimated_seconds_per_step"] > 0
+    assert plan["estimated_peak_memory_gib"] > 0
+    assert report["eval_loss"] is not None and report["final_train_loss"] > 0
+    assert report["best_step"] in (2, 4)
     train_curve = (prepared / "reports/plots/train_loss.csv").read_text().splitlines()
     eval_curve = (prepared / "reports/plots/eval_loss.csv").read_text().splitlines()
     assert train_curve[0] == "step,loss" and len(train_curve) == 5  # logging_steps=1
     assert len(eval_curve) == 3  # eval_steps=2 over 4 steps
+    # checkpoints of a finished run are cleared; only the run marker stays
+    assert [p.name for p in (prepared / "models/checkpoints").iterdir()] == ["run.json"]
 
 
-def test_gradient_accumulation_and_full_method(prepared):
-    set_params(prepared, **{"method": {"name": "full"}, "train.gradient_accumulation_steps": 2,
-                            "train.per_device_train_batch_size": 2, "train.max_steps": 2})
-    shutil.rmtree(prepared / "models/tuned", ignore_errors=True)
+@pytest.mark.parametrize("method", ["full", "dora", "qlora"])
+def test_methods(prepared, method):
+    set_params(prepared, **{"method.name": method, "train.max_steps": 2})
     train.main()
-    report = json.loads((prepared / "reports/train.json").read_text())
-    assert report["method"] == "full" and report["optimizer_steps"] == 2
-    assert report["parameters"]["trainable"] == report["parameters"]["total"]
-    assert (prepared / "models/tuned/model.safetensors").exists()
+    report = report_of(prepared)
+    assert report["method"] == method and report["optimizer_steps"] == 2
+    tuned = prepared / "models/tuned"
+    if method == "full":
+        assert report["parameters"]["trainable"] == report["parameters"]["total"]
+        assert (tuned / "model.safetensors").exists()
+    else:
+        config = json.loads((tuned / "adapter_config.json").read_text())
+        assert config["use_dora"] is (method == "dora")
+        assert (tuned / "adapter_model.safetensors").exists()
 
 
-def yaml_params(root):
-    import yaml
+def write_preference_splits(root):
+    def pair(record, rejected):
+        return {"id": record["id"], "source": "pref.jsonl", "line": record["line"],
+                "kind": "preference", "prompt": record["messages"][:2],
+                "chosen": [record["messages"][2]],
+                "rejected": [{"role": "assistant", "content": rejected}]}
 
-    return yaml.safe_load((root / "params.yaml").read_text())
+    rows = [pair(r, "Sounds like a billing issue, high priority.") for r in ticket_rows()]
+    write_jsonl(root / "data/processed/train.jsonl", rows[:40])
+    write_jsonl(root / "data/processed/validation.jsonl", rows[40:48])
 
 
-def test_non_chat_records_stop_with_one_line(prepared):
-    from stages.common.config import StageError
+def test_dpo_objective(prepared):
+    write_preference_splits(prepared)
+    set_params(prepared, **{"objective": {"name": "dpo", "beta": 0.1, "loss_type": "sigmoid"}})
+    train.main()
+    report = report_of(prepared)
+    assert report["objective"] == "dpo" and report["optimizer_steps"] == 4
+    assert (prepared / "models/tuned/adapter_model.safetensors").exists()
+    assert report["eval_loss"] is not None
 
+
+def test_cpt_objective_packs_raw_text(prepared):
+    texts = [{"id": str(i), "source": "t.jsonl", "line": i + 1, "kind": "text",
+              "text": r["messages"][1]["content"] * 3} for i, r in enumerate(ticket_rows())]
+    write_jsonl(prepared / "data/processed/train.jsonl", texts[:40])
+    write_jsonl(prepared / "data/processed/validation.jsonl", texts[40:48])
+    set_params(prepared, **{"objective": {"name": "cpt"}, "train.packing": True,
+                            "train.max_length": 64})
+    train.main()
+    report = report_of(prepared)
+    assert report["objective"] == "cpt"
+    # packed into 64-token windows: long documents split, short pieces sharing windows,
+    # and not a token cut away
+    lengths = [len(text_example_ids(prepared, t["text"])) for t in texts[:40]]
+    assert max(lengths) > 64
+    assert report["plan"]["train_examples"] < sum(-(-n // 64) for n in lengths)
+    assert report["plan"]["tokens_per_epoch"] == sum(lengths)
+
+
+def text_example_ids(root, text):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "models/base")
+    return text_example(tokenizer, text)["input_ids"]
+
+
+def test_objective_and_data_must_agree(prepared):
     write_jsonl(prepared / "data/processed/train.jsonl",
                 [{"id": "x", "source": "raw.jsonl", "line": 3, "kind": "text", "text": "hello"}])
-    with pytest.raises(StageError, match=r"needs chat records, found a 'text' record \(line 3"):
+    with pytest.raises(StageError, match=r"objective=sft trains on chat .* found a 'text' "
+                                         r"record \(line 3 of raw.jsonl\)"):
         train.main()
+
+
+def test_early_stopping_keeps_the_best_checkpoint(prepared):
+    # a learning rate this large makes validation loss climb after the first evaluation
+    set_params(prepared, **{"train.learning_rate": 0.5, "train.max_steps": 12,
+                            "train.eval_steps": 2, "train.early_stopping_patience": 1,
+                            "train.warmup_ratio": 0.0, "train.lr_scheduler_type": "constant"})
+    train.main()
+    report = report_of(prepared)
+    evals = [float(line.split(",")[1]) for line in
+             (prepared / "reports/plots/eval_loss.csv").read_text().splitlines()[1:]]
+    assert report["stopped_early"] and report["optimizer_steps"] < 12
+    assert report["eval_loss"] == pytest.approx(min(evals), abs=1e-4)
+    assert report["best_step"] == 2 * (1 + evals.index(min(evals)))
+
+
+# --- equivalences: accumulation, DDP, resume ---------------------------------------------------
+
+def adapter_weights(root):
+    from safetensors.torch import load_file
+
+    return load_file(root / "models/tuned/adapter_model.safetensors")
+
+
+def assert_same_weights(a, b, atol):
+    import torch
+
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by {worst}"
+    assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a)
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(prepared):
+    common = {"train.max_steps": 3, "train.eval_steps": 100, "train.warmup_ratio": 0.0}
+    set_params(prepared, **common, **{"train.per_device_train_batch_size": 8,
+                                      "train.gradient_accumulation_steps": 1})
+    train.main()
+    big_batch, big_loss = adapter_weights(prepared), report_of(prepared)["train_loss"]
+    set_params(prepared, **common, **{"train.per_device_train_batch_size": 2,
+                                      "train.gradient_accumulation_steps": 4})
+    train.main()
+    assert report_of(prepared)["plan"]["effective_batch"] == 8
+    assert report_of(prepared)["train_loss"] == pytest.approx(big_loss, rel=1e-4)
+    assert_same_weights(adapter_weights(prepared), big_batch, atol=1e-5)
+
+
+def run_stage_process(root, env_extra=None, wait=True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+    return proc
+
+
+def test_two_ddp_processes_match_one_with_the_same_global_batch(prepared):
+    common = {"train.max_steps": 4, "train.eval_steps": 100, "train.warmup_ratio": 0.0,
+              "train.gradient_accumulation_steps": 1}
+    set_params(prepared, **common, **{"train.per_device_train_batch_size": 4})
+    train.main()
+    single = (prepared / "reports/plots/train_loss.csv").read_text().splitlines()[1:]
+    single_weights = adapter_weights(prepared)
+    set_params(prepared, **common, **{"train.per_device_train_batch_size": 2,
+                                      "launch.num_processes": 2})
+    run_stage_process(prepared)
+    report = report_of(prepared)
+    assert report["plan"]["processes"] == 2 and report["plan"]["effective_batch"] == 4
+    ddp = (prepared / "reports/plots/train_loss.csv").read_text().splitlines()[1:]
+    assert len(ddp) == len(single) == 4
+    for a, b in zip(single, ddp):
+        assert float(a.split(",")[1]) == pytest.approx(float(b.split(",")[1]), rel=1e-4)
+    assert_same_weights(adapter_weights(prepared), single_weights, atol=1e-4)
+
+
+def test_killed_run_resumes_to_the_same_weights(prepared):
+    set_params(prepared, **{"train.max_steps": 16, "train.eval_steps": 2,
+                            "train.per_device_train_batch_size": 4})
+    train.main()
+    uninterrupted = adapter_weights(prepared)
+    shutil.rmtree(prepared / "models/tuned")
+    (prepared / "models/checkpoints/run.json").unlink()  # forget the finished run
+
+    proc = run_stage_process(prepared, wait=False)
+    deadline = time.time() + 300
+    while not (prepared / "models/checkpoints/checkpoint-6/trainer_state.json").exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (prepared / "models/tuned").exists()
+
+    run_stage_process(prepared)
+    report = report_of(prepared)
+    assert report["resumed"] and report["resumed_from_step"] >= 6
+    assert report["optimizer_steps"] == 16
+    assert_same_weights(adapter_weights(prepared), uninterrupted, atol=1e-6)

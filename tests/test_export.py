@@ -1,0 +1,55 @@
+"""export: models/merged is a plain Hugging Face folder that answers exactly as base + adapter,
+with the prompt tokens training used; a merged model that answers otherwise fails loudly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import set_params
+from stages import export, train
+from stages.common.config import StageError
+from stages.common.files import read_jsonl, write_jsonl
+from test_train import prepared  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+def trained(prepared):  # noqa: F811
+    set_params(prepared, **{"export.check_examples": 4, "export.max_new_tokens": 12})
+    train.main()
+    write_jsonl(prepared / "data/processed/test.jsonl",
+                read_jsonl(prepared / "data/processed/validation.jsonl"))
+    return prepared
+
+
+def test_merged_folder_round_trips(trained):
+    export.main()
+    merged = trained / "models/merged"
+    assert (merged / "model.safetensors").exists() and (merged / "tokenizer.json").exists()
+    assert not (merged / "adapter_config.json").exists()  # merged, not an adapter
+    report = json.loads((trained / "reports/export.json").read_text())
+    assert report["merged_from"] == "base + adapter"
+    assert report["round_trip"] == {**report["round_trip"], "examples": 4,
+                                    "prompt_tokens_match": True, "greedy_answers_match": True}
+
+
+def test_a_merge_that_answers_otherwise_fails(trained, monkeypatch):
+    # a merge that silently drops the adapter is the bug the round trip exists to catch
+    from peft.tuners.tuners_utils import BaseTuner
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, **kwargs: self.unload())
+    # make the adapter matter: scale it up so the base alone answers differently
+    set_params(trained, **{"train.learning_rate": 0.05, "train.max_steps": 8})
+    train.main()
+    with pytest.raises(StageError, match=r"round trip: .*line \d+.*merged model answers"):
+        export.main()
+
+
+def test_full_fine_tune_exports_as_is(trained):
+    set_params(trained, **{"method.name": "full", "train.max_steps": 2})
+    train.main()
+    export.main()
+    report = json.loads((trained / "reports/export.json").read_text())
+    assert report["merged_from"] == "full fine-tune"
+    assert report["round_trip"]["greedy_answers_match"]
