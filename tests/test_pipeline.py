@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,26 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
     data = named[0]["revs"][0]["data"]
     assert data["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.002
     assert "tuned" in data["metrics"]["reports/metrics.json"]["data"]
+
+    # a `dvc repro` killed mid-training resumes from its last checkpoint when run again
+    train = yaml.safe_load((repo / "conf/train/tiny.yaml").read_text())
+    train.update(max_steps=40, eval_steps=4, per_device_train_batch_size=2)
+    (repo / "conf/train/tiny.yaml").write_text(yaml.safe_dump(train))
+    sh(repo, py, "-m", "stages.common.compose", env=env)
+    repro = subprocess.Popen([py, "-m", "dvc", "repro"], cwd=repo, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = repo / "models/checkpoints/checkpoint-8/trainer_state.json"
+    deadline = time.time() + 600
+    while not checkpoint.exists():
+        assert repro.poll() is None and time.time() < deadline, "training ended before the kill"
+        time.sleep(0.02)
+    os.killpg(repro.pid, signal.SIGKILL)
+    repro.wait()
+    out = sh(repo, py, "-m", "dvc", "repro", env=env)
+    assert "resuming from checkpoint-" in out
+    report = json.loads((repo / "reports/train.json").read_text())
+    assert report["resumed"] and report["resumed_from_step"] >= 8
+    assert report["optimizer_steps"] == 40
 
 
 def _json_part(text: str):
