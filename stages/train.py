@@ -45,7 +45,7 @@ REPORT = Path("reports/train.json")
 PLOTS = Path("reports/plots")
 METHODS = ("lora", "qlora", "dora", "full")
 OBJECTIVES = {"sft": "messages", "dpo": "chosen", "cpt": "text"}  # objective -> field it needs
-WARMUP_BATCHES = 3
+WARMUP_BATCHES = 4  # the first is not counted: it pays for allocation and kernel choice
 
 
 # --- 1. launch -----------------------------------------------------------------------------
@@ -216,7 +216,9 @@ def build_trainer(params: dict, precision: str, output_dir: str):
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
-        report_to=["wandb"] if is_main_process() else [],
+        # live train/* and eval/* curves into the stage's W&B run (opened by tracking)
+        report_to=["wandb"] if is_main_process() and os.environ.get("WANDB_MODE") != "disabled"
+        else [],
         seed=seed,
         data_seed=seed,
         dataloader_num_workers=0,
@@ -250,6 +252,8 @@ def build_trainer(params: dict, precision: str, output_dir: str):
             for name, records in (("train", train_records), ("eval", eval_records))}
     args = SFTConfig(
         **common,
+        # batches of rows of similar length waste less on padding (DPO pairs are not grouped)
+        train_sampling_strategy="group_by_length" if cfg.get("group_by_length") else "random",
         packing=packing,
         packing_strategy="bfd_split",  # rows longer than max_length are split, never dropped
         padding_free=bool(cfg.get("padding_free", True)),
@@ -305,7 +309,8 @@ def preflight(trainer, n_processes: int) -> dict:
         seconds.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
     torch.random.set_rng_state(rng)
-    per_batch = sum(seconds[1:]) / len(seconds[1:]) if len(seconds) > 1 else seconds[0]
+    timed = sorted(seconds[1:]) or seconds
+    per_batch = timed[len(timed) // 2]  # the median of the warm batches
     step_seconds = per_batch * args.gradient_accumulation_steps
     # AdamW keeps two fp32 moments per trainable weight, allocated at the first step
     optimizer_bytes = 2 * 4 * trainable

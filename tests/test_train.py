@@ -236,16 +236,27 @@ def test_objective_and_data_must_agree(prepared):
         train.main()
 
 
+def relabel(rows, answer):
+    return [{**r, "messages": [*r["messages"][:2], {"role": "assistant", "content": answer}]}
+            for r in rows]
+
+
 def test_early_stopping_keeps_the_best_checkpoint(prepared):
-    # a learning rate this large makes validation loss climb after the first evaluation
-    set_params(prepared, **{"train.learning_rate": 0.5, "train.max_steps": 12,
-                            "train.eval_steps": 2, "train.early_stopping_patience": 1,
+    # training teaches one answer, validation wants another: once the shared format is
+    # learned, validation loss can only climb, and training must stop at its best point
+    rows = ticket_rows()
+    write_jsonl(prepared / "data/processed/train.jsonl",
+                relabel(rows[:40], '{"urgency": "low", "category": "billing"}'))
+    write_jsonl(prepared / "data/processed/validation.jsonl",
+                relabel(rows[40:48], '{"urgency": "critical", "category": "product"}'))
+    set_params(prepared, **{"train.learning_rate": 1e-2, "train.max_steps": 40,
+                            "train.eval_steps": 2, "train.early_stopping_patience": 2,
                             "train.warmup_ratio": 0.0, "train.lr_scheduler_type": "constant"})
     train.main()
     report = report_of(prepared)
     evals = [float(line.split(",")[1]) for line in
              (prepared / "reports/plots/eval_loss.csv").read_text().splitlines()[1:]]
-    assert report["stopped_early"] and report["optimizer_steps"] < 12
+    assert report["stopped_early"] and report["optimizer_steps"] < 40
     assert report["eval_loss"] == pytest.approx(min(evals), abs=1e-4)
     assert report["best_step"] == 2 * (1 + evals.index(min(evals)))
 
@@ -268,7 +279,10 @@ def assert_same_weights(a, b, atol):
 
 
 def test_gradient_accumulation_equals_a_bigger_batch(prepared):
-    common = {"train.max_steps": 3, "train.eval_steps": 100, "train.warmup_ratio": 0.0}
+    # the same rows in the same order: plain random sampling (length grouping forms its
+    # groups per batch size)
+    common = {"train.max_steps": 3, "train.eval_steps": 100, "train.warmup_ratio": 0.0,
+              "train.group_by_length": False}
     set_params(prepared, **common, **{"train.per_device_train_batch_size": 8,
                                       "train.gradient_accumulation_steps": 1})
     train.main()
@@ -293,7 +307,7 @@ def run_stage_process(root, env_extra=None, wait=True):
 
 def test_two_ddp_processes_match_one_with_the_same_global_batch(prepared):
     common = {"train.max_steps": 4, "train.eval_steps": 100, "train.warmup_ratio": 0.0,
-              "train.gradient_accumulation_steps": 1}
+              "train.gradient_accumulation_steps": 1, "train.group_by_length": False}
     set_params(prepared, **common, **{"train.per_device_train_batch_size": 4})
     train.main()
     single = (prepared / "reports/plots/train_loss.csv").read_text().splitlines()[1:]
