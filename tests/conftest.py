@@ -43,7 +43,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 def copy_template(dest: Path, raw_rows: int | None = 240) -> Path:
-    """The template's tracked files, with the first `raw_rows` lines of the bundled data."""
+    """The template's tracked files, with the first `raw_rows` lines of each bundled data set."""
     for rel in TEMPLATE_PATHS:
         src = ROOT / rel
         if src.is_dir():
@@ -51,9 +51,10 @@ def copy_template(dest: Path, raw_rows: int | None = 240) -> Path:
         elif src.exists():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    lines = (ROOT / "data/raw/tickets.jsonl").read_text(encoding="utf-8").splitlines(True)
     (dest / "data/raw").mkdir(parents=True)
-    (dest / "data/raw/tickets.jsonl").write_text("".join(lines[:raw_rows]), encoding="utf-8")
+    for name in ("tickets.jsonl", "tickets_preference.jsonl", "tickets_text.jsonl"):
+        lines = (ROOT / "data/raw" / name).read_text(encoding="utf-8").splitlines(True)
+        (dest / "data/raw" / name).write_text("".join(lines[:raw_rows]), encoding="utf-8")
     return dest
 
 

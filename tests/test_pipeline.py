@@ -119,3 +119,28 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
 
 def _json_part(text: str):
     return json.loads(text[text.index("["):])
+
+
+@pytest.mark.parametrize("method, objective", [("qlora", "sft"), ("dora", "dpo"), ("full", "cpt")])
+def test_method_and_objective_switch_with_one_flag_each(tmp_path, tiny_model_dir, method, objective):
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_DIR", "DVC_ROOT")}
+    env.update(GIT_ID, WANDB_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+               DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site"))
+    repo = make_repo(tmp_path, tiny_model_dir)
+    py = sys.executable
+    sh(repo, py, "-m", "stages.common.compose", env=env)
+    sh(repo, "git", "init", "-q", "-b", "main", env=env)
+    sh(repo, "git", "add", "-A", env=env)
+    sh(repo, "git", "commit", "-qm", "template", env=env)
+    sh(repo, py, "-m", "dvc", "exp", "run", "-S", f"method={method}", "-S",
+       f"objective={objective}", env=env)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["method"]["name"] == method and params["objective"]["name"] == objective
+    report = json.loads((repo / "reports/train.json").read_text())
+    assert (report["method"], report["objective"]) == (method, objective)
+    validated = json.loads((repo / "reports/validate.json").read_text())
+    assert set(validated["kinds"].values()) == {
+        {"sft": "messages", "dpo": "preference", "cpt": "text"}[objective]}
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert metrics["tuned"]["test_loss"] > 0 and "perplexity" in metrics["delta"]
+    assert json.loads((repo / "reports/export.json").read_text())["round_trip"]["greedy_answers_match"]
