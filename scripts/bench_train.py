@@ -105,7 +105,7 @@ def run_trl(params: dict, out_dir: str) -> dict:
         report_to=[], save_strategy="no", logging_steps=5, seed=int(params["seed"]),
         include_num_input_tokens_seen="non_padding",
         # the CPU fixes; on a GPU TRL's defaults (bf16, checkpointing) stand
-        **({} if cuda else {"bf16": False, "gradient_checkpointing": False, "use_cpu": True}))
+        **({} if cuda else {"bf16": False, "activation_checkpointing": False, "use_cpu": True}))
     peft = None if method["name"] == "full" else LoraConfig(
         r=int(method["r"]), lora_alpha=int(method["alpha"]), lora_dropout=float(method["dropout"]),
         target_modules=method["target_modules"], task_type="CAUSAL_LM")

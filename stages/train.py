@@ -215,7 +215,7 @@ def build_trainer(params: dict, precision: str, output_dir: str):
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
+        activation_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
         # live train/* and eval/* curves into the stage's W&B run (opened by tracking)
         report_to=["wandb"] if is_main_process() and os.environ.get("WANDB_MODE") != "disabled"
         else [],
@@ -410,7 +410,10 @@ def main() -> None:
         trainer = build_trainer(params, precision, str(CHECKPOINTS))
         plan = preflight(trainer, n_processes)
         if main_process:
-            run.config.update({"plan": plan})
+            peft = {name: json.loads(json.dumps(c.to_dict(), default=lambda v: sorted(v)
+                                                if isinstance(v, set) else str(v)))
+                    for name, c in getattr(trainer.model, "peft_config", {}).items()}
+            run.config.update({"plan": plan, "peft_config": peft})
             print(f"train: plan: {plan['optimizer_steps']} steps of "
                   f"{plan['effective_batch']} examples, {plan['parameters']['trainable']:,} "
                   f"trainable parameters, ~{plan['estimated_train_minutes']} min, "
