@@ -46,6 +46,9 @@ test-fast: $(STAMP)  ## Run the tests without the slow end-to-end ones
 params: $(STAMP)  ## Compose conf/ into params.yaml (what dvc exp run does) without running
 	$(BIN)/python -m stages.common.compose
 
+regression: $(STAMP)  ## Compare metrics with a baseline (BASELINE=<git rev or experiment>, default HEAD); fails on a regression
+	$(BIN)/python scripts/regression.py --baseline $(or $(BASELINE),HEAD)
+
 serve: $(STAMP)  ## Serve models/merged over an OpenAI-compatible API on loopback (port: serve.port)
 	$(BIN)/python scripts/serve.py
 
@@ -61,4 +64,4 @@ wandb-sync: $(STAMP)  ## Upload the offline W&B runs (needs WANDB_API_KEY in the
 clean-venv:  ## Remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install repro test test-fast params serve bench-train bench-data wandb-sync clean-venv
+.PHONY: help install repro test test-fast params regression serve bench-train bench-data wandb-sync clean-venv

@@ -5,7 +5,9 @@
 from __future__ import annotations
 
 import json
+import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import copy_template
+from conftest import ROOT, copy_template
 from test_tracking import read_offline_run
 
 pytestmark = pytest.mark.slow
@@ -84,8 +86,39 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
     again = sh(repo, py, "-m", "dvc", "repro", env=env)
     assert "Running stage" not in again
 
+    manifest = json.loads((repo / "reports/manifest.json").read_text())
+    assert {"data_md5", "tokenizer_md5", "config_sha256", "git", "seed", "packages"} <= set(manifest)
+    assert manifest["data_md5"]["data/processed/test.jsonl"] == _md5(repo / "data/processed/test.jsonl")
+    card = (repo / "reports/model_card.md").read_text()
+    assert f"{metrics['tuned']['test_loss']:.4f}" in card and "## Data lineage" in card
+
     sh(repo, "git", "add", "-A", env=env)
     sh(repo, "git", "commit", "-qm", "first run", env=env)
+
+    # regression check: an unchanged rerun passes; defective raw rows rerun only validate
+    # (the valid records are the same) and show as a data change; a worse model fails
+    regression = [py, str(ROOT / "scripts/regression.py")]
+    out = sh(repo, *regression, env=env)
+    assert "no regression beyond tolerance" in out and "data: unchanged" in out
+    with (repo / "data/raw/tickets.jsonl").open("a") as f:
+        f.write('{"messages": [{"role": "user", "content": "cut off\n')
+        f.write(json.dumps({"messages": [{"role": "customer", "content": "hi"}]}) + "\n")
+    out = sh(repo, py, "-m", "dvc", "repro", env=env)
+    assert "Running stage 'validate'" in out
+    assert "Running stage 'base_model'" not in out and "Running stage 'train'" not in out
+    out = sh(repo, *regression, env=env)
+    assert "modified  data/raw" in out and "no regression beyond tolerance" in out
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["learning_rate"] = 1e-9  # as good as untrained
+    params["regression"]["tolerance"]["test_loss"] = 0.0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, py, "-m", "dvc", "repro", env=env)
+    worse = subprocess.run(regression, cwd=repo, env=env, capture_output=True, text=True)
+    assert worse.returncode == 1, worse.stdout + worse.stderr
+    assert re.search(r"tuned\.test_loss .* REGRESSION", worse.stdout), worse.stdout
+    assert "train.learning_rate: 0.001 -> 1e-09" in worse.stdout
+    sh(repo, "git", "checkout", "params.yaml", env=env)
+
     sh(repo, py, "-m", "dvc", "exp", "run", "-n", "lr-2e-3", "-S", "train.learning_rate=0.002",
        env=env)
     shown = _json_part(sh(repo, py, "-m", "dvc", "exp", "show", "--json", env=env))
@@ -115,6 +148,10 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
     report = json.loads((repo / "reports/train.json").read_text())
     assert report["resumed"] and report["resumed_from_step"] >= 8
     assert report["optimizer_steps"] == 40
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def _json_part(text: str):

@@ -1,0 +1,144 @@
+"""Stage report: the run manifest and the model card, from what the pipeline wrote.
+
+- reports/manifest.json: md5 of every data file the run read and wrote (raw, validated,
+  deduplicated, splits), of the tokenizer and both chat templates, of the composed config
+  (params.yaml), the git revision, the seed and the versions of the packages that shaped the
+  result. Two runs with the same manifest are the same run; a metric change traces to the line
+  of the manifest that changed.
+- reports/model_card.md: what was tuned from what, on which data (with the data stages'
+  counts), how, and how it scores against the base, for whoever picks up models/merged.
+Both are logged to this stage's W&B run (the manifest as config, the card as a file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+
+
+from stages.common import tracking
+from stages.common.config import load_params, run_stage
+from stages.common.files import md5_path, write_json, write_text
+from stages.common.records import resolve_paths
+
+BASE = Path("models/base")
+DATA = {"valid": Path("data/interim/valid.jsonl"), "dedup": Path("data/interim/dedup.jsonl"),
+        "train": Path("data/processed/train.jsonl"),
+        "validation": Path("data/processed/validation.jsonl"),
+        "test": Path("data/processed/test.jsonl")}
+REPORTS = {name: Path(f"reports/{name}.json")
+           for name in ("base_model", "validate", "dedup", "split", "train", "export", "metrics")}
+MANIFEST, CARD = Path("reports/manifest.json"), Path("reports/model_card.md")
+PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
+            "tokenizers", "evaluate", "great-expectations", "datasketch", "dvc", "wandb",
+            "hydra-core")
+
+
+def package_versions() -> dict[str, str | None]:
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {name: version(name) for name in PACKAGES}
+
+
+def config_hash(params: dict) -> str:
+    """sha256 of the composed config, independent of key order and formatting."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+
+
+def model_card(manifest: dict, params: dict, reports: dict) -> str:
+    metrics, train, split = reports["metrics"], reports["train"], reports["split"]
+    validate, dedup = reports["validate"], reports["dedup"]
+    method, objective = train["method"], train["objective"]
+    rows = "\n".join(
+        f"| {k} | {metrics['base'][k]:.4f} | {metrics['tuned'][k]:.4f} | {metrics['delta'][k]:+.4f} |"
+        for k in metrics["base"])
+    splits = ", ".join(f"{name} {n}" for name, n in split["sizes"].items())
+    data_md5 = "\n".join(f"| `{path}` | `{md5}` |" for path, md5 in manifest["data_md5"].items())
+    return f"""# Model card: {params['model']['name_or_path']} tuned for {params['task']['name']}
+
+`models/merged` is `{params['model']['name_or_path']}` fine-tuned with **{method}**
+(objective **{objective}**) on `{params['data']['path']}`, produced by this repository's DVC
+pipeline at git revision `{manifest['git']['rev'][:12]}`{' (with uncommitted changes)' if manifest['git']['dirty'] else ''}.
+
+## Results on the held-out test split ({metrics['n_examples']} examples)
+
+| metric | base | tuned | delta |
+|---|---|---|---|
+{rows}
+
+Greedy decoding, the same prompts for both. Predictions: `reports/predictions.jsonl`.
+
+## Data lineage
+
+- raw: {validate['rows_in']} rows read; {validate['rows_quarantined']} quarantined by validation
+  ({', '.join(f'{k} {v}' for k, v in validate['quarantined_by_reason'].items()) or 'none'})
+- dedup: {dedup['rows_in']} in, {dedup['rows_out']} kept
+  ({', '.join(f'{k} {v}' for k, v in dedup['removed_by_reason'].items()) or 'none removed'})
+- split: {splits}
+
+| file | md5 |
+|---|---|
+{data_md5}
+
+## Training
+
+- method {method}, objective {objective}, {train['optimizer_steps']} optimizer steps
+  (effective batch {train['plan']['effective_batch']}), precision {train['precision']} on
+  {train['device']}; best validation loss {train['eval_loss']} at step {train['best_step']}
+- learning rate {params['train']['learning_rate']}, scheduler {params['train']['lr_scheduler_type']},
+  max length {params['train']['max_length']}, seed {params['seed']}
+- trainable parameters {train['parameters']['trainable']:,} of {train['parameters']['total']:,}
+
+## Reproduce
+
+```bash
+git checkout {manifest['git']['rev'][:12]} && dvc checkout   # or: dvc repro
+```
+Composed config sha256 `{manifest['config_sha256'][:16]}`; packages:
+{', '.join(f'{k} {v}' for k, v in manifest['packages'].items() if v)}.
+"""
+
+
+def main() -> None:
+    params = load_params()
+    raw = {str(p): md5_path(p) for p in resolve_paths(params["data"]["path"])}
+    data_md5 = raw | {str(path): md5_path(path) for path in DATA.values() if path.exists()}
+    inputs = {name: md5_path(path) for name, path in REPORTS.items()}
+
+    with tracking.stage_run("report", params, [], inputs) as run:
+        reports = {name: json.loads(path.read_text(encoding="utf-8"))
+                   for name, path in REPORTS.items()}
+        tokenizer = {name: md5_path(BASE / name) for name in
+                     ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                      "chat_template_training.jinja") if (BASE / name).exists()}
+        manifest = {
+            "data_md5": data_md5,
+            "tokenizer_md5": tokenizer,
+            "model": {"name_or_path": params["model"]["name_or_path"],
+                      "source_md5": reports["base_model"].get("source_md5"),
+                      "merged_md5": md5_path(Path("models/merged"))},
+            "config_sha256": config_hash(params),
+            "git": tracking.git_revision(),
+            "seed": params["seed"],
+            "method": params["method"]["name"],
+            "objective": params.get("objective", {}).get("name", "sft"),
+            "packages": package_versions(),
+            "metrics": {k: reports["metrics"][k] for k in ("base", "tuned", "delta")},
+        }
+        write_json(MANIFEST, manifest)
+        write_text(CARD, model_card(manifest, params, reports))
+        run.config.update({"manifest": manifest})
+        if not getattr(run, "disabled", False):
+            run.save(str(CARD.resolve()), base_path=str(CARD.parent.resolve()), policy="now")
+        print(f"report: {MANIFEST} and {CARD} written (config {manifest['config_sha256'][:12]}, "
+              f"git {manifest['git']['rev'][:8]})")
+
+
+if __name__ == "__main__":
+    run_stage(main)
