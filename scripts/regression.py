@@ -8,7 +8,7 @@ that came with them (`make regression`).
 Compares the tuned model's metrics in reports/metrics.json (the workspace) with the baseline's
 through DVC's own diffs (`dvc metrics diff`, `dvc params diff`), prints one table,
 and exits 1 when a metric got worse by more than its tolerance (`regression` in params.yaml:
-absolute for rates, relative for loss and perplexity). Then lists what changed underneath:
+absolute for rates and the forgetting deltas, relative for loss and perplexity). Then lists what changed underneath:
 the data (every data/ dep and out of dvc.lock whose md5 differs) and the params.
 """
 
@@ -56,11 +56,14 @@ def resolve(baseline: str) -> str:
 def compare(metrics_diff: dict, rules: dict) -> list[dict]:
     """One row per tuned metric: old, new, change and whether it regressed."""
     lower = set(rules.get("lower_is_better") or [])
+    relative = set(rules.get("relative") or [])
     tolerances = rules.get("tolerance") or {}
     rows = []
     for key, change in sorted(metrics_diff.get(METRICS, {}).items()):
         group, _, name = key.partition(".")
-        if group not in ("tuned", "forgetting") or not name:
+        checked = (group == "tuned" and name) or (group == "forgetting"
+                                                   and name.endswith("_delta"))
+        if not checked:
             continue
         old, new = change.get("old"), change.get("new")
         tolerance = float(tolerances.get(name, tolerances.get("default", 0.0)))
@@ -69,7 +72,7 @@ def compare(metrics_diff: dict, rules: dict) -> list[dict]:
             row["status"] = "new" if old is None else "gone"
         else:
             worse = (new - old) if name in lower else (old - new)
-            limit = tolerance * abs(old) if name in lower else tolerance  # relative / absolute
+            limit = tolerance * abs(old) if name in relative else tolerance
             row["change"] = new - old
             if worse > limit + 1e-12:
                 row["status"] = "REGRESSION"

@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 from stages.common import tracking
-from stages.common.config import load_params, run_stage
+from stages.common.config import StageError, load_params, run_stage
 from stages.common.examples import IGNORE, chat_example, text_example
-from stages.common.files import md5_path, read_jsonl, write_json, write_jsonl, write_text
+from stages.common.files import (atomic_dir, md5_path, read_jsonl, write_json, write_jsonl,
+                                 write_text)
 from stages.common.kinds import answer_of, prompt_of
 from stages.common.task import Task
 
@@ -33,6 +34,7 @@ TEST = Path("data/processed/test.jsonl")
 METRICS = Path("reports/metrics.json")
 PREDICTIONS = Path("reports/predictions.jsonl")
 PLOT = Path("reports/plots/metrics.csv")
+CONFUSION = Path("reports/plots/confusion")
 METRIC_MODULES = Path(__file__).parent / "metrics"
 
 
@@ -97,19 +99,41 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_toke
 
 
 def score(predictions: list[str], references: list[str], task: Task) -> dict[str, float]:
+    """The task's metrics (evaluate modules in stages/metrics/), each with its own inputs."""
     import evaluate
 
-    def load(name: str):
-        return evaluate.load(str(METRIC_MODULES / f"{name}.py"), keep_in_memory=True)
-
-    out = load("exact_match").compute(predictions=predictions, references=references)
-    if task.answer_regex:
-        out |= load("format_adherence").compute(predictions=predictions,
-                                                answer_regex=task.answer_regex, labels=task.labels)
-    if task.answer_regex and task.labels:
-        out |= load("field_scores").compute(predictions=predictions, references=references,
-                                            answer_regex=task.answer_regex, labels=task.labels)
+    out = {}
+    for name in task.metrics:
+        path = METRIC_MODULES / f"{name}.py"
+        if not path.exists():
+            raise StageError(f"task.metrics: no metric module {path}")
+        metric = evaluate.load(str(path), keep_in_memory=True)
+        if name == "format_adherence":
+            out |= metric.compute(predictions=predictions, answer_regex=task.answer_regex,
+                                  labels=task.labels, answer_schema=task.answer_schema)
+        elif name == "field_scores":
+            out |= metric.compute(predictions=predictions, references=references,
+                                  answer_regex=task.answer_regex, labels=task.labels)
+        else:
+            out |= metric.compute(predictions=predictions, references=references)
     return {k: round(float(v), 4) for k, v in out.items()}
+
+
+def forgetting(general: list[dict], answers: dict, losses: dict) -> dict:
+    """How much general ability tuning cost: base against tuned on the general set."""
+    import evaluate
+
+    rouge = evaluate.load(str(METRIC_MODULES / "rouge_l.py"), keep_in_memory=True)
+    references = [answer_of(r) for r in general]
+    out = {"examples": len(general)}
+    for name in ("base", "tuned"):
+        out[f"{name}_loss"] = round(losses[name], 4)
+        out[f"{name}_perplexity"] = round(math.exp(min(losses[name], 50)), 4)
+        out[f"{name}_rouge_l"] = round(rouge.compute(predictions=answers[name],
+                                                     references=references)["rouge_l"], 4)
+    out["loss_delta"] = round(out["tuned_loss"] - out["base_loss"], 4)  # > 0: forgot
+    out["rouge_l_delta"] = round(out["tuned_rouge_l"] - out["base_rouge_l"], 4)  # < 0: forgot
+    return out
 
 
 def main() -> None:
@@ -136,15 +160,25 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
-        answers, seconds, losses = {}, {}, {}
+        general = read_jsonl(Path(cfg["general_path"])) if cfg.get("general_path") else []
+        general_prompts = [tokenizer.apply_chat_template(
+            [{"role": m["role"], "content": m["content"]} for m in prompt_of(r)], tokenize=False,
+            add_generation_prompt=True) for r in general]
+        general_examples = loss_examples(general, tokenizer)
+
+        answers, seconds, losses, general_answers, general_losses = {}, {}, {}, {}, {}
+        batch, max_new = int(cfg["batch_size"]), int(cfg["max_new_tokens"])
         for name, folder in (("base", BASE), ("tuned", TUNED)):
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
             start = time.perf_counter()
-            answers[name] = generate(model, tokenizer, prompts, int(cfg["batch_size"]),
-                                     int(cfg["max_new_tokens"])) if prompts else []
+            answers[name] = generate(model, tokenizer, prompts, batch, max_new) if prompts else []
             seconds[name] = round(time.perf_counter() - start, 1)
-            losses[name] = test_loss(model, examples, int(cfg["batch_size"]),
-                                     tokenizer.pad_token_id)
+            losses[name] = test_loss(model, examples, batch, tokenizer.pad_token_id)
+            if general:
+                general_answers[name] = generate(model, tokenizer, general_prompts, batch,
+                                                 int(cfg["general_max_new_tokens"]))
+                general_losses[name] = test_loss(model, general_examples, batch,
+                                                 tokenizer.pad_token_id)
             del model
 
         metrics = {name: (score(answers[name], references, task) if prompts else {})
@@ -153,6 +187,8 @@ def main() -> None:
                    for name in answers}
         metrics["delta"] = {k: round(metrics["tuned"][k] - metrics["base"][k], 4)
                             for k in metrics["base"]}
+        if general:
+            metrics["forgetting"] = forgetting(general, general_answers, general_losses)
         metrics["n_examples"] = len(rows)
         metrics["generation_seconds"] = seconds
         write_json(METRICS, metrics)
@@ -161,13 +197,27 @@ def main() -> None:
         for r, reference, base, tuned in zip(rows_with_prompts, references, answers["base"],
                                              answers["tuned"]):
             user = next((m["content"] for m in reversed(prompt_of(r)) if m["role"] == "user"), "")
+            expected = task.parse(reference) or {}
+            fields = {f"{name}_{field}": (task.parse(answer) or {}).get(field) == expected.get(field)
+                      for name, answer in (("base", base), ("tuned", tuned))
+                      for field in task.labels}
             predictions.append({
                 "id": r["id"], "source": r["source"], "line": r["line"], "input": user,
                 "reference": reference, "base": base, "tuned": tuned,
                 "base_exact": base == reference, "tuned_exact": tuned == reference,
                 "base_format": task.follows_format(base), "tuned_format": task.follows_format(tuned),
+                **fields,
             })
         write_jsonl(PREDICTIONS, predictions)
+        # one confusion matrix per model and label field (dvc plots: template confusion)
+        with atomic_dir(CONFUSION) as folder:
+            for name in ("base", "tuned"):
+                for field in task.labels:
+                    pairs = [((task.parse(p["reference"]) or {}).get(field),
+                              (task.parse(p[name]) or {}).get(field) or "off_format")
+                             for p in predictions]
+                    write_text(folder / f"{name}_{field}.csv", "actual,predicted\n" + "".join(
+                        f"{actual},{predicted}\n" for actual, predicted in pairs))
         # the bars share one 0..1 axis: rates only (loss and perplexity are in the json)
         bars = ["metric,model,value"] + [f"{k},{name},{v}" for name in ("base", "tuned")
                                          for k, v in metrics[name].items()
@@ -182,8 +232,18 @@ def main() -> None:
         run.log({"eval/predictions": wandb.Table(
             columns=columns, data=[[p[c] for c in columns] for p in predictions])})
         summary = ", ".join(f"{k} {metrics['base'][k]:.2f} -> {metrics['tuned'][k]:.2f}"
-                            for k in ("format_adherence", "exact_match") if k in metrics["base"])
+                            for k in ("format_adherence", "exact_match", "rouge_l", "test_loss")
+                            if k in metrics["base"])
         print(f"evaluate: {len(rows)} test examples; {summary}")
+        if general:
+            f = metrics["forgetting"]
+            print(f"evaluate: general set ({f['examples']} prompts): loss {f['base_loss']} -> "
+                  f"{f['tuned_loss']}, ROUGE-L {f['base_rouge_l']} -> {f['tuned_rouge_l']}")
+            limit = cfg.get("max_forgetting")
+            if limit is not None and f["loss_delta"] > float(limit):
+                raise StageError(f"forgetting gate: loss on the general set rose by "
+                                 f"{f['loss_delta']} > eval.max_forgetting={limit}; "
+                                 f"see reports/metrics.json")
 
 
 if __name__ == "__main__":

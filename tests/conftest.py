@@ -27,7 +27,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 TEMPLATE_PATHS = ["conf", "stages", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore",
-                  "pyproject.toml"]
+                  "pyproject.toml", "data/general"]
 
 
 @pytest.fixture(scope="session", autouse=True)

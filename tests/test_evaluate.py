@@ -56,11 +56,20 @@ def test_stage_scores_base_and_tuned_on_same_prompts(prepared):  # noqa: F811
             math.exp(metrics[name]["test_loss"]), rel=1e-3)
     # training lowered the loss of the answers it was trained on (validation rows, reused)
     assert metrics["tuned"]["test_loss"] < metrics["base"]["test_loss"]
+    forgetting = metrics["forgetting"]
+    assert forgetting["examples"] == 40
+    assert forgetting["loss_delta"] == pytest.approx(
+        forgetting["tuned_loss"] - forgetting["base_loss"], abs=1e-3)
+    # one confusion matrix per model and label field, one row per test example
+    for name in ("base", "tuned"):
+        for field in ("urgency", "category"):
+            lines = (prepared / f"reports/plots/confusion/{name}_{field}.csv").read_text().splitlines()
+            assert lines[0] == "actual,predicted" and len(lines) == 1 + 8
     assert metrics["delta"]["exact_match"] == pytest.approx(
         metrics["tuned"]["exact_match"] - metrics["base"]["exact_match"], abs=1e-4)
     predictions = read_jsonl(prepared / "reports/predictions.jsonl")
     assert len(predictions) == metrics["n_examples"] == 8
-    assert {"input", "reference", "base", "tuned", "tuned_exact"} <= set(predictions[0])
+    assert {"input", "reference", "base", "tuned", "tuned_exact", "tuned_urgency"} <= set(predictions[0])
     exact = sum(p["tuned_exact"] for p in predictions) / len(predictions)
     assert exact == pytest.approx(metrics["tuned"]["exact_match"])
 
@@ -76,3 +85,48 @@ def test_batched_generation_matches_one_at_a_time(prepared):  # noqa: F811
     batched = evaluate_stage.generate(model, tokenizer, prompts, batch_size=4, max_new_tokens=8)
     single = [evaluate_stage.generate(model, tokenizer, [p], 1, 8)[0] for p in prompts]
     assert batched == single
+
+
+def test_free_text_metrics():
+    refs = ["the refund was issued today", "please reset my password"]
+    preds = ["the refund was issued today", "reset the password please"]
+    rouge = load("rouge_l").compute(predictions=preds, references=refs)["rouge_l"]
+    assert 0.5 < rouge < 1.0  # one perfect, one partial overlap
+    assert load("bleu").compute(predictions=refs, references=refs)["bleu"] == pytest.approx(1.0)
+    assert load("bleu").compute(predictions=preds, references=refs)["bleu"] < 1.0
+
+
+def test_format_adherence_by_json_schema():
+    schema = {"type": "object", "required": ["label"],
+              "properties": {"label": {"enum": ["spam", "ham"]}}}
+    preds = ['{"label": "spam"}', '{"label": "eggs"}', "spam"]
+    assert load("format_adherence").compute(predictions=preds, answer_schema=schema) == {
+        "format_adherence": pytest.approx(1 / 3)}
+
+
+def test_forgetting_gate_fails_the_stage(prepared):  # noqa: F811
+    from conftest import set_params
+    from stages import export, train
+    from stages.common.config import StageError
+
+    train.main()
+    write_jsonl(prepared / "data/processed/test.jsonl",
+                read_jsonl(prepared / "data/processed/validation.jsonl")[:2])
+    export.main()
+    set_params(prepared, **{"eval.max_forgetting": -100.0})  # no model can pass this
+    with pytest.raises(StageError, match=r"forgetting gate: loss on the general set rose by"):
+        evaluate_stage.main()
+    assert "forgetting" in json.loads((prepared / "reports/metrics.json").read_text())
+
+
+def test_the_task_config_chooses_the_metrics():
+    from stages.common.task import Task
+
+    generic = Task.from_params({"task": {"name": "generic", "answer_regex": None, "labels": {}}})
+    assert generic.metrics == ["exact_match", "rouge_l", "bleu"]
+    scores = evaluate_stage.score(["a refund was issued today"], ["a refund was issued today"],
+                                  generic)
+    assert scores == {"exact_match": 1.0, "rouge_l": 1.0, "bleu": pytest.approx(1.0, abs=1e-4)}
+    chosen = Task.from_params({"task": {"name": "t", "answer_regex": None, "labels": {},
+                                        "metrics": ["rouge_l"]}})
+    assert set(evaluate_stage.score(["x"], ["y"], chosen)) == {"rouge_l"}

@@ -9,7 +9,8 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "scripts"))
 from regression import compare, lock_data_md5  # noqa: E402
 
-RULES = {"tolerance": {"default": 0.02, "test_loss": 0.10}, "lower_is_better": ["test_loss"]}
+RULES = {"tolerance": {"default": 0.02, "test_loss": 0.10, "loss_delta": 0.05},
+         "relative": ["test_loss"], "lower_is_better": ["test_loss", "loss_delta"]}
 
 
 def diff(**changes):
@@ -46,3 +47,10 @@ stages:
     outs: [{path: data/interim/valid.jsonl, md5: b}]
 """
     assert lock_data_md5(lock) == {"data/raw": "a.dir", "data/interim/valid.jsonl": "b"}
+
+
+def test_forgetting_deltas_are_checked_absolutely():
+    rows = {r["metric"]: r["status"] for r in compare(diff(
+        forgetting__loss_delta=(0.01, 0.10), forgetting__rouge_l_delta=(0.0, -0.01),
+        forgetting__tuned_loss=(1.0, 9.0)), RULES)}
+    assert rows == {"forgetting.loss_delta": "REGRESSION", "forgetting.rouge_l_delta": "ok"}

@@ -1,8 +1,9 @@
 """What a good answer is, from the `task` params: its format, its fields and their labels.
 
-A task declares `answer_regex` (named groups are the fields), `labels` (allowed values per field)
-and `stratify_by` (fields whose values stratify the split). A task without labels (free text)
-sets `answer_regex: null` and `labels: {}`; then only exact match applies.
+A task declares `answer_regex` (named groups are the fields), `labels` (allowed values per field),
+`stratify_by` (fields whose values stratify the split) and `metrics` (which of the evaluate
+modules in stages/metrics/ score it). A free-text task sets `answer_regex: null`, `labels: {}`
+and scores with exact match, ROUGE-L and BLEU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ class Task:
     answer_regex: str | None = None
     labels: dict[str, list[str]] = field(default_factory=dict)
     stratify_by: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+    answer_schema: dict | None = None  # a JSON schema answers must satisfy (format adherence)
 
     @classmethod
     def from_params(cls, params: dict) -> Task:
@@ -26,7 +29,17 @@ class Task:
             answer_regex=t.get("answer_regex"),
             labels={k: list(v) for k, v in (t.get("labels") or {}).items()},
             stratify_by=list(t.get("stratify_by") or []),
+            metrics=list(t.get("metrics") or cls.default_metrics(t)),
+            answer_schema=t.get("answer_schema"),
         )
+
+    @staticmethod
+    def default_metrics(t: dict) -> list[str]:
+        if t.get("answer_regex") and t.get("labels"):
+            return ["exact_match", "format_adherence", "field_scores"]
+        if t.get("answer_regex") or t.get("answer_schema"):
+            return ["exact_match", "format_adherence"]
+        return ["exact_match", "rouge_l", "bleu"]
 
     def parse(self, answer: str | None) -> dict[str, str] | None:
         """Fields of an answer, or None when it does not match the format."""

@@ -2,7 +2,8 @@
 
 - offline by default (`tracking.mode`; the env var WANDB_MODE wins, e.g. `disabled` in tests);
 - `group` = the DVC experiment name (`DVC_EXP_NAME`, "workspace" under `dvc repro`), so every
-  stage of one experiment sits together; `job_type` = the stage;
+  stage of one experiment sits together; `job_type` = the stage; tags = the params the
+  experiment changed against its baseline (`train.learning_rate=0.002`), for filtering sweeps;
 - `config` = the params sections the stage declares in dvc.yaml, the md5 of each input, the git
   revision and the DVC experiment context, so a metric change traces to a data version;
 - runs live under `<repo>/wandb/` (found through DVC_ROOT), outside `.dvc/tmp/exps/`, so runs of
@@ -31,6 +32,32 @@ def git_revision() -> dict[str, Any]:
 
 def experiment_group() -> str:
     return os.environ.get("DVC_EXP_NAME") or "workspace"
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out |= _leaves(value, f"{prefix}{key}.")
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def swept_params(params: dict) -> list[str]:
+    """`key=value` for each param this DVC experiment changed against its baseline commit
+    (what `dvc exp run -S` / a queued sweep set), so W&B can filter and compare on them."""
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV")
+    if not baseline:
+        return []
+    import yaml
+
+    shown = subprocess.run(["git", "show", f"{baseline}:params.yaml"], capture_output=True,
+                           text=True, check=False)
+    if shown.returncode:
+        return []
+    before, now = _leaves(yaml.safe_load(shown.stdout) or {}), _leaves(params)
+    changed = [f"{k}={now[k]}" for k in sorted(now) if before.get(k) != now[k]]
+    return [tag[:64] for tag in changed[:20]]  # W&B tags: at most 64 characters
 
 
 @contextmanager
@@ -63,7 +90,7 @@ def stage_run(stage: str, params: dict, sections: list[str], inputs_md5: dict[st
         group=group,
         job_type=stage,
         name=f"{group}-{stage}",
-        tags=list(tracking.get("tags") or []),
+        tags=list(tracking.get("tags") or []) + swept_params(params),
         config=config,
         dir=os.environ["WANDB_DIR"],
         settings=wandb.Settings(
