@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## Create .venv and install the pinned packages (reruns only when pyproject.toml changes)
 
-repro: $(STAMP)  ## Run the pipeline (dvc repro): base model -> validate -> dedup -> split -> train -> export -> evaluate
+repro: $(STAMP)  ## Run the pipeline (dvc repro): base model -> validate -> dedup -> split -> train -> export -> evaluate -> report
 	$(BIN)/dvc repro
 	@$(BIN)/python -c "import json; m=json.load(open('reports/metrics.json')); print('metrics:', json.dumps({k: m[k] for k in ('base','tuned','delta')}, indent=1))"
 
