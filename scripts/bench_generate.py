@@ -39,14 +39,12 @@ def main() -> None:
 
     from stages.common.files import read_jsonl
     from stages.common.kinds import prompt_of
-    from stages.evaluate import generate
+    from stages.evaluate import generate, prompt_texts
 
     tokenizer = AutoTokenizer.from_pretrained("models/base")
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     rows = [r for r in read_jsonl(Path("data/processed/test.jsonl")) if prompt_of(r)]
-    prompts = [tokenizer.apply_chat_template(
-        [{"role": m["role"], "content": m["content"]} for m in prompt_of(r)], tokenize=False,
-        add_generation_prompt=True) for r in rows[: args.examples]]
+    prompts = prompt_texts(tokenizer, rows[: args.examples])
 
     start = time.perf_counter()
     batched = generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)

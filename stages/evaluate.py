@@ -38,6 +38,17 @@ CONFUSION = Path("reports/plots/confusion")
 METRIC_MODULES = Path(__file__).parent / "metrics"
 
 
+def prompt_texts(tokenizer, records: list[dict]) -> list[str]:
+    """Each record's prompt as generation sees it: shipped template, generation prompt added."""
+    return [tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": m["content"]} for m in prompt_of(r)], tokenize=False,
+        add_generation_prompt=True) for r in records]
+
+
+def perplexity(loss: float) -> float:
+    return round(math.exp(min(loss, 50)), 4)  # capped: an untrained model's loss can overflow
+
+
 def loss_examples(records: list[dict], tokenizer) -> list[dict]:
     """Token ids and labels scored for test loss: the answer of a chat record (the chosen
     one of a preference record) as training would label it, or the whole raw text."""
@@ -128,7 +139,7 @@ def forgetting(general: list[dict], answers: dict, losses: dict) -> dict:
     out = {"examples": len(general)}
     for name in ("base", "tuned"):
         out[f"{name}_loss"] = round(losses[name], 4)
-        out[f"{name}_perplexity"] = round(math.exp(min(losses[name], 50)), 4)
+        out[f"{name}_perplexity"] = perplexity(losses[name])
         out[f"{name}_rouge_l"] = round(rouge.compute(predictions=answers[name],
                                                      references=references)["rouge_l"], 4)
     out["loss_delta"] = round(out["tuned_loss"] - out["base_loss"], 4)  # > 0: forgot
@@ -152,18 +163,14 @@ def main() -> None:
             rows = rows[: int(cfg["max_examples"])]
         tokenizer = AutoTokenizer.from_pretrained(BASE)
         rows_with_prompts = [r for r in rows if prompt_of(r)]  # raw text has nothing to answer
-        prompts = [tokenizer.apply_chat_template(
-            [{"role": m["role"], "content": m["content"]} for m in prompt_of(r)], tokenize=False,
-            add_generation_prompt=True) for r in rows_with_prompts]
+        prompts = prompt_texts(tokenizer, rows_with_prompts)
         references = [answer_of(r) for r in rows_with_prompts]
         examples = loss_examples(rows, tokenizer)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
         general = read_jsonl(Path(cfg["general_path"])) if cfg.get("general_path") else []
-        general_prompts = [tokenizer.apply_chat_template(
-            [{"role": m["role"], "content": m["content"]} for m in prompt_of(r)], tokenize=False,
-            add_generation_prompt=True) for r in general]
+        general_prompts = prompt_texts(tokenizer, general)
         general_examples = loss_examples(general, tokenizer)
 
         answers, seconds, losses, general_answers, general_losses = {}, {}, {}, {}, {}
@@ -183,7 +190,7 @@ def main() -> None:
 
         metrics = {name: (score(answers[name], references, task) if prompts else {})
                    | {"test_loss": round(losses[name], 4),
-                      "perplexity": round(math.exp(min(losses[name], 50)), 4)}
+                      "perplexity": perplexity(losses[name])}
                    for name in answers}
         metrics["delta"] = {k: round(metrics["tuned"][k] - metrics["base"][k], 4)
                             for k in metrics["base"]}
