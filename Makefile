@@ -45,8 +45,12 @@ test: $(STAMP)  ## Run all tests, the end-to-end pipeline runs included
 test-fast: $(STAMP)  ## Run the tests without the slow end-to-end ones
 	$(BIN)/pytest -m "not slow"
 
-params: $(STAMP)  ## Compose conf/ into params.yaml (what dvc exp run does) without running
-	$(BIN)/python -m stages.common.compose
+params: $(STAMP)  ## Compose conf/ into params.yaml (what dvc exp run does); OVERRIDES="+experiment=gpu_1b ..."
+	$(BIN)/python -m stages.common.compose $(OVERRIDES)
+
+plan: $(STAMP)  ## Run the stages up to split, then print train's measured plan (steps, time, memory) without training
+	$(BIN)/dvc repro split
+	$(BIN)/python -m stages.train --plan
 
 plots: $(STAMP)  ## Render every plot in dvc.yaml to dvc_plots/index.html (works offline)
 	@test -f .dvc/plots_offline.html || $(BIN)/python scripts/offline_plots.py
@@ -70,4 +74,4 @@ wandb-sync: $(STAMP)  ## Upload the offline W&B runs (needs WANDB_API_KEY in the
 clean-venv:  ## Remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install repro test test-fast params plots regression serve bench-train bench-data wandb-sync clean-venv
+.PHONY: help install repro test test-fast params plan plots regression serve bench-train bench-data wandb-sync clean-venv

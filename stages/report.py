@@ -60,6 +60,9 @@ def model_card(manifest: dict, params: dict, reports: dict) -> str:
         for k in metrics["base"])
     splits = ", ".join(f"{name} {n}" for name, n in split["sizes"].items())
     data_md5 = "\n".join(f"| `{path}` | `{md5}` |" for path, md5 in manifest["data_md5"].items())
+    model = manifest["model"]
+    source = (f"hub commit `{model['resolved_commit']}`" if model["resolved_commit"]
+              else f"md5 `{model['source_md5']}`")
     return f"""# Model card: {params['model']['name_or_path']} tuned for {params['task']['name']}
 
 `models/merged` is `{params['model']['name_or_path']}` fine-tuned with **{method}**
@@ -85,6 +88,12 @@ Greedy decoding, the same prompts for both. Predictions: `reports/predictions.js
 | file | md5 |
 |---|---|
 {data_md5}
+
+## Base model
+
+- `{model['name_or_path']}` ({source}), {model['dtype']}; `models/merged` keeps its dtype
+- loss on the answers through the training chat template chosen by base_model:
+  {model['training_template']}{f"; preset {manifest['preset']}" if manifest['preset'] else ""}
 
 ## Training
 
@@ -121,8 +130,14 @@ def main() -> None:
             "data_md5": data_md5,
             "tokenizer_md5": tokenizer,
             "model": {"name_or_path": params["model"]["name_or_path"],
+                      "revision": params["model"].get("revision"),
+                      # the hub commit the weights came from, and their content hash
+                      "resolved_commit": reports["base_model"].get("resolved_commit"),
                       "source_md5": reports["base_model"].get("source_md5"),
+                      "dtype": reports["base_model"].get("dtype"),
+                      "training_template": reports["base_model"]["training_template"]["source"],
                       "merged_md5": md5_path(Path("models/merged"))},
+            "preset": params.get("preset"),
             "config_sha256": config_hash(params),
             "git": tracking.git_revision(),
             "seed": params["seed"],

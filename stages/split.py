@@ -115,7 +115,9 @@ class NgramIndex:
         index = self.first[self.size_for(text)]
         grams = ngrams(text, self.size_for(text)) or {text}
         hits = Counter(index[g] for g in grams if g in index)
-        return sum(hits.values()) / len(grams), (hits.most_common(1)[0][0] if hits else None)
+        # ties go to the first reference row: set order varies with the process's hash seed
+        best = min(hits, key=lambda k: (-hits[k], k)) if hits else None
+        return sum(hits.values()) / len(grams), best
 
 
 def external_records(path: str) -> list[dict]:

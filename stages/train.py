@@ -15,12 +15,14 @@ Reads like a recipe:
 5. outputs: models/tuned (the adapter, or the whole model for method=full), reports/train.json,
    loss curves in reports/plots/.
 
-Precision: fp32 on CPU (bf16 matmuls are ~500x slower there), bf16 on a GPU that supports it.
+Precision: fp32 on CPU (bf16 matmuls are ~500x slower there), bf16 on a GPU that supports it,
+fp16 mixed precision on older GPUs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from stages.common import tracking
 from stages.common.config import StageError, load_params, run_stage
-from stages.common.examples import chat_example, text_example, trainable_tokens
+from stages.common.examples import ExampleError, record_examples, trainable_tokens, truncate
 from stages.common.files import atomic_dir, md5_path, read_jsonl, write_json, write_text
 
 BASE = Path("models/base")
@@ -44,6 +46,7 @@ RUN_FILE = CHECKPOINTS / "run.json"  # which run the checkpoints belong to, and 
 REPORT = Path("reports/train.json")
 PLOTS = Path("reports/plots")
 METHODS = ("lora", "qlora", "dora", "full")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OBJECTIVES = {"sft": "messages", "dpo": "chosen", "cpt": "text"}  # objective -> field it needs
 WARMUP_BATCHES = 4  # the first is not counted: it pays for allocation and kernel choice
 
@@ -74,24 +77,59 @@ def is_main_process() -> bool:
 
 
 def choose_precision(setting: str) -> str:
+    """auto: bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU (bf16 matmuls are
+    ~500x slower than fp32 on CPUs without bf16 instructions)."""
+    import torch
+
+    if setting not in PRECISIONS:
+        raise StageError(f"train.precision={setting}: use one of {', '.join(PRECISIONS)}")
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def choose_attention(setting: str) -> str:
+    """auto: flash-attention 2 when it is installed and a GPU runs it, else PyTorch's SDPA."""
     import torch
 
     if setting != "auto":
+        if setting == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise StageError("train.attn_implementation=flash_attention_2: the flash-attn "
+                             "package is not installed (pip install flash-attn)")
         return setting
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    return "flash_attention_2" if flash else "sdpa"
+
+
+def choose_liger(setting) -> bool:
+    """Liger's fused kernels (TRL's use_liger_kernel): auto = on with a GPU and the package."""
+    import torch
+
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if setting == "auto":
+        return torch.cuda.is_available() and installed
+    if setting and not installed:
+        raise StageError("train.use_liger_kernel=true: the liger-kernel package is not "
+                         "installed (pip install liger-kernel)")
+    return bool(setting)
 
 
 # --- 2. model and examples ------------------------------------------------------------------
 
-def load_model(method: dict, precision: str):
+def load_model(method: dict, precision: str, attention: str):
+    """The base in the training precision; full fine-tuning in fp16 keeps fp32 master weights
+    (mixed precision), LoRA adapters are fp32 whatever the base."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if method["name"] == "full" and precision == "fp16":
+        dtype = torch.float32
     if method["name"] != "qlora":
-        return AutoModelForCausalLM.from_pretrained(BASE, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(BASE, dtype=dtype,
+                                                    attn_implementation=attention)
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
@@ -101,7 +139,8 @@ def load_model(method: dict, precision: str):
         bnb_4bit_compute_dtype=dtype)
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
     model = AutoModelForCausalLM.from_pretrained(BASE, dtype=dtype, device_map=device_map,
-                                                 quantization_config=quantization)
+                                                 quantization_config=quantization,
+                                                 attn_implementation=attention)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
@@ -131,20 +170,21 @@ def read_records(path: Path, objective: str) -> list[dict]:
     return records
 
 
-def tokenized_rows(records: list[dict], tokenizer, objective: str, train_on: str,
-                   max_length: int, packing: bool) -> list[dict]:
-    """input_ids + labels per record; a row left without a trained token is an error."""
+def tokenized_rows(records: list[dict], tokenizer, train_on: str, max_length: int | None,
+                   packing: bool) -> list[dict]:
+    """input_ids + labels per record (stages/common/examples.py), cut at max_length unless
+    packing splits them; a row left without a trained token is an error naming its line."""
     template = TEMPLATE.read_text(encoding="utf-8")
+    examples = record_examples(tokenizer, records, template, train_on, collect_errors=True)
     rows = []
-    for r in records:
-        if objective == "cpt":
-            row = text_example(tokenizer, r["text"])
-        else:
-            row = chat_example(tokenizer, r["messages"], template, train_on,
-                               None if packing else max_length)
+    for r, example in zip(records, examples):
+        where = f"{r.get('source')}:{r.get('line')}"
+        if isinstance(example, ExampleError):
+            raise StageError(f"{where}: {example}")
+        row = example if packing else truncate(example, max_length)
         if not trainable_tokens(row):
-            raise StageError(f"{r.get('source')}:{r.get('line')}: no trainable tokens left "
-                             f"within train.max_length={max_length}")
+            raise StageError(f"{where}: no trainable tokens left within "
+                             f"train.max_length={max_length}")
         rows.append(row)
     return rows
 
@@ -229,12 +269,15 @@ def build_trainer(params: dict, precision: str, output_dir: str):
     callbacks = ([EarlyStoppingCallback(early_stopping_patience=int(patience))]
                  if patience and eval_records else [])
     peft = peft_config(method)
-    model = load_model(method, precision)
+    attention = choose_attention(cfg.get("attn_implementation") or "auto")
+    common["use_liger_kernel"] = choose_liger(cfg.get("use_liger_kernel", False))
+    model = load_model(method, precision, attention)
+    max_length = int(cfg["max_length"]) if cfg.get("max_length") else None  # null: no cap
 
     if objective == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(**common, max_length=int(cfg["max_length"]),
+        args = DPOConfig(**common, max_length=max_length,
                          beta=float(params["objective"].get("beta", 0.1)),
                          loss_type=[params["objective"].get("loss_type", "sigmoid")])
         return DPOTrainer(
@@ -246,17 +289,22 @@ def build_trainer(params: dict, precision: str, output_dir: str):
     from trl import SFTConfig, SFTTrainer
 
     packing = bool(cfg.get("packing", False))
-    max_length = int(cfg["max_length"])
+    if packing and not max_length:
+        raise StageError("train.packing=true packs rows into max_length windows: set "
+                         "train.max_length")
     train_on = params.get("objective", {}).get("train_on", "assistant")
-    rows = {name: tokenized_rows(records, tokenizer, objective, train_on, max_length, packing)
+    rows = {name: tokenized_rows(records, tokenizer, train_on, max_length, packing)
             for name, records in (("train", train_records), ("eval", eval_records))}
+    padding_free = cfg.get("padding_free", False)
+    if padding_free == "auto":  # only flash-attention's varlen kernels make it pay
+        padding_free = attention == "flash_attention_2"
     args = SFTConfig(
         **common,
         # batches of rows of similar length waste less on padding (DPO pairs are not grouped)
         train_sampling_strategy="group_by_length" if cfg.get("group_by_length") else "random",
         packing=packing,
         packing_strategy="bfd_split",  # rows longer than max_length are split, never dropped
-        padding_free=bool(cfg.get("padding_free", True)),
+        padding_free=bool(padding_free),
         # rows arrive tokenized and cut to max_length (validate measured them); padding-free
         # batching without packing needs max_length unset
         max_length=max_length if packing else None,
@@ -382,6 +430,11 @@ def loss_curves(log_history: list[dict]) -> tuple[str, str]:
 
 def main() -> None:
     params = load_params()
+    # `python -m stages.train --plan` (make plan): measure and print the plan, train nothing
+    plan_only = "--plan" in sys.argv[1:]
+    if plan_only:
+        os.environ["WANDB_MODE"] = "disabled"
+        params["launch"] = {**(params.get("launch") or {}), "num_processes": 1}
     launched = relaunch_distributed(params.get("launch") or {})
     if launched is not None:
         if launched != 0:
@@ -401,14 +454,19 @@ def main() -> None:
         import torch
 
         precision = choose_precision(params["train"]["precision"])
-        resume_from = latest_checkpoint(fingerprint) if main_process else None
+        resume_from = latest_checkpoint(fingerprint) if main_process and not plan_only else None
         if n_processes > 1:  # every worker resumes from the checkpoint the main process chose
             resume_from = broadcast(resume_from)
-        if main_process:
+        if main_process and not plan_only:
             CHECKPOINTS.mkdir(parents=True, exist_ok=True)
             write_json(RUN_FILE, {"fingerprint": fingerprint, "finished": False})
         trainer = build_trainer(params, precision, str(CHECKPOINTS))
         plan = preflight(trainer, n_processes)
+        plan["setup"] = {"precision": precision,
+                         "attention": choose_attention(params["train"].get("attn_implementation")
+                                                       or "auto"),
+                         "liger_kernel": bool(trainer.args.use_liger_kernel),
+                         "padding_free": bool(getattr(trainer.args, "padding_free", False))}
         if main_process:
             peft = {name: json.loads(json.dumps(c.to_dict(), default=lambda v: sorted(v)
                                                 if isinstance(v, set) else str(v)))
@@ -419,6 +477,13 @@ def main() -> None:
                   f"trainable parameters, ~{plan['estimated_train_minutes']} min, "
                   f"~{plan['estimated_peak_memory_gib']} GiB"
                   + (f"; resuming from {resume_from.name}" if resume_from else ""), flush=True)
+            if plan["epochs"] < 1:
+                print(f"train: warning: {plan['optimizer_steps']} steps see {plan['epochs']} of "
+                      f"an epoch of {plan['train_examples']} examples; for full passes set "
+                      f"train.max_steps: -1 and train.num_train_epochs", flush=True)
+        if plan_only:
+            print(json.dumps(plan, indent=2))
+            return
 
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from stages.common import tracking
 from stages.common.config import StageError, load_params, run_stage
+from stages.common.examples import ExampleError, record_examples, trainable_tokens, truncate
 from stages.common.files import md5_path, write_json, write_jsonl
 from stages.common.kinds import (KINDS, ROLES, SHAPE, RowError, canonical, conversation_text,
                                  detect_kind, kind_of, rename_fields)
@@ -39,6 +40,7 @@ QUARANTINE = Path("data/interim/quarantine.jsonl")
 REPORT = Path("reports/validate.json")
 DATA_DOCS = Path("reports/data_docs")
 TOKENIZER_DIR = Path("models/base")
+TRAINING_TEMPLATE = TOKENIZER_DIR / "chat_template_training.jinja"
 LENGTH_POLICIES = ("reject", "truncate", "drop")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, LF and CR are fine
 
@@ -157,98 +159,31 @@ def measure(record: dict | None, special_tokens: re.Pattern | None) -> dict:
     return facts
 
 
-def token_counts(records: list[dict | None], tokenizer) -> list[tuple[int, list[tuple[int, int]]] | None]:
-    """(tokens of the whole rendered record, [(start, end) of each trained assistant turn]).
-
-    A turn's span is exact by prefix rendering with the model's own chat template: it starts
-    where the render of the turns before it plus the generation prompt ends, and ends where
-    the render through it ends. For the common record with one answer at the end there is a
-    cheaper way: the tokens of the rendered text from the answer on. It is used only after it
-    gave the same start as prefix rendering on a sample of the rows (halves the stage at 100k
-    rows). Rendering and encoding are batched."""
-    ends: list[list[dict]] = []     # conversations rendered as they are (a turn's end)
-    plans: list = []
-    for record in records:
-        if record is None:
-            plans.append(None)
-        elif "text" in record:
-            plans.append(("text", record["text"]))
-        else:
-            turns = record.get("messages") or [*record["prompt"], *record["chosen"]]
-            messages = [{"role": m["role"], "content": m["content"]} for m in turns]
-            whole, spans = len(ends), []
-            ends.append(messages)
-            for i, m in enumerate(turns):
-                if m["role"] == "assistant" and m.get("weight", 1):
-                    end = whole
-                    if i < len(messages) - 1:
-                        end = len(ends)
-                        ends.append(messages[: i + 1])
-                    spans.append((messages[:i], end))
-            plans.append(("chat", whole, spans))
-
-    def lengths(strings: list[str]) -> list[int]:
-        if not strings:
-            return []
-        encoded = tokenizer.backend_tokenizer.encode_batch_fast(strings, add_special_tokens=False)
-        return [len(e.ids) for e in encoded]
-
-    def exact_starts(prefixes: list[list[dict]]) -> list[int]:
-        if not prefixes:
-            return []
-        return lengths(tokenizer.apply_chat_template(prefixes, tokenize=False,
-                                                     add_generation_prompt=True))
-
-    rendered = tokenizer.apply_chat_template(ends, tokenize=False) if ends else []
-    end_len = lengths(rendered)
-    # one answer, last: its start is the whole minus the tokens from the answer's text on
-    single = {k: plan for k, plan in enumerate(plans) if plan and plan[0] == "chat"
-              and len(plan[2]) == 1 and plan[2][0][1] == plan[1]
-              and records[k]["messages" if "messages" in records[k] else "chosen"][-1]["content"]}
-    tails = {}
-    for k, (_, whole, _) in single.items():
-        answer = ends[whole][-1]["content"]
-        at = rendered[whole].rfind(answer)
-        if at >= 0:
-            tails[k] = rendered[whole][at:]
-    tail_len = dict(zip(tails, lengths(list(tails.values()))))
-    sample = list(tail_len)[:200]
-    checked = exact_starts([plans[k][2][0][0] for k in sample])
-    fast = all(end_len[plans[k][1]] - tail_len[k] == start for k, start in zip(sample, checked))
-
-    slow_prefixes, slow_index = [], {}
-    for k, plan in enumerate(plans):
-        if plan and plan[0] == "chat":
-            for t, (prefix, _) in enumerate(plan[2]):
-                if not (fast and k in tail_len):
-                    slow_index[(k, t)] = len(slow_prefixes)
-                    slow_prefixes.append(prefix)
-    slow_starts = exact_starts(slow_prefixes)
-    text_len = iter(lengths([p[1] for p in plans if p and p[0] == "text"]))
-
-    out = []
-    for k, plan in enumerate(plans):
-        if plan is None:
-            out.append(None)
-        elif plan[0] == "text":
-            out.append((next(text_len), []))
-        else:
-            spans = []
-            for t, (_, end) in enumerate(plan[2]):
-                start = (slow_starts[slow_index[(k, t)]] if (k, t) in slow_index
-                         else end_len[plan[1]] - tail_len[k])
-                spans.append((start, end_len[end]))
-            out.append((end_len[plan[1]], spans))
-    return out
-
-
-def trainable_within(spans: list[tuple[int, int]], limit: int | None) -> int:
-    return sum(max(0, (end if limit is None else min(end, limit)) - start) for start, end in spans)
+def measure_tokens(facts: list[dict], records: list[dict | None], tokenizer, template: str,
+                   train_on: str, limit: int | None) -> None:
+    """n_tokens (the whole record) and trainable_tokens (within `limit` when rows are cut
+    there) of each row, counted by the examples training builds (stages/common/examples.py);
+    a record the training template refuses gets its reason as template_error."""
+    measured = [r for r in records if r is not None]
+    examples = iter(record_examples(tokenizer, measured, template, train_on, collect_errors=True))
+    for f, record in zip(facts, records):
+        example = next(examples) if record is not None else None
+        f["template_error"] = None
+        if isinstance(example, ExampleError):
+            # a conversation of unknown roles or broken order already has its reason
+            if not (f["unknown_role"] or f["role_order"] or f["n_assistant"] == 0):
+                f["template_error"] = str(example)
+            example = None
+        f["n_tokens"] = len(example["input_ids"]) if example else None
+        # raw text is packed into windows for pre-training: every token trains, none is cut
+        cut = None if record is None or "text" in record else limit
+        f["trainable_tokens"] = (trainable_tokens(truncate(example, cut))
+                                 if example and f["n_assistant"] != 0 else None)
 
 
 # --- 3b. the Great Expectations suite --------------------------------------------------------
 
-def build_rules(task: Task, max_length: int, length_policy: str, shape: str):
+def build_rules(task: Task, max_length: int | None, length_policy: str, shape: str):
     """The expectations of one record shape (chat, preference, text), each paired with the
     reason code its failing rows get."""
     import great_expectations.expectations as gxe
@@ -268,13 +203,14 @@ def build_rules(task: Task, max_length: int, length_policy: str, shape: str):
         (gxe.ExpectColumnValuesToBeNull(column="role_order"), "bad_role_order"),
         (gxe.ExpectColumnValuesToBeBetween(column="n_assistant", min_value=1), "no_assistant"),
         (gxe.ExpectColumnValuesToBeInSet(column="empty_answer", value_set=[False]), "empty_assistant"),
+        (gxe.ExpectColumnValuesToBeNull(column="template_error"), "template_error"),
         (gxe.ExpectColumnValuesToBeBetween(column="trainable_tokens", min_value=1),
          "zero_trainable_tokens"),
     ]
     if shape == "preference":
         rules.append((gxe.ExpectColumnValuesToBeInSet(column="chosen_equals_rejected",
                                                       value_set=[False]), "chosen_equals_rejected"))
-    if length_policy != "truncate":
+    if length_policy != "truncate" and max_length:
         rules.append((gxe.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=max_length),
                       "too_long"))
     if task.answer_regex:
@@ -373,7 +309,8 @@ def main() -> None:
 
     params = load_params()
     data, task = params["data"], Task.from_params(params)
-    max_length = int(params["train"]["max_length"])
+    max_length = params["train"].get("max_length")  # null: rows as long as they come
+    max_length = int(max_length) if max_length else None
     policy = data.get("length_policy", "reject")
     if data["kind"] not in (*KINDS, "auto"):
         raise StageError(f"data.kind={data['kind']}: use one of {', '.join(KINDS)} or auto")
@@ -409,15 +346,10 @@ def main() -> None:
         leak_pattern = special_token_pattern(tokenizer)
         facts = [{"structure_error": reason, **measure(record, leak_pattern)}
                  for record, reason, _ in converted]
-        counts = token_counts(records, tokenizer)
-        for f, c, record in zip(facts, counts, records):
-            f["n_tokens"] = c[0] if c else None
-            # raw text is packed into windows for pre-training: every token trains
-            # what training will see: cut at max_length only under truncate (else too_long)
-            limit = max_length if policy == "truncate" else None
-            f["trainable_tokens"] = (None if c is None or f["n_assistant"] == 0  # no_assistant
-                                     else c[0] if "text" in record
-                                     else trainable_within(c[1], limit))
+        train_on = (params.get("objective") or {}).get("train_on", "assistant")
+        measure_tokens(facts, records, tokenizer, TRAINING_TEMPLATE.read_text(encoding="utf-8"),
+                       train_on, max_length if policy == "truncate" else None)
+        for f in facts:
             fields = task.parse(f["answer"]) if f["answer"] is not None else None
             for name in task.labels:
                 f[f"label_{name}"] = (fields or {}).get(name) if f["answer"] is not None else None
@@ -445,9 +377,10 @@ def main() -> None:
 
         by_reason = Counter(r for q in quarantined for r in q["reasons"])
         n_tokens = [f["n_tokens"] for i, f in enumerate(facts) if i not in failures]
-        truncated = [n - max_length for n in n_tokens if n and n > max_length]
+        cap = max_length or float("inf")
+        truncated = [n - max_length for n in n_tokens if n and n > cap]
         over = [f["n_tokens"] - max_length for f in facts  # every row, whatever its fate
-                if f["n_tokens"] and f["n_tokens"] > max_length]
+                if f["n_tokens"] and f["n_tokens"] > cap]
         balance = Counter(task.stratum(f["answer"]) for i, f in enumerate(facts)
                           if i not in failures and f["answer"] is not None and task.stratify_by)
         report = {
@@ -489,10 +422,14 @@ def main() -> None:
             why = (f"fatal reasons {fatal}" if fatal else
                    f"{rejected:.1%} of rows rejected > data.max_rejected_fraction="
                    f"{data['max_rejected_fraction']}")
-            hint = ""
-            if by_reason.most_common(1)[0][0] in ("answer_format", "label_outside_set"):
+            hint, top_reason = "", by_reason.most_common(1)[0][0]
+            if top_reason in ("answer_format", "label_outside_set"):
                 hint = (f" (answers do not fit task '{task.name}': choose the task of this data, "
                         f"e.g. -S task=generic for free text)")
+            elif top_reason == "too_long":
+                longest = max(f["n_tokens"] or 0 for f in facts)
+                hint = (f" (rows run to {longest} tokens: raise train.max_length, set it to null "
+                        f"for no cap, or choose data.length_policy: truncate or drop)")
             raise StageError(f"validation gate failed: {why}; top reasons: {top}; "
                              f"see {QUARANTINE}{hint}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import ROOT
@@ -80,3 +81,37 @@ def test_stage_deps_list_every_shared_module_the_stage_imports():
                 todo.append(ROOT / module)
         missing = needed - set(stage["deps"])
         assert not missing, f"stage {name}: add {sorted(missing)} to its deps in dvc.yaml"
+
+
+PRESETS = ["cpu_demo", "smoke", "gpu_1b", "gpu_8b_qlora"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_compose_and_name_themselves(tmp_path, monkeypatch, preset):
+    monkeypatch.chdir(ROOT)
+    params = composed(tmp_path, [f"+experiment={preset}"])
+    assert params["preset"] == preset
+    # a preset changes values, never the shape of the config the stages read
+    assert set(params) == set(composed(tmp_path))
+
+
+def test_cpu_demo_preset_is_what_dvc_repro_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    demo, default = composed(tmp_path, ["+experiment=cpu_demo"]), composed(tmp_path)
+    assert {**demo, "preset": None} == default
+
+
+def test_gpu_presets_leave_the_demo_sizes(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    one_b = composed(tmp_path, ["+experiment=gpu_1b"])
+    assert one_b["model"]["name_or_path"] == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert one_b["model"]["allow_download"] and one_b["method"]["name"] == "lora"
+    assert one_b["train"]["max_steps"] == -1 and one_b["train"]["num_train_epochs"] >= 1
+    assert one_b["train"]["max_length"] is None  # from the data
+    assert one_b["eval"]["max_new_tokens"] == "auto"
+    eight_b = composed(tmp_path, ["+experiment=gpu_8b_qlora"])
+    assert eight_b["model"]["name_or_path"] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert eight_b["method"]["name"] == "qlora" and eight_b["train"]["gradient_checkpointing"]
+    # a value on the command line still wins over the preset
+    assert composed(tmp_path, ["+experiment=gpu_1b", "train.learning_rate=1e-5"])["train"][
+        "learning_rate"] == 1e-5

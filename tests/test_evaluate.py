@@ -82,9 +82,11 @@ def test_batched_generation_matches_one_at_a_time(prepared):  # noqa: F811
     rows = read_jsonl(prepared / "data/processed/validation.jsonl")
     prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False,
                                              add_generation_prompt=True) for r in rows]
-    batched = evaluate_stage.generate(model, tokenizer, prompts, batch_size=4, max_new_tokens=8)
-    single = [evaluate_stage.generate(model, tokenizer, [p], 1, 8)[0] for p in prompts]
+    batched, cut = evaluate_stage.generate(model, tokenizer, prompts, batch_size=4,
+                                           max_new_tokens=8)
+    single = [evaluate_stage.generate(model, tokenizer, [p], 1, 8)[0][0] for p in prompts]
     assert batched == single
+    assert cut == len(prompts)  # a random model never reaches its stop token in 8 tokens
 
 
 def test_free_text_metrics():

@@ -219,3 +219,16 @@ def test_method_and_objective_switch_with_one_flag_each(tmp_path, tiny_model_dir
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics["tuned"]["test_loss"] > 0 and "perplexity" in metrics["delta"]
     assert json.loads((repo / "reports/export.json").read_text())["round_trip"]["greedy_answers_match"]
+
+
+def test_a_preset_switches_with_one_flag(tmp_path, tiny_model_dir):
+    # `+experiment=<preset>` through DVC's Hydra composition: the smoke preset on the model the
+    # config names (here the tiny one), every stage run, the preset named in params and manifest
+    repo, env = committed_repo(tmp_path, tiny_model_dir, wandb_mode="disabled")
+    out = sh(repo, sys.executable, "-m", "dvc", "exp", "run", "-S", "+experiment=smoke", env=env)
+    for name in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]:
+        assert f"Running stage '{name}'" in out
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["preset"] == "smoke" and params["eval"]["general_path"] is None
+    assert json.loads((repo / "reports/train.json").read_text())["optimizer_steps"] == 4
+    assert json.loads((repo / "reports/manifest.json").read_text())["preset"] == "smoke"

@@ -18,7 +18,7 @@ import yaml
 from conftest import ROOT, set_params
 from stages import base_model, train
 from stages.common.config import StageError
-from stages.common.examples import IGNORE, chat_example, text_example
+from stages.common.examples import IGNORE, chat_examples, text_example
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.kinds import canonical
 
@@ -98,14 +98,14 @@ def test_loss_only_on_answers_for_every_chat_kind(prepared, name):
     fields, _ = canonical(kind, raw)
     tokenizer = AutoTokenizer.from_pretrained(prepared / "models/base")
     template = (prepared / "models/base/chat_template_training.jinja").read_text()
-    example = chat_example(tokenizer, fields["messages"], template)
+    example = chat_examples(tokenizer, [fields["messages"]], template)[0]
     eos = tokenizer.eos_token
     assert trained_text(tokenizer, example) == "".join(a + eos for a in answers)
     # the rest is the prompt, exactly as the shipped template renders it
     rendered = tokenizer.apply_chat_template(
         [{"role": m["role"], "content": m["content"]} for m in fields["messages"]], tokenize=False)
     assert tokenizer.decode(example["input_ids"]) == rendered
-    everything = chat_example(tokenizer, fields["messages"], template, train_on="all")
+    everything = chat_examples(tokenizer, [fields["messages"]], template, train_on="all")[0]
     assert trained_text(tokenizer, everything) == rendered
 
 

@@ -11,6 +11,7 @@ import pytest
 from conftest import set_params
 from stages import base_model, validate
 from stages.common.config import StageError
+from stages.common.examples import IGNORE
 from stages.common.files import read_jsonl
 
 SYSTEM = {"role": "system", "content": "Triage."}
@@ -290,28 +291,39 @@ def test_missing_data_file_is_one_line_error(project):
         validate.main()
 
 
-def test_token_spans_match_prefix_rendering(base):
-    """The batched counts (with the shortcut for final answers) equal plain prefix rendering."""
+def test_token_counts_are_what_training_trains(base):
+    """validate counts each row with the examples train builds: the same tokens, the same
+    trained tokens, for every record shape and train_on setting, cut or not."""
     from transformers import AutoTokenizer
 
+    from stages import train
+
     tokenizer = AutoTokenizer.from_pretrained(base / "models/base")
+    template = (base / "models/base/chat_template_training.jinja").read_text()
     records = [{"messages": [SYSTEM, {"role": "user", "content": f"ticket {i} " * (i % 7 + 1)},
                              {"role": "assistant", "content": GOOD if i % 2 else OTHER}]}
                for i in range(30)]
     records.append(msgs(("user", "hi"), ("assistant", GOOD), ("user", "and?"), ("assistant", OTHER)))
+    records.append({"messages": [{"role": "user", "content": "hi"},
+                                 {"role": "assistant", "content": GOOD, "weight": 0},
+                                 {"role": "user", "content": "and?"},
+                                 {"role": "assistant", "content": OTHER}]})
     records.append({"prompt": [{"role": "user", "content": "hi"}],
                     "chosen": [{"role": "assistant", "content": GOOD}],
                     "rejected": [{"role": "assistant", "content": OTHER}]})
-
-    def n(messages, prompt=False):
-        return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt,
-                                                 return_dict=True)["input_ids"])
-
-    for record, (total, spans) in zip(records, validate.token_counts(records, tokenizer)):
-        messages = record.get("messages") or record["prompt"] + record["chosen"]
-        expected = [(n(messages[:i], prompt=True), n(messages[: i + 1]))
-                    for i, m in enumerate(messages) if m["role"] == "assistant"]
-        assert total == n(messages) and spans == expected, record
+    records.append({"text": "Refunds take five days. " * 20})
+    for train_on in ("assistant", "all"):
+        for limit in (None, 40):
+            facts = [{"unknown_role": None, "role_order": None, "n_assistant": 1}
+                     for _ in records]
+            validate.measure_tokens(facts, records, tokenizer, template, train_on, limit)
+            whole = train.tokenized_rows(records, tokenizer, train_on, None, packing=False)
+            assert [f["n_tokens"] for f in facts] == [len(r["input_ids"]) for r in whole]
+            # rows are cut at the limit when training cuts them; raw text is packed, never cut
+            expected = [sum(label != IGNORE for label in
+                            (w["labels"] if "text" in rec else w["labels"][:limit]))
+                        for rec, w in zip(records, whole)]
+            assert [f["trainable_tokens"] for f in facts] == expected, (train_on, limit)
 
 
 def test_sets_in_the_wild(base):

@@ -1,24 +1,37 @@
-"""Training examples: the token ids of a canonical record and the labels that carry loss.
-
-The train stage tokenizes every record here, once, and hands TRL ready `input_ids` + `labels`,
-so which tokens train is decided in one readable place (and tested by decoding them):
+"""Training examples: the token ids of a canonical record and the labels that carry loss; and
+how a prompt is rendered for generation. The one home of both: validate counts with it, train
+trains with it, export and evaluate prompt with it.
 
 - chat records (messages, and ShareGPT, Alpaca and prompt/completion, which validate turned
-  into messages): loss on assistant turns only, through the `{% generation %}` markers of the
-  training chat template (base_model derived it and proved it renders the shipped template
-  byte for byte). An assistant message with `weight: 0` (OpenAI's convention) is context, not
-  a target. `train_on: all` puts loss on every token instead, system prompt included.
+  into messages): loss on the assistant turns only, through the `{% generation %}` markers of
+  the training chat template (base_model chose it and proved that it renders the shipped
+  template byte for byte and marks exactly what the model generates: each answer and its stop
+  token). An assistant message with `weight: 0` (OpenAI's convention) is context, not a
+  target. `train_on: all` puts loss on every token instead, system prompt included.
 - raw text (continued pre-training): every token, with an end-of-sequence token appended so
   packed documents stay apart.
-
-Preference records go to TRL's DPOTrainer as they are (it renders prompt, chosen and rejected
-with the shipped template and scores the completions only).
+- preference records are scored as their prompt + chosen answer (DPO itself is TRL's: it
+  renders prompt, chosen and rejected with the shipped template and scores the completions).
 """
 
 from __future__ import annotations
 
 IGNORE = -100  # label of a token that carries no loss
 TRAIN_ON = ("assistant", "all")
+BATCH = 512  # conversations rendered and tokenized per call
+
+
+class ExampleError(ValueError):
+    """A record the training template cannot turn into an example (the reason is the text)."""
+
+
+def conversation(record: dict) -> list[dict]:
+    """The messages a chat or preference record trains on (a preference record: the chosen)."""
+    return record["messages"] if "messages" in record else [*record["prompt"], *record["chosen"]]
+
+
+def _plain(messages: list[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _runs(mask: list[int]) -> list[tuple[int, int]]:
@@ -33,30 +46,61 @@ def _runs(mask: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def chat_example(tokenizer, messages: list[dict], template: str, train_on: str = "assistant",
-                 max_length: int | None = None) -> dict:
-    """input_ids and labels of one conversation; truncation keeps the start (as validate
-    counted under `data.length_policy: truncate`)."""
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    encoded = tokenizer.apply_chat_template(plain, chat_template=template, tokenize=True,
-                                            return_dict=True, return_assistant_tokens_mask=True)
-    ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+def _labels(ids: list[int], mask: list[int], messages: list[dict], train_on: str) -> list[int]:
     if train_on == "all":
-        mask = [1] * len(ids)
-    else:
-        # each assistant message is one run of the mask, in order: silence the weight-0 ones
-        weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
-        runs = _runs(mask)
-        if len(runs) != len(weights):
-            raise ValueError(f"template marked {len(runs)} assistant spans for "
-                             f"{len(weights)} assistant messages")
-        for (start, end), weight in zip(runs, weights):
-            if not weight:
-                mask[start:end] = [0] * (end - start)
+        return list(ids)
+    # each assistant message is one run of the mask, in order: silence the weight-0 ones
+    weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
+    runs = _runs(mask)
+    if len(runs) != len(weights):
+        raise ExampleError(f"the training template marked {len(runs)} answers in a "
+                           f"conversation with {len(weights)} assistant messages")
     labels = [t if bit else IGNORE for t, bit in zip(ids, mask)]
-    if max_length:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "labels": labels}
+    for (start, end), weight in zip(runs, weights):
+        if not weight:
+            labels[start:end] = [IGNORE] * (end - start)
+    return labels
+
+
+def chat_examples(tokenizer, conversations: list[list[dict]], template: str,
+                  train_on: str = "assistant", collect_errors: bool = False) -> list:
+    """input_ids and labels of each conversation, whole (callers cut at max_length). A
+    conversation the template refuses raises ExampleError, or with `collect_errors` takes the
+    ExampleError's place in the list."""
+    from jinja2 import TemplateError
+
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on={train_on}: use one of {', '.join(TRAIN_ON)}")
+    out: list = []
+    for start in range(0, len(conversations), BATCH):
+        chunk = conversations[start:start + BATCH]
+        try:
+            encoded = tokenizer.apply_chat_template(
+                [_plain(c) for c in chunk], chat_template=template, tokenize=True,
+                return_dict=True, return_assistant_tokens_mask=True)
+            pairs = list(zip(encoded["input_ids"], encoded["assistant_masks"]))
+        except TemplateError:  # one conversation spoils the batch: find it, one by one
+            pairs = []
+            for messages in chunk:
+                try:
+                    one = tokenizer.apply_chat_template(
+                        _plain(messages), chat_template=template, tokenize=True,
+                        return_dict=True, return_assistant_tokens_mask=True)
+                    pairs.append((one["input_ids"], one["assistant_masks"]))
+                except TemplateError as err:
+                    pairs.append(ExampleError(f"chat template: {str(err).splitlines()[0]}"))
+        for messages, pair in zip(chunk, pairs):
+            try:
+                if isinstance(pair, ExampleError):
+                    raise pair
+                ids = list(pair[0])
+                out.append({"input_ids": ids,
+                            "labels": _labels(ids, list(pair[1]), messages, train_on)})
+            except ExampleError as err:
+                if not collect_errors:
+                    raise
+                out.append(err)
+    return out
 
 
 def text_example(tokenizer, text: str) -> dict:
@@ -65,13 +109,41 @@ def text_example(tokenizer, text: str) -> dict:
     return {"input_ids": ids, "labels": list(ids)}
 
 
-def prompt_ids(tokenizer, messages: list[dict], template: str | None = None) -> list[int]:
-    """Token ids of a conversation's prompt as generation sees it (generation prompt added)."""
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    kwargs = {"chat_template": template} if template else {}
-    return list(tokenizer.apply_chat_template(plain, tokenize=True, return_dict=True,
-                                              add_generation_prompt=True, **kwargs)["input_ids"])
+def record_examples(tokenizer, records: list[dict], template: str, train_on: str = "assistant",
+                    collect_errors: bool = False) -> list:
+    """The example of each canonical record, whatever its kind (see the module docstring)."""
+    chats = [i for i, r in enumerate(records) if "text" not in r]
+    built = chat_examples(tokenizer, [conversation(records[i]) for i in chats], template,
+                          train_on, collect_errors)
+    out: list = [None] * len(records)
+    for i, example in zip(chats, built):
+        out[i] = example
+    for i, r in enumerate(records):
+        if "text" in r:
+            out[i] = text_example(tokenizer, r["text"])
+    return out
+
+
+def truncate(example: dict, max_length: int | None) -> dict:
+    """The example cut to max_length tokens, keeping the start (as validate counted it)."""
+    if not max_length:
+        return example
+    return {"input_ids": example["input_ids"][:max_length],
+            "labels": example["labels"][:max_length]}
 
 
 def trainable_tokens(example: dict) -> int:
     return sum(label != IGNORE for label in example["labels"])
+
+
+def prompt_text(tokenizer, messages: list[dict]) -> str:
+    """A conversation's prompt as generation sees it: the shipped template, generation prompt
+    added (the training template renders the same text: base_model proved it)."""
+    return tokenizer.apply_chat_template(_plain(messages), tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of prompt_text, as the served model tokenizes it."""
+    return list(tokenizer.apply_chat_template(_plain(messages), tokenize=True, return_dict=True,
+                                              add_generation_prompt=True)["input_ids"])
