@@ -20,12 +20,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-from collections import Counter
 from pathlib import Path
 
 from stages.common import chat_templates, tracking
 from stages.common.config import StageError, load_params, run_stage
-from stages.common.files import atomic_dir, md5_path, write_json, write_text
+from stages.common.files import (atomic_dir, md5_path, safetensors_summary, write_json,
+                                 write_text)
 
 OUT_DIR = Path("models/base")
 REPORT = Path("reports/base_model.json")
@@ -116,24 +116,6 @@ def copy_weights(source: Path, dest: Path) -> None:
     model.save_pretrained(dest, safe_serialization=True)
 
 
-def weights_summary(folder: Path) -> tuple[int, str]:
-    """(parameter count, dtype of most parameters), read from the safetensors headers."""
-    from safetensors import safe_open
-
-    counts: Counter = Counter()
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                piece = f.get_slice(name)
-                n = 1
-                for dim in piece.get_shape():
-                    n *= dim
-                counts[piece.get_dtype()] += n
-    dtype = counts.most_common(1)[0][0] if counts else "unknown"
-    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-    return sum(counts.values()), names.get(dtype, dtype.lower())
-
-
 def load_tokenizer(folder: Path, gguf_file: str | None):
     from transformers import AutoTokenizer
 
@@ -187,7 +169,7 @@ def main() -> None:
                 tokenizer, shipped, cfg.get("training_chat_template"), stops, family)
             tokenizer.save_pretrained(tmp)
             write_text(tmp / TRAINING_TEMPLATE, training)
-            n_params, dtype = weights_summary(tmp)
+            n_params, dtype = safetensors_summary(tmp)
 
         if "strftime_now" in shipped:
             print("base_model: warning: the chat template writes today's date into every "

@@ -25,26 +25,14 @@ from pathlib import Path
 from stages.common import tracking
 from stages.common.config import StageError, load_params, run_stage
 from stages.common.examples import prompt_ids, record_examples
-from stages.common.files import atomic_dir, md5_path, read_jsonl, write_json
+from stages.common.files import (atomic_dir, md5_path, read_jsonl, safetensors_summary,
+                                 write_json)
 from stages.common.kinds import prompt_of
 
 BASE, TUNED, MERGED = Path("models/base"), Path("models/tuned"), Path("models/merged")
 TEMPLATE = BASE / "chat_template_training.jinja"
 TEST = Path("data/processed/test.jsonl")
 REPORT = Path("reports/export.json")
-
-
-def base_dtype():
-    """The dtype the base model's weights are stored in."""
-    import torch
-    from safetensors import safe_open
-
-    file = next(iter(sorted(BASE.glob("*.safetensors"))), None)
-    if file is None:
-        return torch.float32
-    with safe_open(file, framework="pt") as f:
-        names = list(f.keys())
-        return f.get_tensor(names[0]).dtype if names else torch.float32
 
 
 def choose_device(fp32_bytes: int) -> str:
@@ -104,10 +92,9 @@ def main() -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        dtype = base_dtype()
-        stored = sum(p.stat().st_size for p in BASE.glob("*.safetensors"))
-        element = torch.tensor([], dtype=dtype).element_size()
-        device = choose_device(stored * 4 // element)
+        n_params, dtype_name = safetensors_summary(BASE)
+        dtype = getattr(torch, dtype_name)  # the base's dtype: models/merged keeps it
+        device = choose_device(4 * n_params)
         tokenizer = AutoTokenizer.from_pretrained(BASE)
         records = [r for r in read_jsonl(TEST) if prompt_of(r)][: int(cfg["check_examples"])]
         where = [f"{TEST} line {i + 1} (source {r['source']}:{r['line']})"

@@ -123,7 +123,7 @@ def trl_template(tokenizer) -> tuple[str, str] | None:
 
     try:
         template = get_training_chat_template(tokenizer)
-    except ValueError:  # TRL does not know this template
+    except Exception:  # noqa: BLE001  (TRL does not know it, or its tool-call probe fails on it)
         return None
     if template is None:  # TRL finds it training-ready as it is: the shipped candidate covers it
         return None
@@ -233,8 +233,8 @@ def verify(tokenizer, shipped: str, training: str, stops: list[str],
                 continue
             answers = [m["content"] for m in messages if m["role"] == "assistant"]
             if len(trained) != len(answers) or any(
-                    a.strip() not in t or not t.endswith(tuple(stops))
-                    for a, t in zip(answers, trained)):
+                    answer.strip() not in text or not text.endswith(tuple(stops))
+                    for answer, text in zip(answers, trained)):
                 problems.append(f"probe {n}: trains {trained}, not each answer through a stop "
                                 f"token {stops}")
             continue

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -92,3 +93,19 @@ def md5_path(path: Path) -> str:
         (str(p.relative_to(path)), md5_file(p)) for p in path.rglob("*") if p.is_file()
     )
     return hashlib.md5(json.dumps(listing).encode()).hexdigest()
+
+
+def safetensors_summary(folder: Path) -> tuple[int, str]:
+    """(parameter count, torch dtype name of most parameters) of a model folder, read from the
+    safetensors headers: no tensor is loaded."""
+    from safetensors import safe_open
+
+    counts: Counter = Counter()
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
+                piece = f.get_slice(name)
+                counts[piece.get_dtype()] += math.prod(piece.get_shape())
+    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+    dtype = counts.most_common(1)[0][0] if counts else "F32"
+    return sum(counts.values()), names.get(dtype, dtype.lower())
