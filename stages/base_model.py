@@ -192,7 +192,7 @@ def main() -> None:
         write_json(REPORT, report)
         run.summary.update({"model/parameters": n_params, "model/vocab_size": len(tokenizer),
                             "model/training_template": chosen["source"]})
-        if commit and not cfg.get("revision"):
+        if commit and cfg.get("revision") != commit:  # a branch or tag moves; a commit does not
             print(f"base_model: {name} resolved to commit {commit}; set model.revision to it to "
                   f"pin the model")
         print(f"base_model: {name} -> {OUT_DIR} ({n_params / 1e6:.1f} M params, {dtype}); "

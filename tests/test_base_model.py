@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 from stages import base_model
 from stages.common import chat_templates
 from stages.common.config import StageError
-from stages.common.examples import IGNORE, chat_examples
+from stages.common.examples import chat_examples
+from tiny_model import trained_runs
 
 CONVERSATION = [{"role": "system", "content": "Triage."},
                 {"role": "user", "content": "Order 5 is late."},
@@ -89,15 +90,7 @@ def wearing(tiny_model_dir, folder, template: str):
 def trained(folder, messages) -> list[str]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     template = (folder / "chat_template_training.jinja").read_text()
-    example = chat_examples(tokenizer, [messages], template)[0]
-    runs, current = [], []
-    for token, label in zip(example["input_ids"], example["labels"]):
-        if label != IGNORE:
-            current.append(token)
-        elif current:
-            runs.append(tokenizer.decode(current))
-            current = []
-    return runs + ([tokenizer.decode(current)] if current else [])
+    return trained_runs(tokenizer, chat_examples(tokenizer, [messages], template)[0])
 
 
 def report(project) -> dict:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 from conftest import ROOT, copy_template, tiny_overrides
-from tiny_model import FAMILIES, build_family_model, ticket_corpus
+from tiny_model import FAMILIES, build_family_model, ticket_corpus, trained_runs
 from transformers import AutoTokenizer
 
 from stages import base_model, dedup, evaluate, export, split, train, validate
@@ -41,18 +41,6 @@ def family_project(request, tmp_path_factory):
     base_model.main()
     yield family, root
     os.chdir(cwd)
-
-
-def trained_runs(tokenizer, example) -> list[str]:
-    """The decoded text of each run of tokens that carries loss."""
-    runs, current = [], []
-    for token, label in zip(example["input_ids"], example["labels"]):
-        if label != IGNORE:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    return [tokenizer.decode(run) for run in runs + ([current] if current else [])]
 
 
 def test_loss_on_exactly_each_answer_and_its_end_of_turn(family_project):

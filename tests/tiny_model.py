@@ -102,6 +102,20 @@ def build_family_model(folder: Path, corpus: list[str], family: str) -> Path:
     return _save_llama(folder, tokenizer, torch.bfloat16, stop_ids)
 
 
+def trained_runs(tokenizer, example: dict) -> list[str]:
+    """The decoded text of each run of tokens that carries loss in a training example."""
+    from stages.common.examples import IGNORE
+
+    runs, current = [], []
+    for token, label in zip(example["input_ids"], example["labels"]):
+        if label != IGNORE:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return [tokenizer.decode(run) for run in runs + ([current] if current else [])]
+
+
 def ticket_corpus(raw_file: Path, limit: int = 400) -> list[str]:
     texts = []
     for line in raw_file.read_text(encoding="utf-8").splitlines()[:limit]:
