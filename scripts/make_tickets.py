@@ -1,6 +1,6 @@
 """Generate the bundled customer-support triage data set (deterministic, seeded).
 
-    python scripts/make_tickets.py            # writes data/raw/tickets.jsonl
+    python scripts/make_tickets.py            # writes data/raw/tickets.jsonl and data/eval/tickets_test.jsonl
     python scripts/make_tickets.py --rows 1500 --seed 7 --out /tmp/t.jsonl
 
 Each row is a chat record: a system prompt, the customer's ticket, and the assistant's triage
@@ -11,6 +11,8 @@ cue (low for product feedback, medium otherwise), so a model has to read, not pa
 word. A few percent of the rows carry the defects real exports have, so the data stages have
 work to do: exact and near duplicates, a missing or empty assistant turn, an unknown role,
 the same ticket with conflicting labels, an over-long ticket and malformed JSON lines.
+The test set is separate and clean: tickets drawn from their own seeded stream, kept in
+data/eval/ so that adding training rows never moves it (data.test_path).
 
 The output file is committed; regenerate only when changing the task.
 """
@@ -270,16 +272,25 @@ def generate(rows: int, seed: int) -> list[str]:
     return lines
 
 
+def generate_test(rows: int, seed: int) -> list[str]:
+    """A clean, curated-like test set from its own random stream (no defects injected)."""
+    rng = random.Random(f"test-{seed}")
+    return [json.dumps(record(*make_ticket(rng)), ensure_ascii=False) for _ in range(rows)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1200, help="clean tickets before defects")
     parser.add_argument("--seed", type=int, default=20261122)
     parser.add_argument("--out", type=Path, default=Path("data/raw/tickets.jsonl"))
+    parser.add_argument("--test-rows", type=int, default=120)
+    parser.add_argument("--test-out", type=Path, default=Path("data/eval/tickets_test.jsonl"))
     args = parser.parse_args()
-    lines = generate(args.rows, args.seed)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {len(lines)} lines to {args.out}")
+    for path, lines in ((args.out, generate(args.rows, args.seed)),
+                        (args.test_out, generate_test(args.test_rows, args.seed))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"wrote {len(lines)} lines to {path}")
 
 
 if __name__ == "__main__":

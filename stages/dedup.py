@@ -7,6 +7,8 @@
    - all answers agree -> keep the earliest row, drop the rest as `near_duplicate`;
    - answers differ   -> a conflict, resolved by `dedup.conflict_policy`:
      drop_all (default: a label you cannot trust teaches noise), majority, or first.
+Rows of the fixed evaluation sets (data.test_path, data.validation_path) pass through as they
+are: they are scored as curated, and the split stage removes training rows too close to them.
 
 Outputs: data/interim/dedup.jsonl, data/interim/dedup_removed.jsonl (each removed row with its
 reason and the id it duplicates), reports/dedup.json.
@@ -54,7 +56,9 @@ def main() -> None:
         raise StageError(f"dedup.conflict_policy={cfg['conflict_policy']}: use one of {POLICIES}")
 
     with tracking.stage_run("dedup", params, ["dedup"], {"valid": md5_path(INPUT)}) as run:
-        records = read_jsonl(INPUT)
+        everything = read_jsonl(INPUT)
+        records = [r for r in everything if not r.get("fixed_split")]
+        fixed = [r for r in everything if r.get("fixed_split")]
         removed: dict[int, tuple[str, int]] = {}  # index -> (reason, index it duplicates)
 
         # 1. exact duplicates of the whole conversation (ids hash the normalised content)
@@ -93,7 +97,7 @@ def main() -> None:
                     "prompts": [texts[k][:160] for k in members[:3]],
                 })
 
-        kept_records = [r for i, r in enumerate(records) if i not in removed]
+        kept_records = [r for i, r in enumerate(records) if i not in removed] + fixed
         removed_rows = [{**records[i], "reason": reason, "duplicate_of": records[j]["id"],
                          "duplicate_of_line": records[j]["line"]}
                         for i, (reason, j) in sorted(removed.items())]
@@ -102,7 +106,8 @@ def main() -> None:
 
         by_reason = Counter(r["reason"] for r in removed_rows)
         report = {
-            "rows_in": len(records),
+            "rows_in": len(everything),
+            "fixed_rows_passed": dict(sorted(Counter(r["fixed_split"] for r in fixed).items())),
             "rows_out": len(kept_records),
             "rows_removed": len(removed_rows),
             "removed_by_reason": dict(sorted(by_reason.items())),
@@ -112,9 +117,9 @@ def main() -> None:
         }
         assert report["rows_in"] == report["rows_out"] + report["rows_removed"]
         write_json(REPORT, report)
-        run.summary.update({"dedup/rows_in": len(records), "dedup/rows_out": len(kept_records),
+        run.summary.update({"dedup/rows_in": len(everything), "dedup/rows_out": len(kept_records),
                             **{f"dedup/removed/{k}": v for k, v in by_reason.items()}})
-        print(f"dedup: {len(records)} in, {len(kept_records)} kept, removed {dict(by_reason)}")
+        print(f"dedup: {len(everything)} in, {len(kept_records)} kept, removed {dict(by_reason)}")
 
 
 if __name__ == "__main__":

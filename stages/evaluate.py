@@ -27,6 +27,7 @@ from stages.common.examples import IGNORE, prompt_text, record_examples
 from stages.common.files import (atomic_dir, md5_path, read_jsonl, write_json, write_jsonl,
                                  write_text)
 from stages.common.kinds import answer_of, prompt_of
+from stages.common.records import set_hash
 from stages.common.task import Task
 
 BASE, TUNED = Path("models/base"), Path("models/merged")
@@ -39,7 +40,7 @@ METRIC_MODULES = Path(__file__).parent / "metrics"
 
 
 def prompt_texts(tokenizer, records: list[dict]) -> list[str]:
-    return [prompt_text(tokenizer, prompt_of(r)) for r in records]
+    return [prompt_text(tokenizer, prompt_of(r), r.get("tools")) for r in records]
 
 
 def perplexity(loss: float) -> float:
@@ -63,11 +64,12 @@ def answer_budget(setting, tokenizer, references: list[str]) -> int:
     return max(16, math.ceil(longest * 1.5) + 1)
 
 
-def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> float:
-    """Mean negative log-likelihood per labelled token over all examples."""
+def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> dict:
+    """Negative log-likelihood of the labelled tokens: the mean per token over all examples
+    (`loss`), and each example's sum and token count (the regression gate resamples them)."""
     import torch
 
-    total, count = 0.0, 0
+    sums, counts = [0.0] * len(examples), [0] * len(examples)
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
@@ -82,11 +84,11 @@ def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> floa
         with torch.inference_mode():
             logits = model(input_ids=ids, attention_mask=mask.long()).logits.float()
         nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-            ignore_index=IGNORE, reduction="sum")
-        total += nll.item()
-        count += int((labels[:, 1:] != IGNORE).sum())
-    return total / max(1, count)
+            logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none")
+        for k, i in enumerate(order[start : start + batch_size]):
+            sums[i] = nll[k].sum().item()
+            counts[i] = int((labels[k, 1:] != IGNORE).sum())
+    return {"loss": sum(sums) / max(1, sum(counts)), "sums": sums, "counts": counts}
 
 
 def generate(model, tokenizer, prompts: list[str], batch_size: int,
@@ -117,11 +119,13 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int,
     return [a.rsplit("</think>", 1)[-1].strip() for a in answers], cut
 
 
-def score(predictions: list[str], references: list[str], task: Task) -> dict[str, float]:
-    """The task's metrics (evaluate modules in stages/metrics/), each with its own inputs."""
+def score(predictions: list[str], references: list[str], task: Task) -> tuple[dict, dict]:
+    """The task's metrics (evaluate modules in stages/metrics/), each with its own inputs:
+    corpus values, and per-example scores (metric -> one value per example) for the metrics
+    that are means over examples (a module returns them under `per_example`)."""
     import evaluate
 
-    out = {}
+    out, per_example = {}, {}
     for name in task.metrics:
         path = METRIC_MODULES / f"{name}.py"
         if not path.exists():
@@ -135,7 +139,8 @@ def score(predictions: list[str], references: list[str], task: Task) -> dict[str
                                   answer_regex=task.answer_regex, labels=task.labels)
         else:
             out |= metric.compute(predictions=predictions, references=references)
-    return {k: round(float(v), 4) for k, v in out.items()}
+        per_example |= out.pop("per_example", {})
+    return {k: round(float(v), 4) for k, v in out.items()}, per_example
 
 
 def forgetting(general: list[dict], answers: dict, losses: dict) -> dict:
@@ -181,7 +186,7 @@ def main() -> None:
         general_prompts = prompt_texts(tokenizer, general)
         general_examples = loss_examples(general, tokenizer)
 
-        answers, cut, seconds, losses = {}, {}, {}, {}
+        answers, cut, seconds, losses, scored = {}, {}, {}, {}, {}
         general_answers, general_losses = {}, {}
         batch = int(cfg["batch_size"])
         max_new = answer_budget(cfg["max_new_tokens"], tokenizer, references)
@@ -196,40 +201,41 @@ def main() -> None:
                 general_answers[name], _ = generate(model, tokenizer, general_prompts, batch,
                                                     int(cfg["general_max_new_tokens"]))
                 general_losses[name] = test_loss(model, general_examples, batch,
-                                                 tokenizer.pad_token_id)
+                                                 tokenizer.pad_token_id)["loss"]
             del model
         if cut["tuned"]:
             print(f"evaluate: warning: {cut['tuned']} of {len(prompts)} tuned answers were cut "
                   f"at eval.max_new_tokens={max_new} before their stop token; raise it, or set "
                   f"it to auto (sized from the longest reference answer)")
 
-        metrics = {name: (score(answers[name], references, task) if prompts else {})
-                   | {"test_loss": round(losses[name], 4),
-                      "perplexity": perplexity(losses[name])}
+        for name in answers:
+            scored[name] = score(answers[name], references, task) if prompts else ({}, {})
+        metrics = {name: scored[name][0] | {"test_loss": round(losses[name]["loss"], 4),
+                                            "perplexity": perplexity(losses[name]["loss"])}
                    for name in answers}
         metrics["delta"] = {k: round(metrics["tuned"][k] - metrics["base"][k], 4)
                             for k in metrics["base"]}
         if general:
             metrics["forgetting"] = forgetting(general, general_answers, general_losses)
         metrics["n_examples"] = len(rows)
+        # what was scored: `make regression` compares only runs on the same test set
+        metrics["test_set"] = {"examples": len(rows), "sha256": set_hash(rows)}
         metrics["generation"] = {"max_new_tokens": max_new, "cut_answers": cut}
         metrics["generation_seconds"] = seconds
         write_json(METRICS, metrics)
 
+        # per-example scores, paired by id: what `make regression` resamples for its intervals
         predictions = []
-        for r, reference, base, tuned in zip(rows_with_prompts, references, answers["base"],
-                                             answers["tuned"]):
+        row_of = [i for i, r in enumerate(rows) if prompt_of(r)]  # answer k -> its row's losses
+        for k, (r, reference, i) in enumerate(zip(rows_with_prompts, references, row_of)):
             user = next((m["content"] for m in reversed(prompt_of(r)) if m["role"] == "user"), "")
-            expected = task.parse(reference) or {}
-            fields = {f"{name}_{field}": (task.parse(answer) or {}).get(field) == expected.get(field)
-                      for name, answer in (("base", base), ("tuned", tuned))
-                      for field in task.labels}
             predictions.append({
                 "id": r["id"], "source": r["source"], "line": r["line"], "input": user,
-                "reference": reference, "base": base, "tuned": tuned,
-                "base_exact": base == reference, "tuned_exact": tuned == reference,
-                "base_format": task.follows_format(base), "tuned_format": task.follows_format(tuned),
-                **fields,
+                "reference": reference, "base": answers["base"][k], "tuned": answers["tuned"][k],
+                "scores": {name: {**{m: round(v[k], 4) for m, v in scored[name][1].items()},
+                                  "loss_sum": round(losses[name]["sums"][i], 4),
+                                  "loss_tokens": losses[name]["counts"][i]}
+                           for name in ("base", "tuned")},
             })
         write_jsonl(PREDICTIONS, predictions)
         # one confusion matrix per model and label field (dvc plots: template confusion)
@@ -251,9 +257,12 @@ def main() -> None:
 
         run.summary.update({f"eval/{name}/{k}": v for name in ("base", "tuned", "delta")
                             for k, v in metrics[name].items()})
-        columns = ["input", "reference", "base", "tuned", "base_exact", "tuned_exact"]
+        columns = ["input", "reference", "base", "tuned"]
+        scores = sorted({m for p in predictions for m in p["scores"]["tuned"]})
         run.log({"eval/predictions": wandb.Table(
-            columns=columns, data=[[p[c] for c in columns] for p in predictions])})
+            columns=columns + [f"{name}_{m}" for name in ("base", "tuned") for m in scores],
+            data=[[p[c] for c in columns] + [p["scores"][name].get(m) for name in ("base", "tuned")
+                                             for m in scores] for p in predictions])})
         summary = ", ".join(f"{k} {metrics['base'][k]:.2f} -> {metrics['tuned'][k]:.2f}"
                             for k in ("format_adherence", "exact_match", "rouge_l", "test_loss")
                             if k in metrics["base"])

@@ -99,7 +99,7 @@ def main() -> None:
         records = [r for r in read_jsonl(TEST) if prompt_of(r)][: int(cfg["check_examples"])]
         where = [f"{TEST} line {i + 1} (source {r['source']}:{r['line']})"
                  for i, r in enumerate(records)]
-        prompts = [prompt_ids(tokenizer, prompt_of(r)) for r in records]
+        prompts = [prompt_ids(tokenizer, prompt_of(r), r.get("tools")) for r in records]
         max_new = int(cfg["max_new_tokens"])
         start = time.perf_counter()
 
@@ -125,7 +125,7 @@ def main() -> None:
         exported_tokenizer = AutoTokenizer.from_pretrained(MERGED)
         template = TEMPLATE.read_text(encoding="utf-8")
         for k, r in enumerate(records):
-            served = prompt_ids(exported_tokenizer, prompt_of(r))
+            served = prompt_ids(exported_tokenizer, prompt_of(r), r.get("tools"))
             trained = record_examples(tokenizer, [{"messages": [
                 *prompt_of(r), {"role": "assistant", "content": "x"}]}], template)[0]
             if served != prompts[k] or trained["input_ids"][: len(served)] != served:

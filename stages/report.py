@@ -7,7 +7,11 @@
   of the manifest that changed.
 - reports/model_card.md: what was tuned from what, on which data (with the data stages'
   counts), how, and how it scores against the base, for whoever picks up models/merged.
-Both are logged to this stage's W&B run (the manifest as config, the card as a file).
+- reports/summary.json: the experiment at a glance, the pipeline's one DVC metrics file (what
+  `dvc exp show` / `make exps` compare): the tuned model's metrics, the forgetting gap and
+  the key data counts.
+This stage's W&B run is the experiment's row in W&B's runs table: its config is the whole
+composed config plus the manifest (data, model and lock hashes), its summary the final metrics.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ DATA = {"valid": Path("data/interim/valid.jsonl"), "dedup": Path("data/interim/d
 REPORTS = {name: Path(f"reports/{name}.json")
            for name in ("base_model", "validate", "dedup", "split", "train", "export", "metrics")}
 MANIFEST, CARD = Path("reports/manifest.json"), Path("reports/model_card.md")
+SUMMARY = Path("reports/summary.json")
+LOCKS = {"cpu": Path("requirements/cpu.txt"), "cuda": Path("requirements/cuda.txt")}
 PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
             "tokenizers", "evaluate", "great-expectations", "datasketch", "dvc", "wandb",
             "hydra-core")
@@ -44,6 +50,26 @@ def package_versions() -> dict[str, str | None]:
             return None
 
     return {name: version(name) for name in PACKAGES}
+
+
+def installed_lock() -> dict:
+    """The package lock this environment follows (CUDA build of torch or CPU) and its hash."""
+    import torch
+
+    name = "cuda" if torch.version.cuda else "cpu"
+    return {"file": str(LOCKS[name]), "sha256": hashlib.sha256(LOCKS[name].read_bytes()).hexdigest()}
+
+
+def summary(reports: dict) -> dict:
+    """The numbers experiments are compared by, flat and short-named so `make exps` fits a
+    terminal: the tuned model's per-example metrics (the regression gate's), the forgetting
+    gap (general-set loss, tuned - base) and the rows validation quarantined and split kept."""
+    metrics, split = reports["metrics"], reports["split"]
+    out = {k: v for k, v in metrics["tuned"].items() if "macro_f1" not in k and k != "perplexity"}
+    if "forgetting" in metrics:
+        out["forgetting"] = metrics["forgetting"]["loss_delta"]
+    return out | {"quarantined": reports["validate"]["rows_quarantined"],
+                  "train_rows": split["sizes"]["train"], "test_rows": split["sizes"]["test"]}
 
 
 def config_hash(params: dict) -> str:
@@ -101,7 +127,8 @@ Greedy decoding, the same prompts for both. Predictions: `reports/predictions.js
   (effective batch {train['plan']['effective_batch']}), precision {train['precision']} on
   {train['device']}; best validation loss {train['eval_loss']} at step {train['best_step']}
 - learning rate {params['train']['learning_rate']}, scheduler {params['train']['lr_scheduler_type']},
-  max length {params['train']['max_length']}, seed {params['seed']}
+  max length {train['plan']['setup'].get('max_length')} (train.max_length:
+  {params['train']['max_length']}), seed {params['seed']}
 - trainable parameters {train['parameters']['trainable']:,} of {train['parameters']['total']:,}
 
 ## Reproduce
@@ -116,11 +143,14 @@ Composed config sha256 `{manifest['config_sha256'][:16]}`; packages:
 
 def main() -> None:
     params = load_params()
-    raw = {str(p): md5_path(p) for p in resolve_paths(params["data"]["path"])}
+    data = params["data"]
+    raw = {str(p): md5_path(p) for spec in (data["path"], data.get("test_path"),
+                                            data.get("validation_path")) if spec
+           for p in resolve_paths(spec)}
     data_md5 = raw | {str(path): md5_path(path) for path in DATA.values() if path.exists()}
     inputs = {name: md5_path(path) for name, path in REPORTS.items()}
 
-    with tracking.stage_run("report", params, [], inputs) as run:
+    with tracking.stage_run("report", params, list(params), inputs) as run:
         reports = {name: json.loads(path.read_text(encoding="utf-8"))
                    for name, path in REPORTS.items()}
         tokenizer = {name: md5_path(BASE / name) for name in
@@ -144,11 +174,16 @@ def main() -> None:
             "method": params["method"]["name"],
             "objective": params.get("objective", {}).get("name", "sft"),
             "packages": package_versions(),
+            "lock": installed_lock(),
+            "test_set": reports["metrics"].get("test_set"),
             "metrics": {k: reports["metrics"][k] for k in ("base", "tuned", "delta")},
         }
         write_json(MANIFEST, manifest)
         write_text(CARD, model_card(manifest, params, reports))
+        write_json(SUMMARY, summary(reports))
         run.config.update({"manifest": manifest})
+        test_set = manifest["test_set"] or {}
+        run.summary.update(summary(reports) | {"test_set_sha256": test_set.get("sha256")})
         if not getattr(run, "disabled", False):
             run.save(str(CARD.resolve()), base_path=str(CARD.parent.resolve()), policy="now")
         print(f"report: {MANIFEST} and {CARD} written (config {manifest['config_sha256'][:12]}, "

@@ -7,10 +7,16 @@
    seed and fill test, then validation, up to each split's share of the stratum's rows
    (largest-remainder rounding); a group too big for the room left goes to train, and so
    does the rest. Same seed, same input -> byte-identical files.
+   Fixed evaluation sets (data.test_path, data.validation_path; rows tagged `fixed_split` by
+   validate) are not carved: they are that split, whole, and the other fractions share the
+   rest. A training row in a group with a fixed row (same or near-alike request) is removed
+   (duplicate_of_test, near_duplicate_of_test, ...), and so is one whose n-grams mostly occur
+   in a fixed set (leak_of_test): whatever data is added, the fixed sets never move.
 3. Leakage: each test row's request (prompt without system message; raw text as is) is cut
    into word n-grams (13; 8 under split.leakage.short_record_words words) and looked up in
    the train requests; a row is flagged when at least split.leakage.min_overlap of its
-   n-grams occur there, or when its request equals a train request. Optionally every split is checked against an external evaluation file too.
+   n-grams occur there, or when its request equals a train request. Optionally every split is
+   checked against an external evaluation file too.
    Policy `report` lists them; `remove` drops them (written down in the removed file).
 4. Class balance per split; optional rebalancing of train (cap or upsample).
 
@@ -30,7 +36,7 @@ from stages.common import tracking
 from stages.common.config import StageError, load_params, run_stage
 from stages.common.files import md5_path, read_jsonl, write_json, write_jsonl
 from stages.common.kinds import answer_of, canonical, kind_of, request_text
-from stages.common.records import read_file
+from stages.common.records import read_file, set_hash
 from stages.common.similarity import UnionFind, near_duplicate_pairs, ngrams
 from stages.common.task import Task
 
@@ -152,21 +158,59 @@ def main() -> None:
 
     with tracking.stage_run("split", params, ["split", "task"], inputs) as run:
         records = read_jsonl(INPUT)
-        if len(records) < len(SPLITS):
+        fixed = {name: [i for i, r in enumerate(records) if r.get("fixed_split") == name]
+                 for name in ("validation", "test")}
+        if len(records) - sum(map(len, fixed.values())) < len(SPLITS):
             raise StageError(f"{INPUT}: {len(records)} records are too few to split")
         strata = [task.stratum(answer_of(r)) if "text" not in r else "" for r in records]
         groups = similar_groups(records, cfg, seed)
-        assignment = stratified_group_split(strata, groups, fractions, seed)
-        parts = {name: [i for i, a in enumerate(assignment) if a == name] for name in SPLITS}
         removed: dict[int, dict] = {}
 
-        # leakage: test against train, and every split against an external eval set
+        # fixed evaluation sets stay whole; training rows that duplicate or paraphrase one of
+        # their rows (same group) are removed, and the carve shares the rest of the fractions
+        for members in groups:
+            anchor = next((i for i in members if records[i].get("fixed_split")), None)
+            for i in members if anchor is not None else []:
+                if not records[i].get("fixed_split"):
+                    exact = request_text(records[i]) == request_text(records[anchor])
+                    removed[i] = {"reason": ("duplicate_of_" if exact else "near_duplicate_of_")
+                                  + records[anchor]["fixed_split"],
+                                  "matches_line": records[anchor]["line"]}
+        carve = {n: 0.0 if fixed.get(n) else f for n, f in fractions.items()}
+        carve = {n: f / (sum(carve.values()) or 1) for n, f in carve.items()}
+        pool_groups = [g for g in groups
+                       if not any(records[i].get("fixed_split") or i in removed for i in g)]
+        assignment = stratified_group_split(strata, pool_groups, carve, seed)
+        for name, rows in fixed.items():
+            for i in rows:
+                assignment[i] = name
+        parts = {name: [i for i, a in enumerate(assignment) if a == name] for name in SPLITS}
+        for i in removed:
+            assignment[i] = "train"  # where it would have gone: the fixed sets hold no room
+
         min_overlap = float(leak_cfg.get("min_overlap", 0.8))
         short = int(leak_cfg.get("short_record_words", 50))
-        sizes = {8 if len(request_text(records[i]).split()) < short else 13 for i in parts["test"]}
-        train_index = NgramIndex([records[i] for i in parts["train"]], short, sizes)
         leaks = []
-        for i in parts["test"]:
+        # leakage into a fixed set: a carved row sharing most of its n-grams with one is removed
+        for name, rows in fixed.items():
+            if not rows:
+                continue
+            index = NgramIndex([records[i] for i in rows], short, {8, 13})
+            for i in [i for n in SPLITS if not fixed.get(n) for i in parts[n]]:
+                share, match = index.overlap(records[i])
+                if share >= min_overlap and i not in removed:
+                    removed[i] = {"reason": f"leak_of_{name}",
+                                  "matches_line": records[rows[match]]["line"]}
+                    leaks.append({"split": assignment[i], "id": records[i]["id"],
+                                  "line": records[i]["line"], "overlap": round(share, 3),
+                                  "against": f"fixed {name}",
+                                  "matches_line": records[rows[match]]["line"]})
+
+        # leakage of a carved test split: each test row against train
+        carved_test = [] if fixed["test"] else parts["test"]
+        sizes = {8 if len(request_text(records[i]).split()) < short else 13 for i in carved_test}
+        train_index = NgramIndex([records[i] for i in parts["train"]], short, sizes)
+        for i in carved_test:
             share, match = train_index.overlap(records[i])
             if share >= min_overlap:
                 other = records[parts["train"][match]]
@@ -206,6 +250,9 @@ def main() -> None:
                     added += [rows[k % len(rows)] for k in range(cap - len(rows))]
 
         outputs = {name: [records[i] for i in rows if i not in removed] for name, rows in parts.items()}
+        if not outputs["train"]:
+            raise StageError("split: no training rows left after removing the rows too close to "
+                             "the fixed evaluation sets; see " + str(REMOVED))
         outputs["train"] += [records[i] for i in sorted(added)]
         for name, rows in outputs.items():
             write_jsonl(OUT_DIR / f"{name}.jsonl", rows)
@@ -224,6 +271,8 @@ def main() -> None:
             "rows_added_by_upsampling": len(added),
             "sizes": {name: len(rows) for name, rows in outputs.items()},
             "fractions": fractions,
+            "fixed_sets": {name: len(rows) for name, rows in fixed.items() if rows},
+            "test_hash": set_hash(outputs["test"]),  # regression compares only equal test sets
             "seed": seed,
             "stratify_by": task.stratify_by,
             "groups": {"count": len(groups), "multi_row": sum(1 for g in groups if len(g) > 1),
@@ -240,7 +289,8 @@ def main() -> None:
         run.summary.update({f"split/{n}": len(rows) for n, rows in outputs.items()})
         run.summary["split/leaks_flagged"] = len(leaks)
         print(f"split: {report['sizes']}, {report['groups']['multi_row']} groups of near-alike "
-              f"requests kept together, leakage flagged {len(leaks)} ({policy})")
+              f"requests kept together, leakage flagged {len(leaks)}, removed "
+              f"{report['removed_by_reason'] or 'nothing'}")
 
 
 if __name__ == "__main__":

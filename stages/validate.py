@@ -1,7 +1,9 @@
 """Stage validate: read every raw record, check it with a Great Expectations suite, quarantine the rest.
 
-1. Read `data.path` (files, globs; JSONL, JSON array, CSV, Parquet) row by row; an unreadable
-   file stops the stage with one line naming it.
+1. Read `data.path` (files, globs; JSONL, JSON array, CSV, Parquet) row by row, and the fixed
+   evaluation sets `data.test_path` / `data.validation_path` when set (their rows are tagged
+   `fixed_split`, so split keeps them whole); an unreadable file stops the stage with one line
+   naming it.
 2. Decide the record kind (`data.kind`, or detected per file from the fields when `auto`) and
    turn each row into its canonical shape (stages/common/kinds.py); rows that do not fit get a
    structural reason code (missing_field, wrong_type, message_missing_key, ...).
@@ -14,8 +16,9 @@
    drop (quarantine, not counted against the gate) or truncate (kept; training cuts them at
    train.max_length; rows left with no trainable token are quarantined).
 
-Outputs: data/interim/valid.jsonl, data/interim/quarantine.jsonl, reports/validate.json and
-GX Data Docs under reports/data_docs/. The gate fails the stage above
+Outputs: data/interim/valid.jsonl, data/interim/quarantine.jsonl, data/interim/max_length.json
+(train.max_length as a number: what `auto` chose), reports/validate.json and GX Data Docs under
+reports/data_docs/. The gate fails the stage above
 `data.max_rejected_fraction` rejected rows or on any reason in `data.fatal_reasons`.
 """
 
@@ -38,9 +41,12 @@ from stages.common.task import Task
 VALID = Path("data/interim/valid.jsonl")
 QUARANTINE = Path("data/interim/quarantine.jsonl")
 REPORT = Path("reports/validate.json")
+MAX_LENGTH = Path("data/interim/max_length.json")  # the token budget train cuts at (train dep)
 DATA_DOCS = Path("reports/data_docs")
 TOKENIZER_DIR = Path("models/base")
 TRAINING_TEMPLATE = TOKENIZER_DIR / "chat_template_training.jinja"
+DATA_DIRS = (Path("data/raw"), Path("data/eval"))  # the data folders dvc.yaml declares
+FIXED_SETS = ("test", "validation")  # data.<name>_path: evaluation sets that never move
 LENGTH_POLICIES = ("reject", "truncate", "drop")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, LF and CR are fine
 
@@ -105,15 +111,23 @@ def to_record(row: dict, kind: str) -> tuple[dict | None, str | None, str]:
 
 # --- 3. facts the expectations check --------------------------------------------------------
 
-def role_order_error(roles: list[str]) -> str | None:
-    body = roles[1:] if roles and roles[0] == "system" else roles
-    if "system" in body:
+def role_order_error(messages: list[dict]) -> str | None:
+    """An optional system message first, then user and assistant turns alternating, from the
+    user to the assistant; an assistant turn that calls tools is followed by their results
+    (role tool), then by the assistant again."""
+    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    if any(m["role"] == "system" for m in body):
         return "system message not first"
-    if not body or body[-1] != "assistant":
+    if not body or body[-1]["role"] != "assistant":
         return "does not end with an assistant message"
-    for i, role in enumerate(body):
-        if role != ("user" if i % 2 == 0 else "assistant"):
+    allowed = {"user"}
+    for m in body:
+        if m["role"] not in allowed:
+            if "tool" in (m["role"], *allowed):
+                return "tool results must follow the assistant message that calls the tools"
             return "user and assistant turns do not alternate"
+        allowed = {"user": {"assistant"}, "tool": {"tool", "assistant"},
+                   "assistant": {"tool"} if m.get("tool_calls") else {"user"}}[m["role"]]
     return None
 
 
@@ -151,9 +165,12 @@ def measure(record: dict | None, special_tokens: re.Pattern | None) -> dict:
     facts["n_assistant"] = roles.count("assistant")
     # order is moot without an assistant turn or with a role nobody knows: those codes say it
     if facts["n_assistant"] and not unknown:
-        facts["role_order"] = facts["role_order"] or role_order_error(roles)
-    facts["empty_content"] = any(not m["content"].strip() for m in dialogue[:-1])
-    facts["empty_answer"] = any(not a["content"].strip() for a in answers)
+        facts["role_order"] = facts["role_order"] or role_order_error(dialogue)
+    # a turn that calls tools may have no text
+    facts["empty_content"] = any(not m["content"].strip() and not m.get("tool_calls")
+                                 for m in dialogue[:-1])
+    facts["empty_answer"] = any(not a["content"].strip() and not a.get("tool_calls")
+                                for a in answers)
     if answers[0]["role"] == "assistant" and answers[0]["content"].strip():
         facts["answer"] = answers[0]["content"]  # an empty one is empty_assistant, not off-format
     return facts
@@ -287,13 +304,26 @@ def style_data_docs(docs_dir: Path) -> None:
             page.write_text(html.replace("<head>", "<head>" + OFFLINE_STYLE, 1), encoding="utf-8")
 
 
-def percentiles(values: list[int]) -> dict:
+def percentiles(values: list[int], qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> dict:
     if not values:
         return {}
     ordered = sorted(values)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"min": ordered[0], "p50": pick(0.5), "p95": pick(0.95), "max": ordered[-1],
-            "mean": round(sum(ordered) / len(ordered), 1)}
+    return {"min": ordered[0], **{f"p{round(q * 100)}": pick(q) for q in qs},
+            "max": ordered[-1], "mean": round(sum(ordered) / len(ordered), 1)}
+
+
+def auto_max_length(lengths: list[int], context: int) -> tuple[int | None, str]:
+    """`train.max_length: auto`: the 99th percentile of the records' token lengths, rounded up
+    to a multiple of 64 (headroom, and friendly to GPU kernels), never above the model's
+    context. Longer rows (at most 1%) follow data.length_policy like any too-long row."""
+    if not lengths:
+        return None, "auto: no row measured"
+    p99 = percentiles(lengths, (0.99,))["p99"]
+    value = min(-(-p99 // 64) * 64, context if 0 < context < 10**7 else 10**7)
+    return value, (f"auto: 99th percentile of {len(lengths)} rows is {p99} tokens, rounded up "
+                   f"to a multiple of 64" + (f", capped at the model's context {context}"
+                                             if value == context else ""))
 
 
 def special_token_pattern(tokenizer) -> re.Pattern | None:
@@ -309,14 +339,19 @@ def main() -> None:
 
     params = load_params()
     data, task = params["data"], Task.from_params(params)
-    max_length = params["train"].get("max_length")  # null: rows as long as they come
-    max_length = int(max_length) if max_length else None
+    setting = params["train"].get("max_length")  # tokens; null: no cap; auto: from the data
+    if not (setting in (None, "auto") or (isinstance(setting, int) and setting > 0)):
+        raise StageError(f"train.max_length={setting!r}: use a positive number of tokens, "
+                         f"auto (sized from the data) or null (no cap)")
+    max_length = None if setting == "auto" else setting
     policy = data.get("length_policy", "reject")
     if data["kind"] not in (*KINDS, "auto"):
         raise StageError(f"data.kind={data['kind']}: use one of {', '.join(KINDS)} or auto")
     if policy not in LENGTH_POLICIES:
         raise StageError(f"data.length_policy={policy}: use one of {', '.join(LENGTH_POLICIES)}")
     paths = resolve_paths(data["path"])
+    fixed = fixed_set_paths(data, paths)  # file -> "test" | "validation"
+    paths += list(fixed)
     inputs = {str(p): md5_path(p) for p in paths}
 
     with tracking.stage_run("validate", params, ["data", "task", "train"], inputs) as run:
@@ -341,14 +376,27 @@ def main() -> None:
 
         converted = [to_record(row, kinds.get(Path(row["source"]), data["kind"])) for row in rows]
         records = [c[0] for c in converted]
+        for record in records:
+            if record is not None and Path(record["source"]) in fixed:
+                record["fixed_split"] = fixed[Path(record["source"])]
         os.environ["TOKENIZERS_PARALLELISM"] = "true"  # batch encoding below; no forks follow
         tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
         leak_pattern = special_token_pattern(tokenizer)
         facts = [{"structure_error": reason, **measure(record, leak_pattern)}
                  for record, reason, _ in converted]
         train_on = (params.get("objective") or {}).get("train_on", "assistant")
-        measure_tokens(facts, records, tokenizer, TRAINING_TEMPLATE.read_text(encoding="utf-8"),
-                       train_on, max_length if policy == "truncate" else None)
+        template = TRAINING_TEMPLATE.read_text(encoding="utf-8")
+        measure_tokens(facts, records, tokenizer, template, train_on,
+                       max_length if policy == "truncate" else None)
+        chosen = f"train.max_length={setting}"
+        if setting == "auto":
+            max_length, chosen = auto_max_length([f["n_tokens"] for f in facts if f["n_tokens"]],
+                                                 tokenizer.model_max_length)
+            print(f"validate: train.max_length=auto -> {max_length} ({chosen})")
+            if policy == "truncate":  # trainable tokens left after the cut, for the rows cut
+                over = [k for k, f in enumerate(facts) if (f["n_tokens"] or 0) > max_length]
+                measure_tokens([facts[k] for k in over], [records[k] for k in over], tokenizer,
+                               template, train_on, max_length)
         for f in facts:
             fields = task.parse(f["answer"]) if f["answer"] is not None else None
             for name in task.labels:
@@ -391,12 +439,18 @@ def main() -> None:
             "quarantined_by_reason": dict(sorted(by_reason.items())),
             "kinds": {str(p): k for p, k in kinds.items()},
             "files": {str(p): len(r) for p, r in files.items()},
+            "fixed_sets": {name: {"files": [str(p) for p in set_files],
+                                  "rows_in": sum(len(files[p]) for p in set_files),
+                                  "rows_out": sum(r.get("fixed_split") == name for r in valid)}
+                           for name in FIXED_SETS
+                           if (set_files := [p for p, n in fixed.items() if n == name])},
             "empty_files": empty_files,
             "schema_drift": drift,
             "token_length": percentiles([n for n in n_tokens if n is not None]),
             "trainable_tokens": percentiles([f["trainable_tokens"] for i, f in enumerate(facts)
                                              if i not in failures and f["trainable_tokens"]]),
-            "max_length": max_length,
+            "max_length": max_length,  # what training cuts at (train reads it when auto)
+            "max_length_chosen": chosen,
             "length_policy": policy,
             "truncated": {"rows": len(truncated), "tokens_cut": sum(truncated)},
             "over_max_length": {"rows": len(over), "tokens_over": sum(over)},
@@ -406,6 +460,8 @@ def main() -> None:
         }
         assert report["rows_in"] == report["rows_out"] + report["rows_quarantined"]
         write_json(REPORT, report)
+        # the number alone, apart from the report: new rows that leave it as it was retrain nothing
+        write_json(MAX_LENGTH, {"max_length": max_length})
         run.summary.update({"validate/rows_in": len(rows), "validate/rows_out": len(valid),
                             "validate/pass_rate": report["pass_rate"],
                             **{f"validate/quarantined/{k}": v for k, v in by_reason.items()}})
@@ -432,6 +488,25 @@ def main() -> None:
                         f"for no cap, or choose data.length_policy: truncate or drop)")
             raise StageError(f"validation gate failed: {why}; top reasons: {top}; "
                              f"see {QUARANTINE}{hint}")
+
+
+def fixed_set_paths(data: dict, pool: list[Path]) -> dict[Path, str]:
+    """Files of the fixed evaluation sets (data.test_path, data.validation_path) -> set name."""
+    fixed: dict[Path, str] = {}
+    for name in FIXED_SETS:
+        if not data.get(f"{name}_path"):
+            continue
+        for path in resolve_paths(data[f"{name}_path"], key=f"data.{name}_path"):
+            if path in pool or path in fixed:
+                raise StageError(f"data.{name}_path: {path} is also in "
+                                 f"{'data.path' if path in pool else 'the other fixed set'}; "
+                                 f"a file belongs to one set")
+            if not any(path.resolve().is_relative_to(d.resolve()) for d in DATA_DIRS):
+                raise StageError(f"data.{name}_path: {path} is outside "
+                                 f"{' and '.join(map(str, DATA_DIRS))}, the folders the validate "
+                                 f"stage declares in dvc.yaml (DVC would not see it change)")
+            fixed[path] = name
+    return fixed
 
 
 def example_lines(quarantined: list[dict], reason: str, n: int = 3) -> str:

@@ -27,7 +27,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 TEMPLATE_PATHS = ["conf", "stages", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore",
-                  "pyproject.toml", "data/general"]
+                  "pyproject.toml", "requirements", "data/general"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,10 +51,14 @@ def copy_template(dest: Path, raw_rows: int | None = 240) -> Path:
         elif src.exists():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    (dest / "data/raw").mkdir(parents=True)
-    for name in ("tickets.jsonl", "tickets_preference.jsonl", "tickets_text.jsonl"):
-        lines = (ROOT / "data/raw" / name).read_text(encoding="utf-8").splitlines(True)
-        (dest / "data/raw" / name).write_text("".join(lines[:raw_rows]), encoding="utf-8")
+    # the fixed test set shrinks with the pool: an eighth of its rows
+    files = {"data/raw/tickets.jsonl": raw_rows, "data/raw/tickets_preference.jsonl": raw_rows,
+             "data/raw/tickets_text.jsonl": raw_rows,
+             "data/eval/tickets_test.jsonl": raw_rows and max(8, raw_rows // 8)}
+    for name, rows in files.items():
+        lines = (ROOT / name).read_text(encoding="utf-8").splitlines(True)
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_text("".join(lines[:rows]), encoding="utf-8")
     return dest
 
 

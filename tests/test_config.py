@@ -107,7 +107,7 @@ def test_gpu_presets_leave_the_demo_sizes(tmp_path, monkeypatch):
     assert one_b["model"]["name_or_path"] == "Qwen/Qwen2.5-1.5B-Instruct"
     assert one_b["model"]["allow_download"] and one_b["method"]["name"] == "lora"
     assert one_b["train"]["max_steps"] == -1 and one_b["train"]["num_train_epochs"] >= 1
-    assert one_b["train"]["max_length"] is None  # from the data
+    assert one_b["train"]["max_length"] == "auto"  # from the data
     assert one_b["eval"]["max_new_tokens"] == "auto"
     eight_b = composed(tmp_path, ["+experiment=gpu_8b_qlora"])
     assert eight_b["model"]["name_or_path"] == "meta-llama/Llama-3.1-8B-Instruct"

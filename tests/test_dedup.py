@@ -106,3 +106,15 @@ def run_rows(project):
     kept = read_jsonl(project / "data/interim/dedup.jsonl")
     removed = read_jsonl(project / "data/interim/dedup_removed.jsonl")
     return [r["line"] for r in kept], {r["line"]: r["reason"] for r in removed}, None
+
+
+def test_fixed_evaluation_rows_pass_through_untouched(project):
+    # a fixed test row duplicating a pool row: dedup keeps both (split removes the pool one)
+    fixed = {**rec(1, TICKET, A), "source": "data/eval/test.jsonl", "fixed_split": "test"}
+    write_jsonl(project / "data/interim/valid.jsonl", ROWS + [fixed, dict(fixed, line=2)])
+    dedup.main()
+    kept = read_jsonl(project / "data/interim/dedup.jsonl")
+    assert [r for r in kept if r.get("fixed_split")] == [fixed, dict(fixed, line=2)]
+    report = json.loads((project / "reports/dedup.json").read_text())
+    assert report["fixed_rows_passed"] == {"test": 2}
+    assert report["rows_in"] == report["rows_out"] + report["rows_removed"] == len(ROWS) + 2

@@ -11,6 +11,7 @@ import pytest
 
 from stages import base_model, evaluate as evaluate_stage
 from stages.common.files import read_jsonl, write_jsonl
+from stages.common.records import set_hash
 from test_train import prepared  # noqa: F401  (fixture)
 
 METRICS = Path(evaluate_stage.__file__).parent / "metrics"
@@ -27,12 +28,17 @@ def test_metric_modules():
             '{"urgency": "high", "category": "billing"}', '{"urgency": "low", "category": "account"}']
     preds = [refs[0], '{"urgency": "low", "category": "account"}', "High urgency, billing.",
              '{"urgency": "low", "category": "sales"}']
-    assert load("exact_match").compute(predictions=preds, references=refs) == {"exact_match": 0.25}
+    # corpus values, and per-example scores for the metrics that are means over examples
+    assert load("exact_match").compute(predictions=preds, references=refs) == {
+        "exact_match": 0.25, "per_example": {"exact_match": [1.0, 0.0, 0.0, 0.0]}}
     fmt = load("format_adherence").compute(predictions=preds, answer_regex=REGEX, labels=LABELS)
-    assert fmt == {"format_adherence": 0.5}  # prose fails the regex, "sales" is not a label
+    assert fmt == {"format_adherence": 0.5,  # prose fails the regex, "sales" is not a label
+                   "per_example": {"format_adherence": [1.0, 1.0, 0.0, 0.0]}}
     fields = load("field_scores").compute(predictions=preds, references=refs, answer_regex=REGEX,
                                           labels=LABELS)
     assert fields["urgency_accuracy"] == 0.5 and fields["category_accuracy"] == 0.5
+    assert fields["per_example"]["urgency_accuracy"] == [1.0, 0.0, 0.0, 1.0]
+    assert "urgency_macro_f1" not in fields["per_example"]  # corpus-level
     # urgency: low P=2/3 R=2/2 -> F1 0.8; high never predicted -> 0; macro 0.4
     assert fields["urgency_macro_f1"] == pytest.approx(0.4)
 
@@ -69,9 +75,17 @@ def test_stage_scores_base_and_tuned_on_same_prompts(prepared):  # noqa: F811
         metrics["tuned"]["exact_match"] - metrics["base"]["exact_match"], abs=1e-4)
     predictions = read_jsonl(prepared / "reports/predictions.jsonl")
     assert len(predictions) == metrics["n_examples"] == 8
-    assert {"input", "reference", "base", "tuned", "tuned_exact", "tuned_urgency"} <= set(predictions[0])
-    exact = sum(p["tuned_exact"] for p in predictions) / len(predictions)
-    assert exact == pytest.approx(metrics["tuned"]["exact_match"])
+    assert {"input", "reference", "base", "tuned", "scores"} <= set(predictions[0])
+    # the per-example scores the regression gate resamples add up to the metrics
+    for name in ("base", "tuned"):
+        scores = [p["scores"][name] for p in predictions]
+        for metric in ("exact_match", "format_adherence", "urgency_accuracy"):
+            assert sum(s[metric] for s in scores) / len(scores) == pytest.approx(
+                metrics[name][metric], abs=1e-4)
+        assert sum(s["loss_sum"] for s in scores) / sum(s["loss_tokens"] for s in scores) == (
+            pytest.approx(metrics[name]["test_loss"], abs=1e-3))
+    assert metrics["test_set"] == {"examples": 8, "sha256": set_hash(
+        read_jsonl(prepared / "data/processed/test.jsonl"))}
 
 
 def test_batched_generation_matches_one_at_a_time(prepared):  # noqa: F811
@@ -103,7 +117,8 @@ def test_format_adherence_by_json_schema():
               "properties": {"label": {"enum": ["spam", "ham"]}}}
     preds = ['{"label": "spam"}', '{"label": "eggs"}', "spam"]
     assert load("format_adherence").compute(predictions=preds, answer_schema=schema) == {
-        "format_adherence": pytest.approx(1 / 3)}
+        "format_adherence": pytest.approx(1 / 3),
+        "per_example": {"format_adherence": [1.0, 0.0, 0.0]}}
 
 
 def test_forgetting_gate_fails_the_stage(prepared):  # noqa: F811
@@ -126,9 +141,24 @@ def test_the_task_config_chooses_the_metrics():
 
     generic = Task.from_params({"task": {"name": "generic", "answer_regex": None, "labels": {}}})
     assert generic.metrics == ["exact_match", "rouge_l", "bleu"]
-    scores = evaluate_stage.score(["a refund was issued today"], ["a refund was issued today"],
-                                  generic)
+    scores, per_example = evaluate_stage.score(["a refund was issued today"],
+                                               ["a refund was issued today"], generic)
     assert scores == {"exact_match": 1.0, "rouge_l": 1.0, "bleu": pytest.approx(1.0, abs=1e-4)}
+    assert per_example == {"exact_match": [1.0], "rouge_l": [1.0]}  # BLEU is corpus-level
     chosen = Task.from_params({"task": {"name": "t", "answer_regex": None, "labels": {},
                                         "metrics": ["rouge_l"]}})
-    assert set(evaluate_stage.score(["x"], ["y"], chosen)) == {"rouge_l"}
+    assert set(evaluate_stage.score(["x"], ["y"], chosen)[0]) == {"rouge_l"}
+
+
+def test_tool_call_metric_reads_calls_in_the_common_formats():
+    reference = '[{"arguments": {"order_id": "42"}, "name": "get_order"}]'  # as validate writes it
+    preds = ['<tool_call>\n{"name": "get_order", "arguments": {"order_id": "42"}}\n</tool_call>',
+             '{"name": "get_order", "parameters": {"order_id": "42"}}',      # Llama 3.x
+             '<tool_call>{"name": "get_order", "arguments": {"order_id": "7"}}</tool_call>',
+             "Your order has shipped."]
+    scores = load("tool_calls").compute(predictions=preds, references=[reference] * 4)
+    assert scores["per_example"] == {"tool_name_match": [1.0, 1.0, 1.0, 0.0],
+                                     "tool_call_match": [1.0, 1.0, 0.0, 0.0]}
+    # an answer in words matches a reference that calls nothing
+    words = load("tool_calls").compute(predictions=["Shipped."], references=["It shipped."])
+    assert words["tool_call_match"] == 1.0

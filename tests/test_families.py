@@ -12,6 +12,7 @@ from tiny_model import FAMILIES, build_family_model, ticket_corpus, trained_runs
 from transformers import AutoTokenizer
 
 from stages import base_model, dedup, evaluate, export, split, train, validate
+from stages.common.config import StageError
 from stages.common.examples import IGNORE
 
 SINGLE = [{"role": "system", "content": "Triage."},
@@ -95,3 +96,83 @@ def test_whole_pipeline_keeps_bf16(family_project):
     assert exported["round_trip"]["greedy_answers_match"]
     metrics = json.loads((root / "reports/metrics.json").read_text())
     assert metrics["tuned"]["test_loss"] > 0 and metrics["n_examples"] > 0
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_order", "description": "Look up an order",
+    "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}},
+                   "required": ["order_id"]}}}]
+TOOL_CHAT = [
+    {"role": "user", "content": "Where is order 42?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_order", "arguments": {"order_id": "42"}}}]},
+    {"role": "tool", "content": '{"status": "shipped"}'},
+    {"role": "assistant", "content": "Order 42 has shipped."}]
+TOOL_FAMILIES = ("llama3_1", "qwen2_5", "qwen3")  # whose chat templates render tools
+
+
+def test_tool_calls_carry_loss_and_tool_results_do_not(family_project):
+    family, root = family_project
+    tokenizer = AutoTokenizer.from_pretrained(root / "models/base")
+    record = {"source": "t.jsonl", "line": 1, "messages": TOOL_CHAT, "tools": TOOLS}
+    if family not in TOOL_FAMILIES:  # no tool support: refused, never trained as empty turns
+        with pytest.raises(StageError, match="t.jsonl:1: .*(tool|roles)"):
+            train.tokenized_rows([record], tokenizer, "assistant", None, packing=False)
+        return
+    [row] = train.tokenized_rows([record], tokenizer, "assistant", None, packing=False)
+    call, answer = trained_runs(tokenizer, row)
+    assert "get_order" in call and "42" in call and "shipped" not in call
+    assert answer.endswith("Order 42 has shipped." + FAMILIES[family]["eos"])
+    # the tool's result and the declared tools are in the input, never in the labels
+    text = tokenizer.decode(row["input_ids"])
+    assert "shipped" in text and "Look up an order" in text  # Llama writes the result as JSON
+
+
+def test_tool_calling_data_from_openai_and_sharegpt_goes_through(family_project):
+    family, root = family_project
+    if family != "qwen2_5":
+        pytest.skip("one tool-capable family is enough for the data path")
+    openai_rows = [{"tools": TOOLS, "messages": [
+        {"role": "user", "content": f"Where is order {i}?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": f"c{i}", "type": "function",
+            "function": {"name": "get_order", "arguments": json.dumps({"order_id": str(i)})}}]},
+        {"role": "tool", "tool_call_id": f"c{i}", "content": '{"status": "shipped"}'},
+        {"role": "assistant", "content": f"Order {i} has shipped."}]} for i in range(6)]
+    bad = [  # reason codes validation gives
+        {"tools": TOOLS, "messages": [{"role": "user", "content": "Order 1?"}, {
+            "role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+                "name": "get_order", "arguments": '{"order_id": '}}]}]},       # arguments cut off
+        {"tools": TOOLS, "messages": [{"role": "user", "content": "Order 2?"}, {
+            "role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+                "name": "cancel_order", "arguments": "{}"}}]}]},               # not declared
+        {"tools": TOOLS, "messages": [{"role": "user", "content": "Order 3?"},
+                                      {"role": "tool", "content": "{}"},       # no call before it
+                                      {"role": "assistant", "content": "Shipped."}]}]
+    # LLaMA-Factory's ShareGPT form of the glaive set: tools as a JSON string of bare schemas
+    glaive = [{"tools": json.dumps([t["function"] for t in TOOLS]), "conversations": [
+        {"from": "human", "value": f"Status of order {i}?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_order",
+                                                       "arguments": {"order_id": str(i)}})},
+        {"from": "observation", "value": '{"status": "delayed"}'},
+        {"from": "gpt", "value": f"Order {i} is delayed."}]} for i in range(6)]
+    (root / "data/raw/tools.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                      for r in openai_rows + bad))
+    (root / "data/raw/glaive.json").write_text(json.dumps(glaive))
+    from conftest import set_params
+    for path, kind in (("data/raw/tools.jsonl", "messages"), ("data/raw/glaive.json", "auto")):
+        set_params(root, **{"data.path": path, "data.kind": kind, "data.test_path": None,
+                            "data.max_rejected_fraction": 0.5, "task.name": "tool_calling",
+                            "task.answer_regex": None, "task.labels": {}, "task.stratify_by": []})
+        validate.main()
+        report = json.loads((root / "reports/validate.json").read_text())
+        assert report["rows_out"] == 6, report["quarantined_by_reason"]
+        valid = [json.loads(line) for line in (root / "data/interim/valid.jsonl").open()]
+        call = valid[0]["messages"][1]["tool_calls"][0]["function"]
+        assert call["name"] == "get_order" and isinstance(call["arguments"], dict)
+        assert valid[0]["messages"][2]["role"] == "tool"
+        assert valid[0]["tools"][0]["type"] == "function"
+    set_params(root, **{"data.path": "data/raw/tools.jsonl", "data.kind": "messages"})
+    validate.main()
+    quarantined = [json.loads(line) for line in (root / "data/interim/quarantine.jsonl").open()]
+    assert [q["reasons"] for q in quarantined] == [["tool_arguments_invalid"], ["tool_undeclared"],
+                                                   ["bad_role_order"]]

@@ -112,10 +112,12 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
     sh(repo, "git", "commit", "-qm", "first run", env=env)
 
     # regression check: an unchanged rerun passes; defective raw rows rerun only validate
-    # (the valid records are the same) and show as a data change; a worse model fails
+    # (the valid records are the same) and show as a data change; more training rows leave the
+    # fixed test set where it was and are judged with intervals; a changed test set is not
+    # comparable; a worse model fails
     regression = [py, str(ROOT / "scripts/regression.py")]
     out = sh(repo, *regression, env=env)
-    assert "no regression beyond tolerance" in out and "data: unchanged" in out
+    assert "no regression:" in out and "data: unchanged" in out
     with (repo / "data/raw/tickets.jsonl").open("a") as f:
         f.write('{"messages": [{"role": "user", "content": "cut off\n')
         f.write(json.dumps({"messages": [{"role": "customer", "content": "hi"}]}) + "\n")
@@ -123,7 +125,27 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
     assert "Running stage 'validate'" in out
     assert "Running stage 'base_model'" not in out and "Running stage 'train'" not in out
     out = sh(repo, *regression, env=env)
-    assert "modified  data/raw" in out and "no regression beyond tolerance" in out
+    assert "modified  data/raw" in out and "no regression:" in out
+    test_before = (repo / "data/processed/test.jsonl").read_bytes()
+    more = (ROOT / "data/raw/tickets.jsonl").read_text().splitlines(True)[240:300]
+    with (repo / "data/raw/tickets.jsonl").open("a") as f:
+        f.writelines(more)
+    out = sh(repo, py, "-m", "dvc", "repro", env=env)
+    assert "Running stage 'train'" in out
+    assert (repo / "data/processed/test.jsonl").read_bytes() == test_before
+    judged = subprocess.run(regression, cwd=repo, env=env, capture_output=True, text=True)
+    assert judged.returncode in (0, 1), judged.stdout + judged.stderr  # judged, either way
+    assert "(unchanged); intervals: paired bootstrap, 95%" in judged.stdout, judged.stdout
+    assert re.search(r"tuned\.test_loss .* \[[-+]\d\.\d{4}, [-+]\d\.\d{4}\]", judged.stdout)
+    sh(repo, "git", "add", "-A", env=env)
+    sh(repo, "git", "commit", "-qm", "more training rows", env=env)
+    test_file = repo / "data/eval/tickets_test.jsonl"
+    test_file.write_text("".join(test_file.read_text().splitlines(True)[1:]))  # one row less
+    sh(repo, py, "-m", "dvc", "repro", env=env)
+    other = subprocess.run(regression, cwd=repo, env=env, capture_output=True, text=True)
+    assert other.returncode == 2 and "NOT COMPARABLE: the test set changed" in other.stdout, (
+        other.stdout + other.stderr)
+    sh(repo, "git", "checkout", "data/eval", env=env)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["learning_rate"] = 1e-9  # as good as untrained
     params["regression"]["tolerance"]["test_loss"] = 0.0
@@ -143,7 +165,8 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
     assert named, f"experiment missing from dvc exp show: {shown}"
     data = named[0]["revs"][0]["data"]
     assert data["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.002
-    assert "tuned" in data["metrics"]["reports/metrics.json"]["data"]
+    assert "exact_match" in data["metrics"]["reports/summary.json"]["data"]
+    assert list(data["metrics"]) == ["reports/summary.json"]  # stage reports stay out
 
     # a queued sweep of two experiments: both finish, compare in `dvc exp show`, and leave
     # W&B runs grouped by experiment and tagged with the swept value
@@ -166,8 +189,29 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
         if lr in (0.001, 0.003) and data.get("metrics"):
             swept[lr] = exp["name"]
     assert set(swept) == {0.001, 0.003}, shown
+    # `make exps`: the swept param and the summary metrics, inside 200 columns
+    recipe = ""
+    for line in (ROOT / "Makefile").read_text().split("\nexps:")[1].splitlines()[1:]:
+        recipe += line.strip().rstrip("\\") + " "
+        if not line.endswith("\\"):
+            break
+    command = recipe.replace("$(BIN)/dvc", f"{py} -m dvc").replace("$$", "$").replace("$(ARGS)", "")
+    table = subprocess.run(command, shell=True, cwd=repo, env={**env, "COLUMNS": "200"},
+                           capture_output=True, text=True)
+    assert table.returncode == 0, table.stderr
+    assert max(map(len, table.stdout.splitlines())) <= 200, table.stdout
+    assert "train.learning_rate" in table.stdout and "exact_match" in table.stdout, table.stdout
+    assert "0.003" in table.stdout and "train.max_steps" not in table.stdout, table.stdout
     runs = [read_offline_run(d) for d in (repo / "wandb").glob("offline-run-*")]
     for lr, name in swept.items():
+        # the report run is the experiment's row in W&B: whole config, hashes, final metrics
+        [report] = [r for r in runs if r["config"]["dvc"]["exp_name"] == name
+                    and r["config"]["stage"] == "report"]
+        assert report["config"]["params"]["train"]["learning_rate"] == lr
+        assert {"data", "eval", "method", "split"} <= set(report["config"]["params"])
+        assert report["config"]["manifest"]["model"]["merged_md5"]
+        assert report["config"]["manifest"]["lock"]["file"] == "requirements/cpu.txt"
+        assert "exact_match" in report["summary"] and report["summary"]["test_set_sha256"]
         grouped = [r for r in runs if r["config"]["dvc"]["exp_name"] == name]  # the W&B group
         assert {r["config"]["stage"] for r in grouped} >= {"train", "evaluate"}, (name, runs)
         tags = next(r.get("tags", []) for r in grouped if r["config"]["stage"] == "train")

@@ -148,3 +148,70 @@ def test_rebalance_cap_and_upsample(project):
     report = json.loads((project / "reports/split.json").read_text())
     assert len(set(report["class_balance"]["train"].values())) == 1  # every stratum equal
     assert report["rows_added_by_upsampling"] > 0 and report["rows_removed"] == 0
+
+
+def fixed_rows(n: int, start: int = 1000) -> list[dict]:
+    """Rows of a fixed test file (tagged by validate), with requests long enough to paraphrase."""
+    out = []
+    for i in range(start, start + n):
+        messages = [{"role": "user", "content": f"Order {i} arrived broken and the box was soaked "
+                                                f"when the courier left it at the door on day {i}"},
+                    {"role": "assistant", "content": json.dumps({"urgency": URG[i % 4],
+                                                                 "category": CAT[i % 3]})}]
+        out.append({"id": record_id(messages), "source": "data/eval/test.jsonl",
+                    "line": i - start + 1, "messages": messages, "fixed_split": "test"})
+    return out
+
+
+def test_a_fixed_test_set_stays_whole_and_train_drops_what_is_close_to_it(project):
+    fixed = fixed_rows(30)
+    copy = {**fixed[0], "source": "raw.jsonl", "line": 901}
+    del copy["fixed_split"]
+    paraphrase = json.loads(json.dumps(copy))
+    paraphrase["messages"][0]["content"] += " Please help, thanks."
+    paraphrase.update(line=902, id=record_id(paraphrase["messages"]))
+    write_jsonl(project / "data/interim/dedup.jsonl", rows(200) + [copy, paraphrase] + fixed)
+    first = run(project)
+    report = json.loads((project / "reports/split.json").read_text())
+    assert report["sizes"]["test"] == 30 and report["fixed_sets"] == {"test": 30}
+    test = read_jsonl(project / "data/processed/test.jsonl")
+    assert [r["id"] for r in test] == [r["id"] for r in fixed]
+    removed = {r["line"]: r["reason"]
+               for r in read_jsonl(project / "data/interim/split_removed.jsonl")}
+    assert removed == {901: "duplicate_of_test", 902: "near_duplicate_of_test"}
+    # the carve shares what the fixed test leaves: validation 0.1 / (0.8 + 0.1) of the pool
+    assert report["sizes"]["validation"] == 22 and report["rows_in"] == 232
+    assert report["rows_in"] == report["rows_out"] + report["rows_removed"]
+
+    # more training data: the test split does not move by a byte, nor its hash
+    write_jsonl(project / "data/interim/dedup.jsonl", rows(260) + [copy, paraphrase] + fixed)
+    again = run(project)
+    assert again["test"] == first["test"]
+    assert json.loads((project / "reports/split.json").read_text())["test_hash"] == (
+        report["test_hash"])
+
+
+def test_a_training_row_that_leaks_a_fixed_row_is_removed(project):
+    fixed = fixed_rows(10)
+    leak = {"messages": [{"role": "user", "content": "Quoting my colleague: "
+                          + fixed[3]["messages"][0]["content"]},
+                         {"role": "assistant", "content": fixed[3]["messages"][1]["content"]}]}
+    leak.update(id=record_id(leak["messages"]), source="raw.jsonl", line=999)
+    set_params(project, **{"split.group_threshold": None})  # only the n-gram check can see it
+    write_jsonl(project / "data/interim/dedup.jsonl", rows(100) + [leak] + fixed)
+    run(project)
+    removed = read_jsonl(project / "data/interim/split_removed.jsonl")
+    assert [(r["line"], r["reason"]) for r in removed] == [(999, "leak_of_test")]
+
+
+def test_fixed_validation_and_test_sets_leave_the_whole_pool_to_train(project):
+    fixed = fixed_rows(20)
+    for r in fixed[10:]:
+        r["fixed_split"] = "validation"
+    write_jsonl(project / "data/interim/dedup.jsonl", rows(100) + fixed)
+    run(project)
+    report = json.loads((project / "reports/split.json").read_text())
+    assert report["sizes"] == {"train": 100, "validation": 10, "test": 10}
+    assert report["fixed_sets"] == {"validation": 10, "test": 10}
+    validation = read_jsonl(project / "data/processed/validation.jsonl")
+    assert [r["id"] for r in validation] == [r["id"] for r in fixed[10:]]

@@ -44,8 +44,10 @@ def ticket_rows(n: int = 48) -> list[dict]:
 
 @pytest.fixture
 def prepared(project):
-    """models/base from the tiny model, and small processed splits from the bundled data."""
+    """models/base from the tiny model, and small processed splits from the bundled data (no
+    validate run, so the length it would choose for max_length=auto is set here)."""
     base_model.main()
+    set_params(project, **{"train.max_length": 256})
     rows = ticket_rows()
     write_jsonl(project / "data/processed/train.jsonl", rows[:40])
     write_jsonl(project / "data/processed/validation.jsonl", rows[40:48])

@@ -52,7 +52,7 @@ DEFECTS = {
         ("null_value", {"messages": [SYSTEM, {"role": "user", "content": None}]}),
         ("null_value", {"messages": [SYSTEM, None]}),
         ("message_missing_key", {"messages": [{"role": "user"}]}),
-        ("message_unrecognized_key", {"messages": [{"role": "user", "content": "hi", "name": "x"},
+        ("message_unrecognized_key", {"messages": [{"role": "user", "content": "hi", "mood": "x"},
                                                    {"role": "assistant", "content": GOOD}]}),
         ("unknown_role", msgs(("customer", "Hi"), ("assistant", GOOD))),
         ("no_assistant", msgs(("system", "Triage."), ("user", "Hi"))),
@@ -75,7 +75,7 @@ DEFECTS = {
     ],
     "sharegpt": [
         ("unknown_role", {"conversations": [{"from": "human", "value": "hi"},
-                                            {"from": "observation", "value": GOOD}]}),
+                                            {"from": "narrator", "value": GOOD}]}),
         ("message_missing_key", {"conversations": [{"from": "human"}]}),
         ("wrong_type", {"conversations": {"from": "human", "value": "hi"}}),
     ],
@@ -140,7 +140,8 @@ def write_data(path, records: list, suffix: str) -> list[int]:
 def base(project):
     base_model.main()
     (project / "data/raw/tickets.jsonl").unlink()
-    set_params(project, **{"data.max_rejected_fraction": 0.95, "train.max_length": 128})
+    set_params(project, **{"data.max_rejected_fraction": 0.95, "train.max_length": 128,
+                           "data.test_path": None})
     return project
 
 
@@ -407,3 +408,48 @@ def test_every_kind_from_every_format_through_the_data_stages(base, suffix):
                  for name in ("train", "validation", "test")}
         assert sum(sizes.values()) == split_report["rows_out"] == 40 and min(sizes.values()) > 0
         assert all(r["kind"] == kind for r in read_jsonl(base / "data/processed/train.jsonl"))
+
+
+def test_fixed_evaluation_sets_are_validated_and_tagged(base):
+    (base / "data/eval").mkdir(exist_ok=True)
+    write_data(base / "data/eval/test.jsonl", [chat("My parcel never came."), chat(answer="")],
+               ".jsonl")
+    set_params(base, **{"data.test_path": "data/eval/test.jsonl"})
+    _, report = run(base, "messages", {"pool.jsonl": [chat(), chat("Refund please.")]})
+    valid = read_jsonl(base / "data/interim/valid.jsonl")
+    assert [r.get("fixed_split") for r in valid] == [None, None, "test"]
+    # the same suite: the empty answer of the test file is quarantined with its file and line
+    assert report["fixed_sets"] == {"test": {"files": ["data/eval/test.jsonl"],
+                                             "rows_in": 2, "rows_out": 1}}
+    quarantined = read_jsonl(base / "data/interim/quarantine.jsonl")
+    assert [(q["source"], q["line"], q["reasons"]) for q in quarantined] == [
+        ("data/eval/test.jsonl", 2, ["empty_assistant"])]
+
+
+@pytest.mark.parametrize("test_path, message", [
+    ("data/raw/pool.jsonl", "data.test_path: data/raw/pool.jsonl is also in data.path"),
+    ("/tmp", "data.test_path: /tmp: no such file"),
+    ("elsewhere.jsonl", "elsewhere.jsonl is outside data/raw and data/eval"),
+])
+def test_fixed_set_paths_are_checked(base, test_path, message):
+    for path in ("data/raw/pool.jsonl", "elsewhere.jsonl"):
+        write_data(base / path, [chat()], ".jsonl")
+    set_params(base, **{"data.path": "data/raw/pool.jsonl", "data.test_path": test_path})
+    with pytest.raises(StageError, match=message):
+        validate.main()
+
+
+def test_max_length_auto_follows_the_data(base):
+    ticket = "My card was charged twice. " * 3
+    records = [chat(ticket * (1 + i % 4)) for i in range(200)] + [chat(ticket * 40)]
+    set_params(base, **{"train.max_length": "auto"})
+    _, report = run(base, "messages", {"pool.jsonl": records})
+    lengths = report["token_length"]
+    # the 99th percentile, rounded up to 64: the one outlier is too long, nothing else
+    assert report["max_length"] % 64 == 0
+    assert lengths["p99"] <= report["max_length"] < lengths["p99"] + 64
+    assert report["quarantined_by_reason"] == {"too_long": 1}
+    assert report["max_length_chosen"].startswith("auto: 99th percentile of 201 rows")
+    set_params(base, **{"train.max_length": "long"})
+    with pytest.raises(StageError, match="train.max_length='long': use a positive number"):
+        validate.main()

@@ -30,8 +30,11 @@ def conversation(record: dict) -> list[dict]:
     return record["messages"] if "messages" in record else [*record["prompt"], *record["chosen"]]
 
 
+MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")  # what templates read
+
+
 def _plain(messages: list[dict]) -> list[dict]:
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [{k: m[k] for k in MESSAGE_KEYS if k in m} for m in messages]
 
 
 def _runs(mask: list[int]) -> list[tuple[int, int]]:
@@ -62,40 +65,68 @@ def _labels(ids: list[int], mask: list[int], messages: list[dict], train_on: str
     return labels
 
 
+def _encode(tokenizer, conversations: list[list[dict]], template: str,
+            tools: list[dict] | None = None) -> list[tuple[list[int], list[int]]]:
+    """(input ids, assistant mask) of each conversation; tools go to the template, which
+    renders them its own way (into the system prompt, a tools block, ...)."""
+    encoded = tokenizer.apply_chat_template(
+        [_plain(c) for c in conversations], tools=tools, chat_template=template, tokenize=True,
+        return_dict=True, return_assistant_tokens_mask=True)
+    return list(zip(encoded["input_ids"], encoded["assistant_masks"]))
+
+
+def _check_calls_rendered(tokenizer, ids: list[int], mask: list[int], messages: list[dict]):
+    """A template without tool support renders a call as an empty turn: training would teach
+    the model to answer nothing. Each call's name must be in its turn's trained tokens."""
+    answers = [m for m in messages if m["role"] == "assistant"]
+    for (start, end), message in zip(_runs(mask), answers):
+        turn = tokenizer.decode(ids[start:end])
+        for call in message.get("tool_calls", []):
+            if call["function"]["name"] not in turn:
+                raise ExampleError(
+                    f"the chat template does not render tool calls (the turn calling "
+                    f"{call['function']['name']!r} renders as {turn[:60]!r}): use a model whose "
+                    f"template supports tools, or set model.training_chat_template")
+
+
 def chat_examples(tokenizer, conversations: list[list[dict]], template: str,
-                  train_on: str = "assistant", collect_errors: bool = False) -> list:
-    """input_ids and labels of each conversation, whole (callers cut at max_length). A
-    conversation the template refuses raises ExampleError, or with `collect_errors` takes the
-    ExampleError's place in the list."""
+                  train_on: str = "assistant", collect_errors: bool = False,
+                  tools: list[list[dict] | None] | None = None) -> list:
+    """input_ids and labels of each conversation, whole (callers cut at max_length); `tools`:
+    each conversation's declared tools, if any. A conversation the template refuses raises
+    ExampleError, or with `collect_errors` takes the ExampleError's place in the list."""
     from jinja2 import TemplateError
 
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on={train_on}: use one of {', '.join(TRAIN_ON)}")
+    tools = tools or [None] * len(conversations)
     out: list = []
     for start in range(0, len(conversations), BATCH):
-        chunk = conversations[start:start + BATCH]
+        chunk = range(start, min(start + BATCH, len(conversations)))
+        # conversations without tools render in one batch; those with tools one by one (each
+        # declares its own), and so does every one of a batch that a bad conversation spoils
+        batched = [i for i in chunk if not tools[i]]
+        pairs: dict[int, tuple | ExampleError] = {}
         try:
-            encoded = tokenizer.apply_chat_template(
-                [_plain(c) for c in chunk], chat_template=template, tokenize=True,
-                return_dict=True, return_assistant_tokens_mask=True)
-            pairs = list(zip(encoded["input_ids"], encoded["assistant_masks"]))
-        except TemplateError:  # one conversation spoils the batch: find it, one by one
-            pairs = []
-            for messages in chunk:
-                try:
-                    one = tokenizer.apply_chat_template(
-                        _plain(messages), chat_template=template, tokenize=True,
-                        return_dict=True, return_assistant_tokens_mask=True)
-                    pairs.append((one["input_ids"], one["assistant_masks"]))
-                except TemplateError as err:
-                    pairs.append(ExampleError(f"chat template: {str(err).splitlines()[0]}"))
-        for messages, pair in zip(chunk, pairs):
+            if batched:
+                pairs |= dict(zip(batched, _encode(tokenizer, [conversations[i] for i in batched],
+                                                   template)))
+        except TemplateError:
+            pairs = {}
+        for i in (i for i in chunk if i not in pairs):
             try:
-                if isinstance(pair, ExampleError):
-                    raise pair
-                ids = list(pair[0])
+                pairs[i] = _encode(tokenizer, [conversations[i]], template, tools[i])[0]
+            except TemplateError as err:
+                pairs[i] = ExampleError(f"chat template: {str(err).splitlines()[0]}")
+        for i in chunk:
+            try:
+                if isinstance(pairs[i], ExampleError):
+                    raise pairs[i]
+                ids, mask = list(pairs[i][0]), list(pairs[i][1])
+                if tools[i] or any(m.get("tool_calls") for m in conversations[i]):
+                    _check_calls_rendered(tokenizer, ids, mask, conversations[i])
                 out.append({"input_ids": ids,
-                            "labels": _labels(ids, list(pair[1]), messages, train_on)})
+                            "labels": _labels(ids, mask, conversations[i], train_on)})
             except ExampleError as err:
                 if not collect_errors:
                     raise
@@ -114,7 +145,7 @@ def record_examples(tokenizer, records: list[dict], template: str, train_on: str
     """The example of each canonical record, whatever its kind (see the module docstring)."""
     chats = [i for i, r in enumerate(records) if "text" not in r]
     built = chat_examples(tokenizer, [conversation(records[i]) for i in chats], template,
-                          train_on, collect_errors)
+                          train_on, collect_errors, [records[i].get("tools") for i in chats])
     out: list = [None] * len(records)
     for i, example in zip(chats, built):
         out[i] = example
@@ -136,14 +167,15 @@ def trainable_tokens(example: dict) -> int:
     return sum(label != IGNORE for label in example["labels"])
 
 
-def prompt_text(tokenizer, messages: list[dict]) -> str:
+def prompt_text(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
     """A conversation's prompt as generation sees it: the shipped template, generation prompt
     added (the training template renders the same text: base_model proved it)."""
-    return tokenizer.apply_chat_template(_plain(messages), tokenize=False,
+    return tokenizer.apply_chat_template(_plain(messages), tools=tools or None, tokenize=False,
                                          add_generation_prompt=True)
 
 
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+def prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Token ids of prompt_text, as the served model tokenizes it."""
-    return list(tokenizer.apply_chat_template(_plain(messages), tokenize=True, return_dict=True,
+    return list(tokenizer.apply_chat_template(_plain(messages), tools=tools or None,
+                                              tokenize=True, return_dict=True,
                                               add_generation_prompt=True)["input_ids"])

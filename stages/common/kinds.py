@@ -3,9 +3,16 @@
 Three canonical shapes come out, whatever went in (one JSONL record per line, plus `id`,
 `source`, `line` and `kind`, the kind it was read as):
 
-    chat        {"messages": [{"role": ..., "content": ..., "weight"?: 0|1}, ...]}
+    chat        {"messages": [{"role": ..., "content": ..., "weight"?: 0|1}, ...], "tools"?: [...]}
                 from messages (OpenAI), sharegpt (conversations/from/value),
                 alpaca (instruction/input/output) and prompt_completion (plain or conversational)
+                Tool calling, in the shape chat templates render (transformers' convention):
+                "tools": [{"type": "function", "function": {"name", "description", "parameters"}}],
+                an assistant message's "tool_calls": [{"type": "function", "function": {"name",
+                "arguments": {...}}, "id"?}] (arguments parsed from JSON), and {"role": "tool",
+                "content": result, "tool_call_id"?, "name"?} messages. From OpenAI messages
+                (tools, tool_calls, tool) and ShareGPT's function_call / observation turns with
+                `tools` as a list or a JSON string (LLaMA-Factory's format of the glaive set).
     preference  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
                 from prompt/chosen/rejected (plain, conversational or with an implicit prompt)
                 and ShareGPT-style rows (conversations + chosen/rejected messages)
@@ -26,15 +33,15 @@ from stages.common.records import normalize_text
 KINDS = ("messages", "sharegpt", "alpaca", "prompt_completion", "preference", "text")
 SHAPE = {"messages": "chat", "sharegpt": "chat", "alpaca": "chat", "prompt_completion": "chat",
          "preference": "preference", "text": "text"}
-ROLES = ("system", "user", "assistant")
-MESSAGE_KEYS = {"role", "content", "weight"}
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = {"role", "content", "weight", "tool_calls", "tool_call_id", "name"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "model": "assistant",
                   "bard": "assistant", "bing": "assistant"}
 # the fields a kind reads; anything else at the top level goes to `meta`
 FIELDS = {
-    "messages": {"messages"},
-    "sharegpt": {"conversations", "system"},
+    "messages": {"messages", "tools"},
+    "sharegpt": {"conversations", "system", "tools"},
     "alpaca": {"instruction", "input", "output", "system", "history"},
     "prompt_completion": {"prompt", "completion"},
     "preference": {"prompt", "chosen", "rejected", "conversations", "system"},
@@ -109,7 +116,17 @@ def chat_messages(value: Any, where: str = "messages") -> list[dict]:
         if extra:
             raise RowError("message_unrecognized_key", f"{where}[{i}] has {extra[0]!r}")
         role = _string(m["role"], f"{where}[{i}].role")
-        message = {"role": role, "content": _string(m["content"], f"{where}[{i}].content")}
+        content = m["content"]
+        if content is None and m.get("tool_calls"):  # OpenAI: a call with no text is null
+            content = ""
+        message = {"role": role, "content": _string(content, f"{where}[{i}].content")}
+        if m.get("tool_calls"):
+            message["tool_calls"] = [tool_call(c, f"{where}[{i}].tool_calls[{k}]")
+                                     for k, c in enumerate(_conversation(m["tool_calls"],
+                                                                         f"{where}[{i}].tool_calls"))]
+        for key in ("tool_call_id", "name"):
+            if m.get(key) is not None:
+                message[key] = _string(m[key], f"{where}[{i}].{key}")
         if "weight" in m:
             if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
                 raise RowError("bad_weight", f"{where}[{i}].weight is {m['weight']!r}, not 0 or 1")
@@ -132,14 +149,80 @@ def sharegpt_messages(value: Any, where: str = "conversations") -> list[dict]:
         if extra:
             raise RowError("message_unrecognized_key", f"{where}[{i}] has {extra[0]!r}")
         source = _string(turn["from"], f"{where}[{i}].from")
-        # unknown speakers (observation, function_call, ...) keep their name: validation
-        # quarantines them as unknown_role instead of guessing
-        message = {"role": SHAREGPT_ROLES.get(source.lower(), source),
-                   "content": _string(turn["value"], f"{where}[{i}].value")}
+        value = _string(turn["value"], f"{where}[{i}].value")
+        if source.lower() == "function_call":  # the assistant calls: a JSON call or a list
+            calls = _json(value, f"{where}[{i}].value")
+            message = {"role": "assistant", "content": "", "tool_calls": [
+                tool_call(c, f"{where}[{i}].value") for c in (calls if isinstance(calls, list)
+                                                             else [calls])]}
+        elif source.lower() == "observation":  # what the tool returned
+            message = {"role": "tool", "content": value}
+        else:
+            # unknown speakers keep their name: validation quarantines them as unknown_role
+            # instead of guessing
+            message = {"role": SHAREGPT_ROLES.get(source.lower(), source), "content": value}
         if "weight" in turn:
             message["weight"] = turn["weight"]
         out.append(message)
     return chat_messages(out, where)
+
+
+def _json(value: Any, where: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise RowError("tool_arguments_invalid", f"{where} is not JSON ({err.msg})") from err
+
+
+def tool_call(call: Any, where: str) -> dict:
+    """One call as chat templates render it: {"type": "function", "function": {"name",
+    "arguments": {...}}}, from OpenAI's shape (arguments a JSON string) or a bare
+    {"name", "arguments"} (ShareGPT's function_call value)."""
+    if not isinstance(call, dict):
+        raise RowError("wrong_type", f"{where} is not an object")
+    function = call.get("function", call)
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise RowError("message_missing_key", f"{where} has no function name")
+    arguments = _json(function.get("arguments", function.get("parameters", {})),
+                      f"{where}.arguments")
+    if not isinstance(arguments, dict):
+        raise RowError("tool_arguments_invalid", f"{where}.arguments is not a JSON object")
+    out = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
+def tool_schemas(value: Any) -> list[dict]:
+    """Declared tools as [{"type": "function", "function": {...}}]: OpenAI's list, a list of
+    bare function schemas, or either as a JSON string."""
+    tools = _json(value, "tools")
+    if tools in (None, "", []):
+        return []
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowError("wrong_type", "tools is not a list of tool schemas")
+    out = []
+    for k, tool in enumerate(tools):
+        function = tool.get("function", tool)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RowError("message_missing_key", f"tools[{k}] has no function name")
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def with_tools(obj: dict, fields: dict) -> dict:
+    """The record's declared tools beside its messages; every call must name one of them."""
+    tools = tool_schemas(obj.get("tools"))
+    declared = {t["function"]["name"] for t in tools}
+    for i, m in enumerate(fields["messages"]):
+        for call in m.get("tool_calls", []):
+            if call["function"]["name"] not in declared:
+                raise RowError("tool_undeclared", f"messages[{i}] calls "
+                               f"{call['function']['name']!r}, not among the declared tools "
+                               f"{sorted(declared)}")
+    return fields | ({"tools": tools} if tools else {})
 
 
 def _with_system(obj: dict, messages: list[dict]) -> list[dict]:
@@ -159,9 +242,10 @@ def _turns(value: Any, role: str, where: str) -> list[dict]:
 
 def to_chat(kind: str, obj: dict) -> dict:
     if kind == "messages":
-        return {"messages": chat_messages(_required(obj, "messages"))}
+        return with_tools(obj, {"messages": chat_messages(_required(obj, "messages"))})
     if kind == "sharegpt":
-        return {"messages": _with_system(obj, sharegpt_messages(_required(obj, "conversations")))}
+        return with_tools(obj, {"messages": _with_system(
+            obj, sharegpt_messages(_required(obj, "conversations")))})
     if kind == "alpaca":
         instruction = _string(_required(obj, "instruction"), "instruction")
         extra_input = _string(obj.get("input") or "", "input")
@@ -236,9 +320,14 @@ def prompt_of(record: dict) -> list[dict]:
 
 
 def answer_of(record: dict) -> str:
-    """The answer the model should give (the chosen one for preference; the text for text)."""
+    """The answer the model should give (the chosen one for preference; the text for text).
+    A final answer that calls tools is its text followed by the calls as one JSON list of
+    {"name", "arguments"} (what the tool_calls metric compares)."""
     if "messages" in record:
-        return record["messages"][-1]["content"]
+        last = record["messages"][-1]
+        calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                 for c in last.get("tool_calls", [])]
+        return last["content"] + (json.dumps(calls, sort_keys=True) if calls else "")
     if "chosen" in record:
         return "\n".join(m["content"] for m in record["chosen"])
     return record["text"]

@@ -26,14 +26,15 @@ READABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 BOM = b"\xef\xbb\xbf"
 
 
-def resolve_paths(spec: str | list[str]) -> list[Path]:
-    """`data.path` as a file, a glob, or a list of either -> existing files, in order."""
+def resolve_paths(spec: str | list[str], key: str = "data.path") -> list[Path]:
+    """`data.path` (or the config `key` named) as a file, a glob, or a list of either ->
+    existing files, in order."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     paths: list[Path] = []
     for item in specs:
         matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
         if not matches or not Path(matches[0]).is_file():
-            raise StageError(f"data.path: {item}: no such file")
+            raise StageError(f"{key}: {item}: no such file")
         paths += [Path(m) for m in matches if Path(m) not in paths]
     for path in paths:
         if path.suffix.lower() not in READABLE_SUFFIXES:
@@ -209,3 +210,14 @@ def record_id(content: Any) -> str:
         return value
 
     return hashlib.sha1(json.dumps(norm(content)).encode("utf-8")).hexdigest()[:16]
+
+
+LOCATION_FIELDS = ("id", "source", "line", "fixed_split")
+
+
+def set_hash(records: list[dict]) -> str:
+    """Content hash of a set of records (an evaluation set): sha256 over each record's exact
+    content, sorted, so file names, line numbers and row order do not change it."""
+    rows = sorted(json.dumps({k: v for k, v in r.items() if k not in LOCATION_FIELDS},
+                             sort_keys=True, ensure_ascii=False) for r in records)
+    return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()

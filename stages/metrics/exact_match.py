@@ -16,4 +16,5 @@ class ExactMatch(evaluate.Metric):
 
     def _compute(self, predictions, references):
         hits = [p.strip() == r.strip() for p, r in zip(predictions, references)]
-        return {"exact_match": sum(hits) / len(hits) if hits else 0.0}
+        return {"exact_match": sum(hits) / len(hits) if hits else 0.0,
+                "per_example": {"exact_match": [float(h) for h in hits]}}

@@ -39,10 +39,11 @@ class FieldScores(evaluate.Metric):
 
         pred = [fields(p) for p in predictions]
         ref = [fields(r) for r in references]
-        out = {}
+        out, per_example = {}, {}
         for name, classes in labels.items():
             p = [f.get(name) for f in pred]
             a = [f.get(name) for f in ref]
+            per_example[f"{name}_accuracy"] = [float(x == y) for x, y in zip(p, a)]
             out[f"{name}_accuracy"] = sum(x == y for x, y in zip(p, a)) / len(a) if a else 0.0
-            out[f"{name}_macro_f1"] = macro_f1(p, a, classes)
-        return out
+            out[f"{name}_macro_f1"] = macro_f1(p, a, classes)  # corpus-level: no per-example score
+        return out | {"per_example": per_example}

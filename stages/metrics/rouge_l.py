@@ -19,4 +19,5 @@ class RougeL(evaluate.Metric):
 
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
-        return {"rouge_l": sum(scores) / len(scores) if scores else 0.0}
+        return {"rouge_l": sum(scores) / len(scores) if scores else 0.0,
+                "per_example": {"rouge_l": scores}}
