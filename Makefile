@@ -72,8 +72,10 @@ exps: $(STAMP)  ## Compare experiments: changed params and the summary metrics (
 	$(BIN)/dvc exp show --only-changed --drop 'Created|State|Executor|.*/' \
 	  --keep '^(?!(Experiment|Created|State|Executor|rev|typ|parent|seed|preset)$$)[^./]+$$' $(ARGS)
 
+# BASELINE reaches the script through the environment (make exports command-line variables),
+# never through the shell's parser
 regression: $(STAMP)  ## Compare metrics with a baseline (BASELINE=<git rev or experiment>, default HEAD); fails on a regression
-	$(BIN)/python scripts/regression.py --baseline $(or $(BASELINE),HEAD)
+	$(BIN)/python scripts/regression.py
 
 serve: $(STAMP)  ## Serve models/merged over an OpenAI-compatible API on loopback (port: serve.port)
 	$(BIN)/python scripts/serve.py

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -154,8 +156,12 @@ def compare(diff: dict, rules: dict, intervals: dict[str, tuple[float, float]]) 
         old, new = change.get("old"), change.get("new")
         tolerance = float(tolerances.get(name, tolerances.get("default", 0.0)))
         row = {"metric": key, "old": old, "new": new, "tolerance": tolerance, "status": "ok"}
-        if old is None or new is None:
-            row["status"] = "new" if old is None else "gone"
+        if new is None or not math.isfinite(new):  # a diverged run, or a metric it lost
+            row["status"] = "REGRESSION (missing or not finite)"
+            rows.append(row)
+            continue
+        if old is None:
+            row["status"] = "new"
             rows.append(row)
             continue
         worse = (new - old) if name in lower else (old - new)
@@ -200,8 +206,8 @@ def flatten(diff: dict) -> list[tuple[str, object, object]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--baseline", default="HEAD",
-                        help="git revision or DVC experiment name (default: HEAD)")
+    parser.add_argument("--baseline", default=os.environ.get("BASELINE") or "HEAD",
+                        help="git revision or DVC experiment name (default: $BASELINE, else HEAD)")
     args = parser.parse_args()
     if not Path(METRICS).exists():
         sys.exit(f"error: {METRICS} not found: run the pipeline first (make repro)")
@@ -259,7 +265,7 @@ def main() -> None:
     for key, old, new in params_changed:
         print(f"  {key}: {old!r} -> {new!r}")
 
-    regressions = [r["metric"] for r in rows if r["status"] == "REGRESSION"]
+    regressions = [r["metric"] for r in rows if r["status"].startswith("REGRESSION")]
     if regressions:
         print(f"\nregression (significant and beyond tolerance): {', '.join(regressions)}")
         sys.exit(1)

@@ -126,8 +126,10 @@ def main() -> None:
         template = TEMPLATE.read_text(encoding="utf-8")
         for k, r in enumerate(records):
             served = prompt_ids(exported_tokenizer, prompt_of(r), r.get("tools"))
-            trained = record_examples(tokenizer, [{"messages": [
-                *prompt_of(r), {"role": "assistant", "content": "x"}]}], template)[0]
+            with_answer = {"messages": [*prompt_of(r), {"role": "assistant", "content": "x"}]}
+            if r.get("tools"):  # the declared tools are part of the prompt
+                with_answer["tools"] = r["tools"]
+            trained = record_examples(tokenizer, [with_answer], template)[0]
             if served != prompts[k] or trained["input_ids"][: len(served)] != served:
                 raise StageError(f"round trip: {where[k]}: the exported chat template renders "
                                  f"other prompt tokens than training used")

@@ -176,3 +176,38 @@ def test_tool_calling_data_from_openai_and_sharegpt_goes_through(family_project)
     quarantined = [json.loads(line) for line in (root / "data/interim/quarantine.jsonl").open()]
     assert [q["reasons"] for q in quarantined] == [["tool_arguments_invalid"], ["tool_undeclared"],
                                                    ["bad_role_order"]]
+
+
+def test_tool_calling_trains_and_is_scored_end_to_end(family_project):
+    family, root = family_project
+    if family != "qwen2_5":
+        pytest.skip("one tool-capable family is enough for the stages")
+    from conftest import set_params
+
+    def call(i):
+        return {"type": "function", "function": {"name": "get_order",
+                                                 "arguments": json.dumps({"order_id": str(i)})}}
+    rows = []
+    for i in range(40):
+        ask = {"role": "user", "content": f"Where is order {i}? I placed it on day {7 * i}."}
+        if i % 2:  # ends with the call: the answer to score is the call itself
+            rows.append({"tools": TOOLS, "messages": [
+                ask, {"role": "assistant", "content": None, "tool_calls": [call(i)]}]})
+        else:      # the call, its result, then the answer in words
+            rows.append({"tools": TOOLS, "messages": [
+                ask, {"role": "assistant", "content": None, "tool_calls": [call(i)]},
+                {"role": "tool", "content": '{"status": "shipped"}'},
+                {"role": "assistant", "content": f"Order {i} has shipped."}]})
+    (root / "data/raw/tool_orders.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    set_params(root, **{"data.path": "data/raw/tool_orders.jsonl", "data.kind": "messages",
+                        "data.test_path": None, "task.name": "tool_calling",
+                        "task.answer_regex": None, "task.labels": {}, "task.stratify_by": [],
+                        "task.metrics": ["tool_calls", "exact_match"]})
+    for stage in (validate, dedup, split, train, export, evaluate):
+        stage.main()
+    metrics = json.loads((root / "reports/metrics.json").read_text())
+    for name in ("base", "tuned"):
+        assert {"tool_name_match", "tool_call_match", "exact_match"} <= set(metrics[name])
+    predictions = [json.loads(line) for line in (root / "reports/predictions.jsonl").open()]
+    calls = [p for p in predictions if '"name": "get_order"' in p["reference"]]
+    assert calls and all("tool_call_match" in p["scores"]["tuned"] for p in predictions)

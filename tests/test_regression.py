@@ -86,6 +86,13 @@ def test_corpus_metrics_fall_back_to_the_tolerance():
     assert rows == {"tuned.urgency_macro_f1": "ok", "tuned.bleu": "REGRESSION"}
 
 
+def test_a_lost_or_non_finite_metric_fails():
+    rows = {r["metric"]: r["status"] for r in compare(diff(
+        tuned__exact_match=(0.8, None), tuned__test_loss=(0.5, float("nan"))), RULES, {})}
+    assert rows == {"tuned.exact_match": "REGRESSION (missing or not finite)",
+                    "tuned.test_loss": "REGRESSION (missing or not finite)"}
+
+
 def test_base_metrics_are_context_not_checked_and_new_metrics_are_flagged():
     rows = compare(diff(base__exact_match=(0.5, 0.0), tuned__rouge_l=(None, 0.4)), RULES, {})
     assert [(r["metric"], r["status"]) for r in rows] == [("tuned.rouge_l", "new")]
