@@ -72,6 +72,11 @@ DEFECTS = {
         ("zero_trainable_tokens", {"messages": [{"role": "user", "content": "hi"},
                                                 {"role": "assistant", "content": GOOD, "weight": 0}]}),
         ("kind_mismatch", GOOD_ROWS["alpaca"]),
+        # last: the assertions below index the earlier ones by position
+        ("nesting_too_deep", '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        ("number_too_long", '{"messages": [], "n": ' + "9" * 5000 + "}"),
+        ("duplicate_key", '{"messages": [], "messages": []}'),
+        ("lone_surrogate", '{"messages": [{"role": "user", "content": "hi \\ud83d"}]}'),
     ],
     "sharegpt": [
         ("unknown_role", {"conversations": [{"from": "human", "value": "hi"},
@@ -98,6 +103,7 @@ DEFECTS = {
     "text": [
         ("empty_content", {"text": "  \n "}),
         ("null_value", {"text": None}),
+        ("binary_value", {"text": "a scanned page", "blob": b"\x00\x01"}),
     ],
 }
 # which file format carries each kind's corpus (every format gets at least one kind)
@@ -428,7 +434,8 @@ def test_fixed_evaluation_sets_are_validated_and_tagged(base):
 
 @pytest.mark.parametrize("test_path, message", [
     ("data/raw/pool.jsonl", "data.test_path: data/raw/pool.jsonl is also in data.path"),
-    ("/tmp", "data.test_path: /tmp: no such file"),
+    ("/tmp", "data.test_path: /tmp is a folder: name its files"),
+    ("data/eval/missing.jsonl", "data.test_path: data/eval/missing.jsonl: no such file"),
     ("elsewhere.jsonl", "elsewhere.jsonl is outside data/raw and data/eval"),
 ])
 def test_fixed_set_paths_are_checked(base, test_path, message):
@@ -452,4 +459,43 @@ def test_max_length_auto_follows_the_data(base):
     assert report["max_length_chosen"].startswith("auto: 99th percentile of 201 rows")
     set_params(base, **{"train.max_length": "long"})
     with pytest.raises(StageError, match="train.max_length='long': use a positive number"):
+        validate.main()
+
+
+def test_what_exports_write_is_read_as_meant(base):
+    folder = base / "data/raw/exports"
+    folder.mkdir()
+    # a key present as null is absent: Parquet and `datasets` exports write every key
+    nulls = {"messages": [{"role": "user", "content": "Charged twice.", "weight": None,
+                           "tool_calls": None, "mood": None},
+                          {"role": "assistant", "content": GOOD, "weight": None}],
+             "extra": None}
+    (folder / "nulls.jsonl").write_text(json.dumps(nulls) + "\n")
+    # UTF-16 with its byte order mark (Windows' "Unicode" text); CR-only line ends
+    (folder / "utf16.jsonl").write_bytes(
+        ("\n".join(json.dumps(chat(f"Ticket {i}")) for i in range(3)) + "\n").encode("utf-16"))
+    (folder / "cr.jsonl").write_bytes(
+        "\r".join(json.dumps(chat(f"Old Mac ticket {i}")) for i in range(3)).encode())
+    # a CSV cell over csv's default 128 KB field limit is data, not a malformed row
+    (folder / "long.csv").write_text('messages\n"' + json.dumps(
+        chat("word " * 30_000)["messages"]).replace('"', '""') + '"\n')
+    (folder / "a_folder.jsonl").mkdir()  # a glob's folder is skipped, not read
+    set_params(base, **{"data.path": "data/raw/exports/*", "data.kind": "messages",
+                        "train.max_length": None})
+    validate.main()
+    report = json.loads((base / "reports/validate.json").read_text())
+    assert report["files"] == {f"data/raw/exports/{name}": n for name, n in (
+        ("cr.jsonl", 3), ("long.csv", 1), ("nulls.jsonl", 1), ("utf16.jsonl", 3))}
+    assert report["rows_out"] == 8, read_jsonl(base / "data/interim/quarantine.jsonl")
+    valid = read_jsonl(base / "data/interim/valid.jsonl")
+    assert "meta" not in valid[4] and "weight" not in valid[4]["messages"][0]
+    set_params(base, **{"data.path": "data/raw/exports/a_folder.jsonl"})
+    with pytest.raises(StageError, match="a_folder.jsonl is a folder: name its files"):
+        validate.main()
+
+
+def test_a_json_array_too_deep_to_parse_is_a_one_line_error(base):
+    (base / "data/raw/deep.json").write_text("[" + "[" * 100_000 + "]" * 100_000 + "]")
+    set_params(base, **{"data.path": "data/raw/deep.json", "data.kind": "messages"})
+    with pytest.raises(StageError, match=r"deep.json: not a readable JSON document \(nested"):
         validate.main()

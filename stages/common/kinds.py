@@ -112,7 +112,8 @@ def chat_messages(value: Any, where: str = "messages") -> list[dict]:
         missing = [k for k in ("role", "content") if k not in m]
         if missing:
             raise RowError("message_missing_key", f"{where}[{i}] has no {missing[0]!r}")
-        extra = sorted(set(m) - MESSAGE_KEYS)
+        # a key present as null is absent (Parquet and `datasets` exports write every key)
+        extra = sorted(k for k in set(m) - MESSAGE_KEYS if m[k] is not None)
         if extra:
             raise RowError("message_unrecognized_key", f"{where}[{i}] has {extra[0]!r}")
         role = _string(m["role"], f"{where}[{i}].role")
@@ -127,7 +128,7 @@ def chat_messages(value: Any, where: str = "messages") -> list[dict]:
         for key in ("tool_call_id", "name"):
             if m.get(key) is not None:
                 message[key] = _string(m[key], f"{where}[{i}].{key}")
-        if "weight" in m:
+        if m.get("weight") is not None:
             if m["weight"] not in (0, 1) or isinstance(m["weight"], bool):
                 raise RowError("bad_weight", f"{where}[{i}].weight is {m['weight']!r}, not 0 or 1")
             message["weight"] = int(m["weight"])
@@ -145,7 +146,7 @@ def sharegpt_messages(value: Any, where: str = "conversations") -> list[dict]:
         missing = [k for k in ("from", "value") if k not in turn]
         if missing:
             raise RowError("message_missing_key", f"{where}[{i}] has no {missing[0]!r}")
-        extra = sorted(set(turn) - {"from", "value", "weight"})
+        extra = sorted(k for k in set(turn) - {"from", "value", "weight"} if turn[k] is not None)
         if extra:
             raise RowError("message_unrecognized_key", f"{where}[{i}] has {extra[0]!r}")
         source = _string(turn["from"], f"{where}[{i}].from")
@@ -161,7 +162,7 @@ def sharegpt_messages(value: Any, where: str = "conversations") -> list[dict]:
             # unknown speakers keep their name: validation quarantines them as unknown_role
             # instead of guessing
             message = {"role": SHAREGPT_ROLES.get(source.lower(), source), "content": value}
-        if "weight" in turn:
+        if turn.get("weight") is not None:
             message["weight"] = turn["weight"]
         out.append(message)
     return chat_messages(out, where)
@@ -299,7 +300,7 @@ def canonical(kind: str, obj: Any) -> tuple[dict, dict]:
         fields = {"text": _string(_required(obj, "text"), "text")}
     else:
         fields = to_chat(kind, obj)
-    meta = {k: v for k, v in obj.items() if k not in FIELDS[kind]}
+    meta = {k: v for k, v in obj.items() if k not in FIELDS[kind] and v is not None}
     return fields, meta
 
 

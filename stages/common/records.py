@@ -24,6 +24,10 @@ from stages.common.config import StageError
 
 READABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 BOM = b"\xef\xbb\xbf"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+LINE_ENDS = re.compile(rb"\r\n|\n|\r")  # JSON strings escape CR and LF, so any of them ends a row
+SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: no tokenizer or file takes it
+csv.field_size_limit(2**31 - 1)  # a cell of a long document is data, not a malformed row
 
 
 def resolve_paths(spec: str | list[str], key: str = "data.path") -> list[Path]:
@@ -32,7 +36,11 @@ def resolve_paths(spec: str | list[str], key: str = "data.path") -> list[Path]:
     specs = [spec] if isinstance(spec, str) else list(spec)
     paths: list[Path] = []
     for item in specs:
-        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        if Path(item).is_dir():
+            raise StageError(f"{key}: {item} is a folder: name its files, e.g. {item}/*.jsonl")
+        # a glob's folders (a sub-folder of data/raw, say) are not data files
+        matches = ([m for m in sorted(glob.glob(item)) if Path(m).is_file()]
+                   if glob.has_magic(item) else [item])
         if not matches or not Path(matches[0]).is_file():
             raise StageError(f"{key}: {item}: no such file")
         paths += [Path(m) for m in matches if Path(m) not in paths]
@@ -61,10 +69,45 @@ def looks_binary(data: bytes) -> bool:
     return head.decode("utf-8", errors="replace").count("\ufffd") > len(head) // 10
 
 
+def parse_json(text: str) -> tuple[Any, str | None]:
+    """(object, None) or (None, reason code) for one JSON document: malformed_json,
+    nesting_too_deep, number_too_long (over Python's 4300 digits), duplicate_key (a second
+    value of one key would silently win), lone_surrogate (an unpaired \\ud83d escape)."""
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise KeyError(next(k for k in keys if keys.count(k) > 1))
+        return dict(pairs)
+
+    try:
+        obj = json.loads(text, object_pairs_hook=unique)
+    except json.JSONDecodeError:
+        return None, "malformed_json"
+    except RecursionError:
+        return None, "nesting_too_deep"
+    except ValueError:  # the int() limit on digits
+        return None, "number_too_long"
+    except KeyError:
+        return None, "duplicate_key"
+    if "\\u" in text and has_surrogate(obj):
+        return None, "lone_surrogate"
+    return obj, None
+
+
+def has_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(has_surrogate(k) or has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_surrogate(v) for v in value)
+    return False
+
+
 def read_jsonl(path: Path, data: bytes) -> list[dict]:
     rows = []
-    # CRLF: json ignores the trailing \r; blank lines are skipped, numbering is preserved
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    # LF, CRLF or CR-only line ends; blank lines are skipped, numbering is preserved
+    for number, raw in enumerate(LINE_ENDS.split(data), start=1):
         if number == 1 and raw.startswith(BOM):
             raw = raw[len(BOM):]  # a UTF-8 byte order mark from an editor export
         if not raw.strip():
@@ -77,10 +120,9 @@ def read_jsonl(path: Path, data: bytes) -> list[dict]:
         except UnicodeDecodeError:
             rows.append(_row(path, number, error="invalid_utf8", raw=raw))
             continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError:
-            rows.append(_row(path, number, error="malformed_json", raw=text))
+        obj, error = parse_json(text)
+        if error:
+            rows.append(_row(path, number, error=error, raw=SURROGATE.sub("\ufffd", text)))
             continue
         rows.append(_row(path, number, obj))
     return rows
@@ -96,6 +138,9 @@ def read_json_array(path: Path, data: bytes) -> list[dict]:
     except json.JSONDecodeError as err:
         raise StageError(f"{path}:{err.lineno}:{err.colno}: not a valid JSON document "
                          f"({err.msg})") from err
+    except (RecursionError, ValueError) as err:
+        why = "nested too deep" if isinstance(err, RecursionError) else str(err).split(";")[0]
+        raise StageError(f"{path}: not a readable JSON document ({why})") from err
     if isinstance(items, dict):
         raise StageError(f"{path}: a .json data file must hold an array of records, "
                          f"found an object (JSON Lines go in .jsonl)")
@@ -108,7 +153,8 @@ def read_json_array(path: Path, data: bytes) -> list[dict]:
             pos += 1
         lines.append(text.count("\n", 0, pos) + 1)
         _, pos = decoder.raw_decode(text, pos)
-    return [_row(path, line, obj) for line, obj in zip(lines, items)]
+    return [_row(path, line, error="lone_surrogate", raw=SURROGATE.sub("\ufffd", json.dumps(obj)))
+            if has_surrogate(obj) else _row(path, line, obj) for line, obj in zip(lines, items)]
 
 
 MESSAGE_FIELDS = {"role", "content", "from", "value", "weight"}
@@ -120,9 +166,8 @@ def _cell(value: str) -> Any:
     stripped = value.strip()
     if stripped[:1] not in ("[", "{"):
         return value
-    try:
-        parsed = json.loads(stripped)
-    except json.JSONDecodeError:
+    parsed, error = parse_json(stripped)
+    if error:
         return value
     if isinstance(parsed, list) or (isinstance(parsed, dict) and parsed
                                     and set(parsed) <= MESSAGE_FIELDS):
@@ -174,7 +219,33 @@ def read_parquet(path: Path) -> list[dict]:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise StageError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from err
-    return [_row(path, i, obj) for i, obj in enumerate(table.to_pylist(), start=1)]
+    rows = []
+    for i, obj in enumerate(table.to_pylist(), start=1):
+        try:
+            rows.append(_row(path, i, _plain_value(obj)))
+        except TypeError as err:  # a binary cell: bytes are not text data
+            rows.append(_row(path, i, error="binary_value", raw=str(err)))
+    return rows
+
+
+def _plain_value(value: Any) -> Any:
+    """A Parquet value as JSON has it: timestamps and dates as ISO text, decimals as numbers."""
+    import datetime
+    import decimal
+
+    if isinstance(value, dict):
+        return {k: _plain_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_value(v) for v in value]
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, (bytes, bytearray)):
+        raise TypeError(f"a binary value ({len(value)} bytes)")
+    return value
 
 
 def read_file(path: Path) -> list[dict]:
@@ -183,6 +254,11 @@ def read_file(path: Path) -> list[dict]:
     if suffix == ".parquet":
         return read_parquet(path)
     data = path.read_bytes()
+    if data.startswith(UTF16_BOMS):  # Windows tools save "Unicode" text as UTF-16
+        try:
+            data = data.decode("utf-16").encode("utf-8", errors="surrogatepass")
+        except UnicodeDecodeError as err:
+            raise StageError(f"{path}: starts as UTF-16 but is not (byte {err.start})") from err
     if looks_binary(data):
         raise StageError(f"{path}: looks like a binary file, not {suffix[1:].upper()} text")
     if suffix == ".json":
