@@ -209,11 +209,12 @@ def main() -> None:
         # leakage of a carved test split: each test row against train
         carved_test = [] if fixed["test"] else parts["test"]
         sizes = {8 if len(request_text(records[i]).split()) < short else 13 for i in carved_test}
-        train_index = NgramIndex([records[i] for i in parts["train"]], short, sizes)
+        kept_train = [i for i in parts["train"] if i not in removed]
+        train_index = NgramIndex([records[i] for i in kept_train], short, sizes)
         for i in carved_test:
             share, match = train_index.overlap(records[i])
             if share >= min_overlap:
-                other = records[parts["train"][match]]
+                other = records[kept_train[match]]
                 leaks.append({"split": "test", "id": records[i]["id"], "line": records[i]["line"],
                               "overlap": round(share, 3), "against": "train",
                               "matches_line": other["line"]})
