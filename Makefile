@@ -77,7 +77,7 @@ exps: $(STAMP)  ## Compare experiments: changed params and the summary metrics (
 regression: $(STAMP)  ## Compare metrics with a baseline (BASELINE=<git rev or experiment>, default HEAD); fails on a regression
 	$(BIN)/python scripts/regression.py
 
-serve: $(STAMP)  ## Serve models/merged over an OpenAI-compatible API on loopback (port: serve.port)
+serve: $(STAMP)  ## Serve models/merged over an OpenAI-compatible API to its owner (key in SERVE_API_KEY; conf/serve)
 	$(BIN)/python scripts/serve.py
 
 bench-train: $(STAMP)  ## Benchmark the train stage against a plain TRL SFTTrainer (tokens/s, MFU)
@@ -87,7 +87,7 @@ bench-data: $(STAMP)  ## Benchmark validate -> dedup -> split on 10k and 100k ge
 	$(BIN)/python scripts/bench_data.py
 
 wandb-sync: $(STAMP)  ## Upload the offline W&B runs (needs WANDB_API_KEY in the environment)
-	$(BIN)/wandb sync --sync-all wandb/
+	$(BIN)/wandb sync --yes wandb-runs/wandb/
 
 import: $(STAMP)  ## Import a Hub id or Arrow/Parquet folder as data/raw/NAME.jsonl + NAME.source.json (SOURCE= NAME= [ARGS=])
 	@test -n "$(SOURCE)" -a -n "$(NAME)" || { echo "usage: make import SOURCE=<hub id or folder> NAME=<name> [ARGS='--split train --config x --revision v1 --limit N']"; exit 1; }

@@ -23,9 +23,8 @@ import shutil
 from pathlib import Path
 
 from stages.common import chat_templates, tracking
-from stages.common.config import StageError, load_params, run_stage
-from stages.common.files import (atomic_dir, md5_path, safetensors_summary, write_json,
-                                 write_text)
+from stages.common.config import StageError, load_params, require_dependency, run_stage
+from stages.common.files import atomic_dir, md5_path, safetensors_summary, write_json, write_text
 
 OUT_DIR = Path("models/base")
 REPORT = Path("reports/base_model.json")
@@ -135,6 +134,11 @@ def main() -> None:
         os.environ["HF_HUB_OFFLINE"] = "0"
     folder, gguf_file, commit = resolve_source(name, cfg.get("revision"),
                                                bool(cfg.get("allow_download")))
+    if Path(name).expanduser().exists():  # a local model: DVC must see its files change
+        require_dependency("base_model", "model.name_or_path", Path(name).expanduser())
+    if cfg["training_chat_template"]:
+        require_dependency("base_model", "model.training_chat_template",
+                           cfg["training_chat_template"])
     source_md5 = md5_path(folder / gguf_file) if gguf_file else md5_path(folder)
 
     with tracking.stage_run("base_model", params, ["model"], {"source": source_md5}) as run:

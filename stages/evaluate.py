@@ -17,15 +17,26 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
 from stages.common import tracking
-from stages.common.config import StageError, load_params, run_stage
+from stages.common.config import (
+    StageError,
+    load_params,
+    project_root,
+    require_dependency,
+    run_stage,
+)
 from stages.common.examples import IGNORE, prompt_text, record_examples
-from stages.common.files import (atomic_dir, md5_path, read_jsonl, write_json, write_jsonl,
-                                 write_text)
+from stages.common.files import (
+    atomic_dir,
+    md5_path,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+    write_text,
+)
 from stages.common.kinds import answer_of, prompt_of
 from stages.common.records import set_hash
 from stages.common.task import Task
@@ -64,30 +75,71 @@ def answer_budget(setting, tokenizer, references: list[str]) -> int:
     return max(16, math.ceil(longest * 1.5) + 1)
 
 
+# Memory bounds of test loss, whatever the vocabulary, text length or batch size: at most
+# LOGITS_BUDGET logit values exist at once (1 GiB in fp32), at most TOKEN_BUDGET tokens run
+# through the model at once (one longer text runs alone).
+LOGITS_BUDGET = 2**28
+TOKEN_BUDGET = 2**14
+
+
+def loss_batches(lengths: list[int], scored: list[int], batch_size: int,
+                 per_call: int) -> list[list[int]]:
+    """Example indices in batches of similar length, within batch_size rows, TOKEN_BUDGET
+    padded tokens and `per_call` scored tokens (a longer text is a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, batch, in_batch = [], [], 0
+    for i in order:
+        width, labelled = lengths[i], scored[i]
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * width > TOKEN_BUDGET
+                      or in_batch + labelled > per_call):
+            batches.append(batch)
+            batch, in_batch = [], 0
+        batch.append(i)
+        in_batch += labelled
+    return batches + ([batch] if batch else [])
+
+
 def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> dict:
     """Negative log-likelihood of the labelled tokens: the mean per token over all examples
-    (`loss`), and each example's sum and token count (the regression gate resamples them)."""
+    (`loss`), and each example's sum and token count (the regression gate resamples them).
+
+    Logits are computed only where a labelled token is predicted (transformers'
+    `logits_to_keep` mask), in chunks of at most LOGITS_BUDGET values, so a long raw text or a
+    large vocabulary costs time, not memory."""
     import torch
 
+    vocab = model.get_output_embeddings().weight.shape[0]
+    per_call = max(1, LOGITS_BUDGET // vocab)  # scored positions per forward pass
+    scored = [sum(label != IGNORE for label in e["labels"][1:]) for e in examples]
     sums, counts = [0.0] * len(examples), [0] * len(examples)
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    for start in range(0, len(order), batch_size):
-        batch = [examples[i] for i in order[start : start + batch_size]]
-        width = max(len(e["input_ids"]) for e in batch)
+    for batch in loss_batches([len(e["input_ids"]) for e in examples], scored, batch_size,
+                              per_call):
+        rows = [examples[i] for i in batch]
+        width = max(len(e["input_ids"]) for e in rows)
         ids = torch.tensor([e["input_ids"] + [pad_id] * (width - len(e["input_ids"]))
-                            for e in batch], device=model.device)
+                            for e in rows], device=model.device)
         labels = torch.tensor([e["labels"] + [IGNORE] * (width - len(e["labels"]))
-                               for e in batch], device=model.device)
+                               for e in rows], device=model.device)
         mask = (torch.arange(width, device=model.device)[None, :]
-                < torch.tensor([len(e["input_ids"]) for e in batch], device=model.device)[:, None])
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask.long()).logits.float()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none")
-        for k, i in enumerate(order[start : start + batch_size]):
-            sums[i] = nll[k].sum().item()
-            counts[i] = int((labels[k, 1:] != IGNORE).sum())
+                < torch.tensor([len(e["input_ids"]) for e in rows], device=model.device)[:, None])
+        # position t predicts token t+1: keep the positions whose next token is labelled
+        predicts = torch.zeros_like(mask)
+        predicts[:, :-1] = labels[:, 1:] != IGNORE
+        positions = predicts.nonzero()  # (row, t), row-major: the order logits come back in
+        for start in range(0, len(positions), per_call):
+            chunk = positions[start : start + per_call]
+            keep = torch.zeros_like(mask)
+            keep[chunk[:, 0], chunk[:, 1]] = True
+            with torch.inference_mode():
+                logits = model(input_ids=ids, attention_mask=mask.long(),
+                               logits_to_keep=keep).logits.float().reshape(-1, vocab)
+            nll = torch.nn.functional.cross_entropy(logits, labels[chunk[:, 0], chunk[:, 1] + 1],
+                                                    reduction="none")
+            for k, i in enumerate(batch):
+                mine = chunk[:, 0] == k
+                sums[i] += nll[mine].sum().item()
+                counts[i] += int(mine.sum())
     return {"loss": sum(sums) / max(1, sum(counts)), "sums": sums, "counts": counts}
 
 
@@ -164,8 +216,12 @@ def main() -> None:
     params = load_params()
     cfg, task = params["eval"], Task.from_params(params)
     inputs = {"test": md5_path(TEST), "base": md5_path(BASE), "tuned": md5_path(TUNED)}
-    # evaluate copies metric modules into HF_HOME; keep that out of the user's home
-    os.environ.setdefault("HF_HOME", str(Path(tempfile.gettempdir()) / "llm-finetune-hf"))
+    if cfg["general_path"]:
+        require_dependency("evaluate", "eval.general_path", cfg["general_path"])
+    # evaluate copies metric modules into HF_HOME and imports them from there: a folder of
+    # this project (git-ignored), not the user's home nor a shared path under /tmp where
+    # another local user could plant a module
+    os.environ.setdefault("HF_HOME", str(project_root() / ".cache" / "huggingface"))
 
     with tracking.stage_run("evaluate", params, ["eval", "task"], inputs) as run:
         import torch
@@ -217,6 +273,9 @@ def main() -> None:
                             for k in metrics["base"]}
         if general:
             metrics["forgetting"] = forgetting(general, general_answers, general_losses)
+        # the metrics with a score per example (test loss too): the ones `make regression`
+        # compares with intervals, and the ones reports/summary.json shows
+        metrics["per_example"] = sorted(scored["tuned"][1]) + ["test_loss"]
         metrics["n_examples"] = len(rows)
         # what was scored: `make regression` compares only runs on the same test set
         metrics["test_set"] = {"examples": len(rows), "sha256": set_hash(rows)}

@@ -21,11 +21,9 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-
 from stages.common import tracking
 from stages.common.config import load_params, run_stage
 from stages.common.files import md5_path, write_json, write_text
-from stages.common.records import resolve_paths
 
 BASE = Path("models/base")
 DATA = {"valid": Path("data/interim/valid.jsonl"), "dedup": Path("data/interim/dedup.jsonl"),
@@ -62,10 +60,11 @@ def installed_lock() -> dict:
 
 def summary(reports: dict) -> dict:
     """The numbers experiments are compared by, flat and short-named so `make exps` fits a
-    terminal: the tuned model's per-example metrics (the regression gate's), the forgetting
-    gap (general-set loss, tuned - base) and the rows validation quarantined and split kept."""
+    terminal: the tuned model's per-example metrics (the ones the regression gate resamples,
+    as evaluate lists them), the forgetting gap (general-set loss, tuned - base) and the rows
+    validation quarantined and split kept. A metric that was not finite stays null."""
     metrics, split = reports["metrics"], reports["split"]
-    out = {k: v for k, v in metrics["tuned"].items() if "macro_f1" not in k and k != "perplexity"}
+    out = {k: metrics["tuned"].get(k) for k in metrics["per_example"]}
     if "forgetting" in metrics:
         out["forgetting"] = metrics["forgetting"]["loss_delta"]
     return out | {"quarantined": reports["validate"]["rows_quarantined"],
@@ -77,13 +76,18 @@ def config_hash(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
 
+def number(value, sign: str = "") -> str:
+    """A metric for the card; a missing or non-finite one (null in the json) says so."""
+    return f"{value:{sign}.4f}" if isinstance(value, (int, float)) else "n/a (not finite)"
+
+
 def model_card(manifest: dict, params: dict, reports: dict) -> str:
     metrics, train, split = reports["metrics"], reports["train"], reports["split"]
     validate, dedup = reports["validate"], reports["dedup"]
     method, objective = train["method"], train["objective"]
     rows = "\n".join(
-        f"| {k} | {metrics['base'][k]:.4f} | {metrics['tuned'][k]:.4f} | {metrics['delta'][k]:+.4f} |"
-        for k in metrics["base"])
+        f"| {k} | {number(metrics['base'].get(k))} | {number(metrics['tuned'].get(k))} | "
+        f"{number(metrics['delta'].get(k), '+')} |" for k in metrics["base"])
     splits = ", ".join(f"{name} {n}" for name, n in split["sizes"].items())
     data_md5 = "\n".join(f"| `{path}` | `{md5}` |" for path, md5 in manifest["data_md5"].items())
     model = manifest["model"]
@@ -143,16 +147,14 @@ Composed config sha256 `{manifest['config_sha256'][:16]}`; packages:
 
 def main() -> None:
     params = load_params()
-    data = params["data"]
-    raw = {str(p): md5_path(p) for spec in (data["path"], data.get("test_path"),
-                                            data.get("validation_path")) if spec
-           for p in resolve_paths(spec)}
-    data_md5 = raw | {str(path): md5_path(path) for path in DATA.values() if path.exists()}
     inputs = {name: md5_path(path) for name, path in REPORTS.items()}
 
     with tracking.stage_run("report", params, list(params), inputs) as run:
         reports = {name: json.loads(path.read_text(encoding="utf-8"))
                    for name, path in REPORTS.items()}
+        # the raw and fixed files validate read (its report lists them), then each stage's output
+        data_md5 = ({path: md5_path(Path(path)) for path in reports["validate"]["files"]}
+                    | {str(path): md5_path(path) for path in DATA.values() if path.exists()})
         tokenizer = {name: md5_path(BASE / name) for name in
                      ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                       "chat_template_training.jinja") if (BASE / name).exists()}
@@ -175,6 +177,7 @@ def main() -> None:
             "objective": params.get("objective", {}).get("name", "sft"),
             "packages": package_versions(),
             "lock": installed_lock(),
+            "tracking_mode": tracking.mode_in_effect(params),  # and whether the env overrode it
             "test_set": reports["metrics"].get("test_set"),
             "metrics": {k: reports["metrics"][k] for k in ("base", "tuned", "delta")},
         }

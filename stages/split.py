@@ -33,7 +33,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from stages.common import tracking
-from stages.common.config import StageError, load_params, run_stage
+from stages.common.config import StageError, load_params, require_dependency, run_stage
 from stages.common.files import md5_path, read_jsonl, write_json, write_jsonl
 from stages.common.kinds import answer_of, canonical, kind_of, request_text
 from stages.common.records import read_file, set_hash
@@ -154,6 +154,7 @@ def main() -> None:
     task, seed = Task.from_params(params), int(params["seed"])
     inputs = {"dedup": md5_path(INPUT)}
     if leak_cfg.get("external_eval"):
+        require_dependency("split", "split.leakage.external_eval", leak_cfg["external_eval"])
         inputs["external_eval"] = md5_path(Path(leak_cfg["external_eval"]))
 
     with tracking.stage_run("split", params, ["split", "task"], inputs) as run:

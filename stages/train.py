@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from stages.common import tracking
-from stages.common.config import StageError, load_params, run_stage
+from stages.common.config import StageError, load_params, require_dependency, run_stage
 from stages.common.examples import ExampleError, record_examples, trainable_tokens, truncate
 from stages.common.files import atomic_dir, md5_path, read_jsonl, write_json, write_text
 
@@ -60,6 +60,7 @@ def relaunch_distributed(launch: dict) -> int | None:
     n = int(launch.get("num_processes") or 1)
     if n <= 1 or "LOCAL_RANK" in os.environ:
         return None
+    require_dependency("train", "launch.config_file", launch["config_file"])
     import torch
 
     bin_dir = Path(sys.executable).parent
@@ -280,8 +281,9 @@ def build_trainer(params: dict, precision: str, output_dir: str):
         include_num_input_tokens_seen="non_padding",  # for tokens/s in the report
         ddp_find_unused_parameters=False,
     )
-    callbacks = ([EarlyStoppingCallback(early_stopping_patience=int(patience))]
-                 if patience and eval_records else [])
+    callbacks = [stop_on_non_finite_loss()] + (
+        [EarlyStoppingCallback(early_stopping_patience=int(patience))]
+        if patience and eval_records else [])
     peft = peft_config(method)
     attention = choose_attention(cfg.get("attn_implementation") or "auto")
     common["use_liger_kernel"] = choose_liger(cfg.get("use_liger_kernel", False))
@@ -330,6 +332,24 @@ def build_trainer(params: dict, precision: str, output_dir: str):
         train_dataset=Dataset.from_list(rows["train"]),
         eval_dataset=Dataset.from_list(rows["eval"]) if rows["eval"] else None,
         callbacks=callbacks)
+
+
+def stop_on_non_finite_loss():
+    """A callback that stops a diverging run at the first NaN or infinite loss it logs (a run
+    that goes on would write null metrics and a broken model as if nothing happened)."""
+    from transformers import TrainerCallback
+
+    class StopOnNonFiniteLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "eval_loss", "grad_norm"):
+                value = (logs or {}).get(key)
+                if isinstance(value, (int, float)) and not math.isfinite(value):
+                    raise StageError(
+                        f"training diverged: {key}={value} at step {state.global_step} "
+                        f"(train.learning_rate={args.learning_rate:g}); lower the learning "
+                        f"rate, raise train.warmup_ratio or check the data for extreme rows")
+
+    return StopOnNonFiniteLoss()
 
 
 # --- 3. pre-flight plan ------------------------------------------------------------------------
@@ -400,11 +420,30 @@ def preflight(trainer, n_processes: int) -> dict:
 
 # --- 4. checkpoints ------------------------------------------------------------------------------
 
+# the packages whose versions change what a checkpoint holds or how it resumes
+TRAINING_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes",
+                     "datasets", "tokenizers", "safetensors")
+
+
 def run_fingerprint(params: dict, inputs: dict) -> str:
-    """What makes two runs the same run: their training params and their inputs."""
+    """What makes two runs the same run, so a killed one may resume: the training params,
+    the inputs, the code of this stage (its module and the shared modules) and the installed
+    versions of the training packages. After a bug fix or an upgrade, a checkpoint of the old
+    run is not resumed."""
+    from importlib import metadata
+
     keys = ("train", "method", "objective", "seed", "launch")
-    blob = json.dumps({"params": {k: params.get(k) for k in keys}, "inputs": inputs},
-                      sort_keys=True)
+    here = Path(__file__).parent
+    code = {str(p.relative_to(here)): md5_path(p)
+            for p in [Path(__file__), *sorted((here / "common").glob("*.py"))]}
+    versions = {}
+    for package in TRAINING_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    blob = json.dumps({"params": {k: params.get(k) for k in keys}, "inputs": inputs,
+                       "code": code, "packages": versions}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -514,12 +553,6 @@ def main() -> None:
             trainer.model.save_pretrained(tmp, safe_serialization=True)
             trainer.processing_class.save_pretrained(tmp)
             sort_adapter_config(Path(tmp) / "adapter_config.json")
-        # the run is over: its checkpoints are no use to the next one
-        for item in CHECKPOINTS.iterdir():
-            if item != RUN_FILE:
-                shutil.rmtree(item) if item.is_dir() else item.unlink()
-        write_json(RUN_FILE, {"fingerprint": fingerprint, "finished": True})
-
         train_csv, eval_csv = loss_curves(state.log_history)
         write_text(PLOTS / "train_loss.csv", train_csv)
         write_text(PLOTS / "eval_loss.csv", eval_csv)
@@ -557,6 +590,12 @@ def main() -> None:
                             "train/trainable_parameters": plan["parameters"]["trainable"],
                             "train/resumed_from_step": report["resumed_from_step"]})
         log_adapter_artifact(run, method["name"])
+        # every output is written: only now is the run over, and its checkpoints of no use to
+        # the next one (a kill before this line resumes from the last checkpoint)
+        for item in CHECKPOINTS.iterdir():
+            if item != RUN_FILE:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        write_json(RUN_FILE, {"fingerprint": fingerprint, "finished": True})
         print(f"train: {report['optimizer_steps']} steps in {seconds:.0f}s, "
               f"loss {report['final_train_loss']}, best eval loss {report['eval_loss']}"
               + (f" (step {best_step})" if best_step else "")

@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from stages.common import tracking
-from stages.common.config import StageError, load_params, run_stage
+from stages.common.config import StageError, load_params, require_dependency, run_stage
 from stages.common.examples import ExampleError, record_examples, trainable_tokens, truncate
 from stages.common.files import md5_path, write_json, write_jsonl
 from stages.common.kinds import (KINDS, ROLES, SHAPE, RowError, canonical, conversation_text,
@@ -45,7 +45,6 @@ MAX_LENGTH = Path("data/interim/max_length.json")  # the token budget train cuts
 DATA_DOCS = Path("reports/data_docs")
 TOKENIZER_DIR = Path("models/base")
 TRAINING_TEMPLATE = TOKENIZER_DIR / "chat_template_training.jinja"
-DATA_DIRS = (Path("data/raw"), Path("data/eval"))  # the data folders dvc.yaml declares
 FIXED_SETS = ("test", "validation")  # data.<name>_path: evaluation sets that never move
 LENGTH_POLICIES = ("reject", "truncate", "drop")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, LF and CR are fine
@@ -349,7 +348,7 @@ def main() -> None:
         raise StageError(f"data.kind={data['kind']}: use one of {', '.join(KINDS)} or auto")
     if policy not in LENGTH_POLICIES:
         raise StageError(f"data.length_policy={policy}: use one of {', '.join(LENGTH_POLICIES)}")
-    paths = resolve_paths(data["path"])
+    paths = [require_dependency("validate", "data.path", p) for p in resolve_paths(data["path"])]
     fixed = fixed_set_paths(data, paths)  # file -> "test" | "validation"
     paths += list(fixed)
     inputs = {str(p): md5_path(p) for p in paths}
@@ -501,11 +500,7 @@ def fixed_set_paths(data: dict, pool: list[Path]) -> dict[Path, str]:
                 raise StageError(f"data.{name}_path: {path} is also in "
                                  f"{'data.path' if path in pool else 'the other fixed set'}; "
                                  f"a file belongs to one set")
-            if not any(path.resolve().is_relative_to(d.resolve()) for d in DATA_DIRS):
-                raise StageError(f"data.{name}_path: {path} is outside "
-                                 f"{' and '.join(map(str, DATA_DIRS))}, the folders the validate "
-                                 f"stage declares in dvc.yaml (DVC would not see it change)")
-            fixed[path] = name
+            fixed[require_dependency("validate", f"data.{name}_path", path)] = name
     return fixed
 
 

@@ -78,7 +78,22 @@ def project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     root = copy_template(tmp_path / "project")
     monkeypatch.chdir(root)
     compose(root / "params.yaml", tiny_overrides(tiny_model_dir))
+    declare_dependency(root, "base_model", tiny_model_dir)
     return root
+
+
+def declare_dependency(root: Path, stage: str, path: Path) -> None:
+    """Add a file a param names to the stage's deps in the project's dvc.yaml, as a user does
+    for a local model folder (stages refuse undeclared ones)."""
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())
+    pipeline["stages"][stage]["deps"].append(str(path))
+    (root / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+
+
+def use_model(root: Path, folder: Path) -> None:
+    """Point model.name_or_path at a local model folder, declared as base_model's dependency."""
+    set_params(root, **{"model.name_or_path": str(folder)})
+    declare_dependency(root, "base_model", folder)
 
 
 def set_params(root: Path, **updates) -> dict:
@@ -92,3 +107,15 @@ def set_params(root: Path, **updates) -> dict:
         node[leaf] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
+
+
+def switch_method(root: Path, name: str, **updates) -> dict:
+    """Set the project's method section to what `method=<name>` composes (the schema refuses
+    a lora section renamed full), plus `updates` elsewhere in params.yaml."""
+    from stages.common.compose import compose
+
+    composed = root / "params.method.yaml"
+    compose(composed, [f"method={name}"])
+    section = yaml.safe_load(composed.read_text())["method"]
+    composed.unlink()
+    return set_params(root, method=section, **updates)

@@ -9,7 +9,7 @@ import json
 import shutil
 
 import pytest
-from conftest import set_params
+from conftest import set_params, use_model
 from transformers import AutoTokenizer
 
 from stages import base_model
@@ -119,8 +119,7 @@ def test_local_folder_becomes_base_with_a_derived_training_template(project):
 def test_held_out_templates_train_on_what_the_model_generates(project, tiny_model_dir, tmp_path,
                                                               template, expected):
     # what follows the generation prompt up to the stop token, leading space or newline included
-    set_params(project, **{"model.name_or_path": str(wearing(tiny_model_dir, tmp_path / "m",
-                                                             template))})
+    use_model(project, wearing(tiny_model_dir, tmp_path / "m", template))
     base_model.main()
     assert report(project)["training_template"]["source"] == "derived"
     assert trained(project / "models/base", CONVERSATION) == expected
@@ -132,8 +131,7 @@ def test_held_out_templates_train_on_what_the_model_generates(project, tiny_mode
 ])
 def test_templates_that_cannot_be_proven_stop_with_what_to_set(project, tiny_model_dir, tmp_path,
                                                                template, why):
-    set_params(project, **{"model.name_or_path": str(wearing(tiny_model_dir, tmp_path / "m",
-                                                             template))})
+    use_model(project, wearing(tiny_model_dir, tmp_path / "m", template))
     with pytest.raises(StageError, match=rf"model family 'llama'.*{why}.*"
                                          r"set model.training_chat_template") as err:
         base_model.main()
@@ -142,8 +140,7 @@ def test_templates_that_cannot_be_proven_stop_with_what_to_set(project, tiny_mod
 
 
 def test_shipped_markers_that_mark_the_header_are_rejected(project, tiny_model_dir, tmp_path):
-    set_params(project, **{"model.name_or_path": str(wearing(tiny_model_dir, tmp_path / "m",
-                                                             CHATML_WRONG_MARKERS))})
+    use_model(project, wearing(tiny_model_dir, tmp_path / "m", CHATML_WRONG_MARKERS))
     base_model.main()
     chosen = report(project)["training_template"]
     assert chosen["source"] == "derived"
@@ -153,9 +150,15 @@ def test_shipped_markers_that_mark_the_header_are_rejected(project, tiny_model_d
 
 
 def test_configured_training_template_is_used_and_checked(project, tmp_path):
-    path = tmp_path / "train.jinja"
+    outside = tmp_path / "train.jinja"  # not a dependency of base_model: refused
+    outside.write_text(CHATML_TRAINING)
+    set_params(project, **{"model.training_chat_template": str(outside)})
+    with pytest.raises(StageError, match=r"model.training_chat_template=.*not a dependency of "
+                                         r"the base_model stage.*conf/chat_templates"):
+        base_model.main()
+    path = project / "conf/chat_templates/train.jinja"
     path.write_text(CHATML_TRAINING)
-    set_params(project, **{"model.training_chat_template": str(path)})
+    set_params(project, **{"model.training_chat_template": "conf/chat_templates/train.jinja"})
     base_model.main()
     assert report(project)["training_template"]["source"].startswith(
         "model.training_chat_template")

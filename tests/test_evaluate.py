@@ -162,3 +162,48 @@ def test_tool_call_metric_reads_calls_in_the_common_formats():
     # an answer in words matches a reference that calls nothing
     words = load("tool_calls").compute(predictions=["Shipped."], references=["It shipped."])
     assert words["tool_call_match"] == 1.0
+
+
+def test_test_loss_is_the_same_in_memory_bounded_chunks(prepared, monkeypatch):  # noqa: F811
+    """Test loss computed in tiny chunks (a few logits at a time, one text per batch) equals
+    the loss from the full logits of one batch: the bounds cost time, never the result."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "models/base")
+    model = AutoModelForCausalLM.from_pretrained(prepared / "models/base")
+    records = read_jsonl(prepared / "data/processed/validation.jsonl")
+    examples = evaluate_stage.loss_examples(records, tokenizer)
+    examples.append({"input_ids": examples[0]["input_ids"] * 3,  # a long text, every token
+                     "labels": examples[0]["input_ids"] * 3})
+    full = evaluate_stage.test_loss(model, examples, 64, tokenizer.pad_token_id)
+
+    expected = []
+    for e in examples:  # the plain way: every logit of one text at once
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0].float()
+        labels = torch.tensor(e["labels"])
+        nll = torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100,
+                                                reduction="sum")
+        expected.append(nll.item())
+    assert full["sums"] == pytest.approx(expected, rel=1e-4)
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(evaluate_stage, "LOGITS_BUDGET", vocab * 3)  # 3 positions per pass
+    monkeypatch.setattr(evaluate_stage, "TOKEN_BUDGET", 16)
+    chunked = evaluate_stage.test_loss(model, examples, 64, tokenizer.pad_token_id)
+    assert chunked["sums"] == pytest.approx(full["sums"], rel=1e-4)
+    assert chunked["counts"] == full["counts"] and chunked["counts"][-1] == len(
+        examples[0]["input_ids"]) * 3 - 1
+
+
+def test_loss_batches_respect_every_bound():
+    lengths, scored = [5, 40, 7, 300, 6, 8], [2, 30, 3, 299, 1, 4]
+    batches = evaluate_stage.loss_batches(lengths, scored, batch_size=3, per_call=20)
+    assert sorted(i for b in batches for i in b) == list(range(6))  # every example, once
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len(batch) == 1 or (sum(scored[i] for i in batch) <= 20
+                                   and len(batch) * max(lengths[i] for i in batch)
+                                   <= evaluate_stage.TOKEN_BUDGET)
+    assert [3] in batches and [1] in batches  # too long to share a pass

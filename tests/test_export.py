@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import set_params
+from conftest import set_params, switch_method
 from stages import export, train
 from stages.common.config import StageError
 from stages.common.files import read_jsonl, write_jsonl
@@ -47,7 +47,7 @@ def test_a_merge_that_answers_otherwise_fails(trained, monkeypatch):
 
 
 def test_full_fine_tune_exports_as_is(trained):
-    set_params(trained, **{"method.name": "full", "train.max_steps": 2})
+    switch_method(trained, "full", **{"train.max_steps": 2})
     train.main()
     export.main()
     report = json.loads((trained / "reports/export.json").read_text())

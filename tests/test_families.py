@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, copy_template, tiny_overrides
+from conftest import ROOT, copy_template, declare_dependency, tiny_overrides
 from tiny_model import FAMILIES, build_family_model, ticket_corpus, trained_runs
 from transformers import AutoTokenizer
 
@@ -39,6 +39,7 @@ def family_project(request, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     compose(root / "params.yaml", tiny_overrides(model))
+    declare_dependency(root, "base_model", model)
     base_model.main()
     yield family, root
     os.chdir(cwd)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, copy_template
+from conftest import ROOT, copy_template, declare_dependency
 from test_tracking import read_offline_run
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,9 @@ def make_repo(tmp_path: Path, tiny_model_dir: Path) -> Path:
     repo = copy_template(tmp_path / "repo", raw_rows=240)
     # a config group for the tiny model, selected in the defaults list like a user would
     (repo / "conf/model/tiny.yaml").write_text(
-        f"name_or_path: {tiny_model_dir}\nallow_download: false\ntraining_chat_template: null\n")
+        f"name_or_path: {tiny_model_dir}\nrevision: null\nallow_download: false\n"
+        "training_chat_template: null\n")
+    declare_dependency(repo, "base_model", tiny_model_dir)  # a local model folder, as users do
     train = yaml.safe_load((repo / "conf/train/default.yaml").read_text())
     train.update(max_steps=4, eval_steps=2, logging_steps=1, per_device_train_batch_size=4)
     (repo / "conf/train/tiny.yaml").write_text(yaml.safe_dump(train))
@@ -43,8 +45,9 @@ def make_repo(tmp_path: Path, tiny_model_dir: Path) -> Path:
     config = config.replace("model: smollm2_135m", "model: tiny").replace(
         "train: default", "train: tiny")
     (repo / "conf/config.yaml").write_text(config)
-    (repo / "conf/eval/default.yaml").write_text(
-        "max_new_tokens: 12\nbatch_size: 8\nmax_examples: 8\n")
+    evaluation = yaml.safe_load((repo / "conf/eval/default.yaml").read_text())
+    evaluation.update(max_new_tokens=12, batch_size=8, max_examples=8)
+    (repo / "conf/eval/default.yaml").write_text(yaml.safe_dump(evaluation))
     (repo / "conf/data/tickets.yaml").write_text(
         (repo / "conf/data/tickets.yaml").read_text().replace(
             "max_rejected_fraction: 0.2", "max_rejected_fraction: 0.5"))
@@ -83,7 +86,7 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
         data = json.loads((repo / f"reports/{report}.json").read_text())
         assert data["rows_in"] >= data["rows_out"] > 0
     # every stage left a finished offline W&B run, with its inputs' md5 in the config
-    runs = [read_offline_run(d) for d in (repo / "wandb").glob("offline-run-*")]
+    runs = [read_offline_run(d) for d in (repo / "wandb-runs" / "wandb").glob("offline-run-*")]
     assert sorted(r["config"]["stage"] for r in runs) == sorted(stages)
     for run in runs:
         assert run["state"] == "finished", run["name"]
@@ -92,6 +95,19 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
 
     again = sh(repo, py, "-m", "dvc", "repro", env=env)
     assert "Running stage" not in again
+
+    # a changed file that a param names makes the stage that reads it stale
+    for rel, stage in [("data/general/instructions.jsonl", "evaluate"),
+                       ("data/eval/tickets_test.jsonl", "split"),
+                       ("conf/accelerate/ddp.yaml", "train"),
+                       ("conf/chat_templates/README.md", "base_model")]:
+        original = (repo / rel).read_bytes()
+        (repo / rel).write_bytes(original + b"\n")
+        status = sh(repo, py, "-m", "dvc", "status", stage, env=env)
+        assert re.search(rf"^{stage}:\n\s+changed deps:\n(\s+.*\n)*?\s+modified:\s+"
+                         rf"{rel.rsplit('/', 1)[0]}", status, re.M), (rel, status)
+        (repo / rel).write_bytes(original)
+    assert "up to date" in sh(repo, py, "-m", "dvc", "status", env=env)
 
     # every plot renders from local files into a page that needs no network
     sh(repo, py, str(ROOT / "scripts/offline_plots.py"), env=env)
@@ -202,7 +218,7 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
     assert max(map(len, table.stdout.splitlines())) <= 200, table.stdout
     assert "train.learning_rate" in table.stdout and "exact_match" in table.stdout, table.stdout
     assert "0.003" in table.stdout and "train.max_steps" not in table.stdout, table.stdout
-    runs = [read_offline_run(d) for d in (repo / "wandb").glob("offline-run-*")]
+    runs = [read_offline_run(d) for d in (repo / "wandb-runs" / "wandb").glob("offline-run-*")]
     for lr, name in swept.items():
         # the report run is the experiment's row in W&B: whole config, hashes, final metrics
         [report] = [r for r in runs if r["config"]["dvc"]["exp_name"] == name

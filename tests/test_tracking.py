@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from stages import split
 from stages.common.files import md5_file, write_jsonl
 from test_split import rows
@@ -45,3 +47,69 @@ def test_offline_run_has_config_md5_and_summary(project, monkeypatch, tmp_path):
     for path in run_dirs[0].rglob("*"):
         if path.is_file():
             assert b"secret-key-that-must-not-leak" not in path.read_bytes(), path
+
+
+def _params() -> dict:
+    from stages.common.config import load_params
+
+    return load_params()
+
+
+def test_wandb_failing_to_start_stops_the_stage_before_any_work(project, monkeypatch):
+    import wandb
+
+    from stages.common import tracking
+    from stages.common.config import StageError
+
+    def broken_init(**_):
+        raise ConnectionError("api.wandb.ai unreachable\nlong traceback text")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    worked = []
+    with pytest.raises(StageError) as err:
+        with tracking.stage_run("split", _params(), ["split"], {}):
+            worked.append(True)
+    assert not worked
+    assert "W&B could not start the split run" in str(err.value)
+    assert "ConnectionError: api.wandb.ai unreachable" in str(err.value)
+    assert "tracking.mode=disabled" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_wandb_failing_after_the_work_is_written_down_not_fatal(project, capsys):
+    import wandb
+
+    from stages.common import tracking
+
+    with tracking.stage_run("split", _params(), ["split"], {}):
+        (project / "done.json").write_text("{}")  # the stage's work, finished
+        wandb.Artifact("a name W&B refuses: /", type="model")  # raises inside wandb
+    assert (project / "done.json").exists()
+    failures = (project / "wandb-runs/failures.jsonl").read_text().splitlines()
+    assert len(failures) == 1 and json.loads(failures[0])["stage"] == "split"
+    assert "W&B failed while logging" in capsys.readouterr().err
+    # a failure of the stage's own work still fails the stage
+    with pytest.raises(ZeroDivisionError):
+        with tracking.stage_run("split", _params(), ["split"], {}):
+            1 / 0  # noqa: B018
+
+
+def test_an_environment_override_of_the_mode_is_reported(project, monkeypatch, capsys):
+    from stages.common import tracking
+
+    params = _params()
+    assert params["tracking"]["mode"] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.mode_in_effect(params) == {"configured": "offline", "effective": "disabled",
+                                               "from_environment": True}
+    with tracking.stage_run("split", params, ["split"], {}) as run:
+        assert run.config["tracking_mode"]["from_environment"] is True
+    assert ("WANDB_MODE=disabled from the environment overrides tracking.mode=offline"
+            in capsys.readouterr().err)
+    monkeypatch.delenv("WANDB_MODE")
+    assert tracking.mode_in_effect(params)["from_environment"] is False
+
+
+def test_offline_runs_live_where_no_import_mistakes_them_for_the_package():
+    from stages.common.tracking import RUNS_DIR
+
+    assert not RUNS_DIR.isidentifier()  # `import wandb-runs` is not Python

@@ -11,11 +11,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, set_params
+from conftest import ROOT, set_params, switch_method
 from stages import base_model, train
 from stages.common.config import StageError
 from stages.common.examples import IGNORE, chat_examples, text_example
@@ -169,7 +170,7 @@ def test_lora_run_writes_adapter_plan_report_and_curves(prepared):
 
 @pytest.mark.parametrize("method", ["full", "dora", "qlora"])
 def test_methods(prepared, method):
-    set_params(prepared, **{"method.name": method, "train.max_steps": 2})
+    switch_method(prepared, method, **{"train.max_steps": 2})
     train.main()
     report = report_of(prepared)
     assert report["method"] == method and report["optimizer_steps"] == 2
@@ -350,3 +351,37 @@ def test_killed_run_resumes_to_the_same_weights(prepared):
     assert report["resumed"] and report["resumed_from_step"] >= 6
     assert report["optimizer_steps"] == 16
     assert_same_weights(adapter_weights(prepared), uninterrupted, atol=1e-6)
+
+
+def test_a_non_finite_loss_stops_training_with_one_line(prepared):
+    from transformers import TrainerState, TrainingArguments
+
+    callback = train.stop_on_non_finite_loss()
+    state, args = TrainerState(), TrainingArguments(output_dir=str(prepared / "x"), use_cpu=True)
+    state.global_step = 7
+    callback.on_log(args, state, None, logs={"loss": 1.5, "grad_norm": 0.3})  # finite: goes on
+    for key in ("loss", "eval_loss", "grad_norm"):
+        with pytest.raises(StageError, match=f"training diverged: {key}=(nan|inf) at step 7"):
+            callback.on_log(args, state, None, logs={key: float("nan" if key != "loss" else "inf")})
+    trainer = train.build_trainer(params_of(prepared), "fp32", str(prepared / "out"))
+    assert any(type(c).__name__ == "StopOnNonFiniteLoss"
+               for c in trainer.callback_handler.callbacks)
+
+
+def test_checkpoint_fingerprint_covers_params_inputs_code_and_packages(prepared, monkeypatch):
+    from importlib import metadata
+
+    params, inputs = params_of(prepared), {"train": "a", "validation": "b", "base": "c"}
+    before = train.run_fingerprint(params, inputs)
+    assert train.run_fingerprint(params, inputs) == before  # deterministic
+    assert train.run_fingerprint({**params, "seed": 1}, inputs) != before
+    assert train.run_fingerprint(params, {**inputs, "train": "z"}) != before
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version",
+                        lambda name: "9.9" if name == "peft" else real_version(name))
+    assert train.run_fingerprint(params, inputs) != before  # an upgrade: no resume
+    monkeypatch.undo()
+    real_md5 = train.md5_path
+    monkeypatch.setattr(train, "md5_path", lambda p: "fixed" if Path(p).name == "train.py"
+                        else real_md5(p))
+    assert train.run_fingerprint(params, inputs) != before  # a code change: no resume

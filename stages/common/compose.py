@@ -3,7 +3,9 @@
     python -m stages.common.compose [override ...]     # e.g. method=full train.max_steps=5
 
 `dvc repro` never composes, so run this (or `make params`) after editing conf/ when you
-reproduce with `dvc repro`; `dvc exp run` composes by itself.
+reproduce with `dvc repro`; `dvc exp run` composes by itself. The result is checked against
+the typed schema (stages/common/schema.py): a wrong key or value exits 2 with one line, and
+every stage checks params.yaml again when it starts (`dvc exp run` composes without us).
 """
 
 from __future__ import annotations
@@ -22,5 +24,12 @@ def compose(output: Path, overrides: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from stages.common.config import StageError, load_params
+
     compose(Path("params.yaml"), sys.argv[1:])
+    try:
+        load_params(Path("params.yaml"))
+    except StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     print("params.yaml composed from conf/" + (f" with {sys.argv[1:]}" if sys.argv[1:] else ""))

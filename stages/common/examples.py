@@ -30,11 +30,10 @@ def conversation(record: dict) -> list[dict]:
     return record["messages"] if "messages" in record else [*record["prompt"], *record["chosen"]]
 
 
-MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")  # what templates read
-
-
 def _plain(messages: list[dict]) -> list[dict]:
-    return [{k: m[k] for k in MESSAGE_KEYS if k in m} for m in messages]
+    """Messages as chat templates read them: a canonical message (stages/common/kinds.py)
+    without our per-turn training `weight`, which is no template's business."""
+    return [{k: v for k, v in m.items() if k != "weight"} for m in messages]
 
 
 def _runs(mask: list[int]) -> list[tuple[int, int]]:

@@ -40,7 +40,11 @@ def write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+    except BaseException:  # e.g. text that UTF-8 cannot encode: no half-written file remains
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any
+from typing import Any, get_args
 
-from stages.common.records import normalize_text
+from stages.common.records import normalize_text, parse_json
+from stages.common.schema import RecordKind
 
-KINDS = ("messages", "sharegpt", "alpaca", "prompt_completion", "preference", "text")
+KINDS = get_args(RecordKind)  # data.kind's values (the schema is their one home)
 SHAPE = {"messages": "chat", "sharegpt": "chat", "alpaca": "chat", "prompt_completion": "chat",
          "preference": "preference", "text": "text"}
 ROLES = ("system", "user", "assistant", "tool")
@@ -121,7 +122,7 @@ def chat_messages(value: Any, where: str = "messages") -> list[dict]:
         if content is None and m.get("tool_calls"):  # OpenAI: a call with no text is null
             content = ""
         message = {"role": role, "content": _string(content, f"{where}[{i}].content")}
-        if m.get("tool_calls"):
+        if m.get("tool_calls") not in (None, []):  # false, "" or {} is a mistake, not "none"
             message["tool_calls"] = [tool_call(c, f"{where}[{i}].tool_calls[{k}]")
                                      for k, c in enumerate(_conversation(m["tool_calls"],
                                                                          f"{where}[{i}].tool_calls"))]
@@ -169,12 +170,13 @@ def sharegpt_messages(value: Any, where: str = "conversations") -> list[dict]:
 
 
 def _json(value: Any, where: str) -> Any:
+    """A JSON string inside a record (tool arguments, tools), checked as strictly as a line."""
     if not isinstance(value, str):
         return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as err:
-        raise RowError("tool_arguments_invalid", f"{where} is not JSON ({err.msg})") from err
+    parsed, error = parse_json(value)
+    if error:
+        raise RowError("tool_arguments_invalid", f"{where} is not usable JSON ({error})")
+    return parsed
 
 
 def tool_call(call: Any, where: str) -> dict:
@@ -191,8 +193,8 @@ def tool_call(call: Any, where: str) -> dict:
     if not isinstance(arguments, dict):
         raise RowError("tool_arguments_invalid", f"{where}.arguments is not a JSON object")
     out = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
-    if isinstance(call.get("id"), str):
-        out["id"] = call["id"]
+    if call.get("id") is not None:
+        out["id"] = _string(call["id"], f"{where}.id")
     return out
 
 
@@ -249,8 +251,11 @@ def to_chat(kind: str, obj: dict) -> dict:
             obj, sharegpt_messages(_required(obj, "conversations")))})
     if kind == "alpaca":
         instruction = _string(_required(obj, "instruction"), "instruction")
-        extra_input = _string(obj.get("input") or "", "input")
+        extra_input = "" if obj.get("input") is None else _string(obj["input"], "input")
         output = _string(_required(obj, "output"), "output")
+        if not isinstance(obj.get("history", []), (list, type(None))):
+            raise RowError("wrong_type", f"history is {type(obj['history']).__name__}, "
+                           f"not a list of [question, answer] pairs")
         history = []
         for i, pair in enumerate(obj.get("history") or []):
             if not (isinstance(pair, list) and len(pair) == 2):
@@ -276,9 +281,11 @@ def to_preference(obj: dict) -> dict:
         prompt = _with_system(obj, _turns(obj["prompt"], "user", "prompt"))
         # some sets (UltraFeedback) repeat the prompt, with or without its system message,
         # at the start of both conversations: strip it
-        for reply in (chosen, rejected):
+        for name, reply in (("chosen", chosen), ("rejected", rejected)):
             shared = next((n for n in (len(prompt), len(prompt) - 1)
                            if n > 0 and reply[:n] == prompt[-n:]), 0)
+            if shared == len(reply):
+                raise RowError("empty_conversation", f"{name} repeats the prompt, with no answer")
             del reply[:shared]
     else:  # implicit prompt: the shared start of both conversations
         n = 0

@@ -26,6 +26,8 @@ READABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 BOM = b"\xef\xbb\xbf"
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 LINE_ENDS = re.compile(rb"\r\n|\n|\r")  # JSON strings escape CR and LF, so any of them ends a row
+TEXT_LINE_ENDS = re.compile(r"\r\n|\n|\r")
+MAX_DEPTH = 100  # nesting levels of one record: real data has a few; deeper overflows the stack
 SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: no tokenizer or file takes it
 csv.field_size_limit(2**31 - 1)  # a cell of a long document is data, not a malformed row
 
@@ -71,8 +73,9 @@ def looks_binary(data: bytes) -> bool:
 
 def parse_json(text: str) -> tuple[Any, str | None]:
     """(object, None) or (None, reason code) for one JSON document: malformed_json,
-    nesting_too_deep, number_too_long (over Python's 4300 digits), duplicate_key (a second
-    value of one key would silently win), lone_surrogate (an unpaired \\ud83d escape)."""
+    nesting_too_deep (over MAX_DEPTH levels), number_too_long (over Python's 4300 digits),
+    duplicate_key (a second value of one key would silently win), lone_surrogate (an unpaired
+    \\ud83d escape)."""
     def unique(pairs):
         keys = [k for k, _ in pairs]
         if len(set(keys)) != len(keys):
@@ -89,27 +92,46 @@ def parse_json(text: str) -> tuple[Any, str | None]:
         return None, "number_too_long"
     except KeyError:
         return None, "duplicate_key"
-    if "\\u" in text and has_surrogate(obj):
-        return None, "lone_surrogate"
-    return obj, None
+    return (None, error) if (error := value_defect(obj, text)) else (obj, None)
+
+
+def value_defect(value: Any, text: str | None = None) -> str | None:
+    """nesting_too_deep or lone_surrogate for a parsed value, else None; `text`, the JSON it
+    came from, lets the common case (few brackets, no escapes) skip the walk."""
+    if text is not None and "\\u" not in text and text.count("[") + text.count("{") <= MAX_DEPTH:
+        return None
+    if nesting_depth(value) > MAX_DEPTH:
+        return "nesting_too_deep"
+    return "lone_surrogate" if has_surrogate(value) else None
+
+
+def _walk(value: Any):
+    """(value, depth) of a value and everything inside it, without recursion (a value may be
+    nested as deep as the JSON parser allows)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        yield item, depth
+        if isinstance(item, dict):
+            stack += [(x, depth + 1) for pair in item.items() for x in pair]
+        elif isinstance(item, list):
+            stack += [(x, depth + 1) for x in item]
+
+
+def nesting_depth(value: Any) -> int:
+    return max(depth + isinstance(item, (dict, list)) for item, depth in _walk(value))
 
 
 def has_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        return SURROGATE.search(value) is not None
-    if isinstance(value, dict):
-        return any(has_surrogate(k) or has_surrogate(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(has_surrogate(v) for v in value)
-    return False
+    return any(isinstance(item, str) and SURROGATE.search(item) for item, _ in _walk(value))
 
 
 def read_jsonl(path: Path, data: bytes) -> list[dict]:
     rows = []
     # LF, CRLF or CR-only line ends; blank lines are skipped, numbering is preserved
     for number, raw in enumerate(LINE_ENDS.split(data), start=1):
-        if number == 1 and raw.startswith(BOM):
-            raw = raw[len(BOM):]  # a UTF-8 byte order mark from an editor export
+        # a UTF-8 byte order mark from an editor export (on any line: exports concatenated)
+        raw = raw.removeprefix(BOM)
         if not raw.strip():
             continue
         if b"\x00" in raw:
@@ -146,33 +168,47 @@ def read_json_array(path: Path, data: bytes) -> list[dict]:
                          f"found an object (JSON Lines go in .jsonl)")
     if not isinstance(items, list):
         raise StageError(f"{path}: a .json data file must hold an array of records")
-    # line of each element: walk the array with raw_decode to find where each one starts
-    decoder, lines, pos = json.JSONDecoder(), [], text.index("[") + 1
+    # walk the array with raw_decode: the line each element starts on, and the defects of each
+    # element alone (a key given twice, too deep, a lone surrogate) for its own row
+    duplicated: list[bool] = []
+
+    def pairs_hook(pairs):
+        duplicated.append(len({k for k, _ in pairs}) != len(pairs))
+        return dict(pairs)
+
+    decoder = json.JSONDecoder(object_pairs_hook=pairs_hook)
+    rows, pos, counted, line = [], text.index("[") + 1, 0, 1
     for _ in items:
         while text[pos] in " \t\r\n,":
             pos += 1
-        lines.append(text.count("\n", 0, pos) + 1)
-        _, pos = decoder.raw_decode(text, pos)
-    return [_row(path, line, error="lone_surrogate", raw=SURROGATE.sub("\ufffd", json.dumps(obj)))
-            if has_surrogate(obj) else _row(path, line, obj) for line, obj in zip(lines, items)]
+        line += len(TEXT_LINE_ENDS.findall(text, counted, pos))
+        counted = pos
+        duplicated.clear()
+        obj, end = decoder.raw_decode(text, pos)
+        error = "duplicate_key" if any(duplicated) else value_defect(obj, text[pos:end])
+        rows.append(_row(path, line, error=error, raw=SURROGATE.sub("\ufffd", text[pos:end]))
+                    if error else _row(path, line, obj))
+        pos = end
+    return rows
 
 
 MESSAGE_FIELDS = {"role", "content", "from", "value", "weight"}
 
 
-def _cell(value: str) -> Any:
+def _cell(value: str) -> tuple[Any, str | None]:
     """CSV cells are strings. A cell holding a JSON list (messages) or one message object is
-    parsed; any other text, JSON-looking answers included, stays a string."""
+    parsed; any other text, JSON-looking answers included, stays a string. (value, reason): a
+    list cell that is JSON but unusable (a lone surrogate, too deep, ...) gets its reason."""
     stripped = value.strip()
     if stripped[:1] not in ("[", "{"):
-        return value
+        return value, None
     parsed, error = parse_json(stripped)
     if error:
-        return value
+        return value, (error if stripped[0] == "[" and error != "malformed_json" else None)
     if isinstance(parsed, list) or (isinstance(parsed, dict) and parsed
                                     and set(parsed) <= MESSAGE_FIELDS):
-        return parsed
-    return value
+        return parsed, None
+    return value, None
 
 
 def read_csv(path: Path, data: bytes) -> list[dict]:
@@ -208,7 +244,10 @@ def read_csv(path: Path, data: bytes) -> list[dict]:
             rows.append(_row(path, line, error="malformed_csv",
                              raw=f"{len(cells)} fields, header has {len(header)}: " + ",".join(cells)))
         else:
-            rows.append(_row(path, line, {h: _cell(c) for h, c in zip(header, cells)}))
+            parsed = [_cell(c) for c in cells]
+            error = next((e for _, e in parsed if e), None)
+            rows.append(_row(path, line, error=error, raw=SURROGATE.sub("\ufffd", ",".join(cells)))
+                        if error else _row(path, line, {h: v for h, (v, _) in zip(header, parsed)}))
     return rows
 
 
@@ -219,12 +258,22 @@ def read_parquet(path: Path) -> list[dict]:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise StageError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from err
+    try:
+        objects = table.to_pylist()
+    except Exception:  # noqa: BLE001  (a value Python cannot hold: find its rows one by one)
+        objects = None
     rows = []
-    for i, obj in enumerate(table.to_pylist(), start=1):
+    for i in range(table.num_rows):
         try:
-            rows.append(_row(path, i, _plain_value(obj)))
+            obj = objects[i] if objects is not None else table.slice(i, 1).to_pylist()[0]
+            rows.append(_row(path, i + 1, _plain_value(obj)))
         except TypeError as err:  # a binary cell: bytes are not text data
-            rows.append(_row(path, i, error="binary_value", raw=str(err)))
+            rows.append(_row(path, i + 1, error="binary_value", raw=str(err)))
+        except UnicodeDecodeError as err:  # a string column holding bytes that are not UTF-8
+            rows.append(_row(path, i + 1, error="invalid_utf8", raw=str(err)))
+        except Exception as err:  # noqa: BLE001  (a date past year 9999, ...: pyarrow's error)
+            rows.append(_row(path, i + 1, error="unreadable_value",
+                             raw=f"{type(err).__name__}: {err}".splitlines()[0]))
     return rows
 
 
@@ -235,7 +284,7 @@ def _plain_value(value: Any) -> Any:
 
     if isinstance(value, dict):
         return {k: _plain_value(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):  # a map column comes as a list of (key, value)
         return [_plain_value(v) for v in value]
     if isinstance(value, (datetime.date, datetime.time)):
         return value.isoformat()
@@ -253,13 +302,20 @@ def read_file(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return read_parquet(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise StageError(f"{path}: cannot be read ({err.strerror or err})") from err
     if data.startswith(UTF16_BOMS):  # Windows tools save "Unicode" text as UTF-16
         try:
             data = data.decode("utf-16").encode("utf-8", errors="surrogatepass")
         except UnicodeDecodeError as err:
             raise StageError(f"{path}: starts as UTF-16 but is not (byte {err.start})") from err
     if looks_binary(data):
+        head = data[:8192]
+        if max(head[0::2].count(0), head[1::2].count(0)) > len(head) * 2 // 5:  # every other byte
+            raise StageError(f"{path}: looks like UTF-16 text without a byte order mark; "
+                             f"save it as UTF-8")
         raise StageError(f"{path}: looks like a binary file, not {suffix[1:].upper()} text")
     if suffix == ".json":
         return read_json_array(path, data)
