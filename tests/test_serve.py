@@ -75,7 +75,12 @@ def no_uvicorn(monkeypatch):
     import uvicorn
 
     ran = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets: ran.append(self.config.app))
+    def run(self, sockets):
+        ran.append(self.config.app)
+        for sock in sockets:  # an unclosed socket warns at a later garbage collection, into
+            sock.close()      # whatever stderr capture is current then
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     return ran
 
 
