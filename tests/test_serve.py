@@ -81,6 +81,9 @@ def no_uvicorn(monkeypatch):
             sock.close()      # whatever stderr capture is current then
 
     monkeypatch.setattr(uvicorn.Server, "run", run)
+    # uvicorn.Config binds its log handlers to the sys.stderr of the moment (this test's
+    # capture, closed after it); nothing is served here, so nothing needs them
+    monkeypatch.setattr(uvicorn.Config, "configure_logging", lambda self: None)
     return ran
 
 
