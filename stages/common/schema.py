@@ -115,7 +115,7 @@ class Split(Section):
     train: Fraction
     validation: Fraction
     test: Fraction
-    group_threshold: Annotated[Number, Field(gt=0, le=1)]
+    group_threshold: Annotated[Number, Field(gt=0, le=1)] | None  # null: no grouping
     leakage: Leakage
     rebalance: Literal["none", "cap", "upsample"]
     rebalance_cap: Positive | None
