@@ -123,9 +123,9 @@ def test_leakage_reported_then_removed(project):
 def test_external_eval_set_is_kept_out(project):
     records = rows(100)
     write_jsonl(project / "data/interim/dedup.jsonl", records)
-    external = project / "data/raw/benchmark.jsonl"
+    external = project / "data/eval/benchmark.jsonl"
     write_jsonl(external, [{"messages": records[5]["messages"]}, {"text": "unrelated words"}])
-    set_params(project, **{"split.leakage.external_eval": "data/raw/benchmark.jsonl",
+    set_params(project, **{"split.leakage.external_eval": "data/eval/benchmark.jsonl",
                            "split.leakage.policy": "remove"})
     run(project)
     removed = read_jsonl(project / "data/interim/split_removed.jsonl")
