@@ -83,6 +83,9 @@ serve: $(STAMP)  ## Serve models/merged over an OpenAI-compatible API to its own
 bench-train: $(STAMP)  ## Benchmark the train stage against a plain TRL SFTTrainer (tokens/s, MFU)
 	$(BIN)/python scripts/bench_train.py
 
+check-switches: $(STAMP)  ## Run every method x objective pair on the configured model; peak memory per stage (ARGS="--pairs lora:cpt")
+	$(BIN)/python scripts/check_switches.py $(ARGS)
+
 bench-data: $(STAMP)  ## Benchmark validate -> dedup -> split on 10k and 100k generated records
 	$(BIN)/python scripts/bench_data.py
 
@@ -96,4 +99,4 @@ import: $(STAMP)  ## Import a Hub id or Arrow/Parquet folder as data/raw/NAME.js
 clean-venv:  ## Remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install lock repro test test-fast params plan plots exps regression serve bench-train bench-data wandb-sync import clean-venv
+.PHONY: help install lock repro test test-fast params plan plots exps regression serve check-switches bench-train bench-data wandb-sync import clean-venv

@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from stages.common import tracking
+from stages.common import memory, tracking
 from stages.common.config import (
     StageError,
     load_params,
@@ -33,6 +33,7 @@ from stages.common.files import (
     atomic_dir,
     md5_path,
     read_jsonl,
+    safetensors_summary,
     write_json,
     write_jsonl,
     write_text,
@@ -97,6 +98,44 @@ def loss_batches(lengths: list[int], scored: list[int], batch_size: int,
         batch.append(i)
         in_batch += labelled
     return batches + ([batch] if batch else [])
+
+
+def planned_memory(config, n_params: int, dtype_bytes: int, batch_size: int,
+                   prompt_tokens: int, max_new_tokens: int, loss_tokens: int) -> dict[str, int]:
+    """What evaluate holds at its peak, in bytes per part: one model's weights (base and tuned
+    take turns), the KV cache of the longest generation batch, and the larger working set of
+    generation (one layer's activations over a batch of prompts) and test loss (LOGITS_BUDGET
+    logits, with their float copy and log-softmax, beside one layer's activations over the
+    tokens of one loss batch). An estimate: other buffers add a few hundred MiB."""
+    text = config.get_text_config()  # multimodal checkpoints keep the language model's shapes here
+    hidden, heads = text.hidden_size, text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    layer_width = 3 * (getattr(text, "intermediate_size", None) or 4 * hidden) + 4 * hidden
+    kv_cache = (2 * text.num_hidden_layers * kv_heads * head_dim * batch_size
+                * (prompt_tokens + max_new_tokens) * dtype_bytes)
+    generation = batch_size * prompt_tokens * layer_width * dtype_bytes
+    loss = 3 * 4 * LOGITS_BUDGET + max(TOKEN_BUDGET, loss_tokens) * layer_width * dtype_bytes
+    return {"weights": n_params * dtype_bytes, "kv cache": kv_cache,
+            "working set": max(generation, loss)}
+
+
+def require_memory(tokenizer, device: str, dtype, batch_size: int, prompts: list[str],
+                   max_new_tokens: int, examples: list[dict]) -> None:
+    """Print the memory plan; stop with one line when it cannot fit on `device`."""
+    from transformers import AutoConfig
+
+    n_params, _ = safetensors_summary(BASE)
+    longest_prompt = (max(map(len, tokenizer(prompts, add_special_tokens=False)["input_ids"]))
+                      if prompts else 0)
+    parts = planned_memory(AutoConfig.from_pretrained(BASE), n_params, dtype.itemsize,
+                           batch_size, longest_prompt, max_new_tokens,
+                           max((len(e["input_ids"]) for e in examples), default=0))
+    need = sum(parts.values())
+    print(f"evaluate: plan: ~{need / memory.GIB:.1f} GiB on {device} ("
+          + ", ".join(f"{k} {v / memory.GIB:.2f}" for k, v in parts.items()) + ")", flush=True)
+    memory.require("evaluate", need, parts, device,
+                   "lower eval.batch_size or eval.max_new_tokens, or run it on a GPU")
 
 
 def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> dict:
@@ -246,6 +285,11 @@ def main() -> None:
         general_answers, general_losses = {}, {}
         batch = int(cfg["batch_size"])
         max_new = answer_budget(cfg["max_new_tokens"], tokenizer, references)
+
+        # a plan that cannot fit stops here, before a model loads, not in the kernel's OOM killer
+        require_memory(tokenizer, device, dtype, batch, prompts + general_prompts,
+                       max(max_new, int(cfg["general_max_new_tokens"]) if general else 0),
+                       examples + general_examples)
         for name, folder in (("base", BASE), ("tuned", TUNED)):
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
             start = time.perf_counter()

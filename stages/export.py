@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from stages.common import tracking
+from stages.common import memory, tracking
 from stages.common.config import StageError, load_params, run_stage
 from stages.common.examples import prompt_ids, record_examples
 from stages.common.files import (atomic_dir, md5_path, read_jsonl, safetensors_summary,
@@ -41,15 +41,10 @@ def choose_device(fp32_bytes: int) -> str:
     import torch
 
     need = int(fp32_bytes * 1.2)
-    if torch.cuda.is_available() and torch.cuda.mem_get_info()[0] > need:
+    if torch.cuda.is_available() and memory.available_bytes("cuda") > need:
         return "cuda"
-    meminfo = Path("/proc/meminfo")
-    lines = meminfo.read_text().splitlines() if meminfo.exists() else []
-    available = next((int(line.split()[1]) * 1024 for line in lines
-                      if line.startswith("MemAvailable:")), None)
-    if available is not None and available < need:
-        raise StageError(f"export merges in fp32 and needs ~{need / 2**30:.1f} GiB; this machine "
-                         f"has {available / 2**30:.1f} GiB of memory available")
+    memory.require("export", need, {"fp32 weights": fp32_bytes, "generation": need - fp32_bytes},
+                   "cpu", "merge on a machine with more memory")
     return "cpu"
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.common import tracking
+from stages.common import memory, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
 from stages.common.examples import ExampleError, record_examples, trainable_tokens, truncate
 from stages.common.files import atomic_dir, md5_path, read_jsonl, write_json, write_text
@@ -355,7 +356,8 @@ def stop_on_non_finite_loss():
 # --- 3. pre-flight plan ------------------------------------------------------------------------
 
 def preflight(trainer, n_processes: int) -> dict:
-    """What the run will cost, measured on a few warm-up batches before the first step.
+    """What the run will cost, measured before the first step: time on a few warm-up batches,
+    memory on the longest batch of the data; a run that cannot fit the device stops here.
 
     Forward and backward only (no optimizer step, gradients cleared, RNG restored), so the
     run that follows is exactly the run without the measurement."""
@@ -369,7 +371,6 @@ def preflight(trainer, n_processes: int) -> dict:
     dataset = trainer.train_dataset
     length_columns = [c for c in ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids")
                       if c in dataset.column_names]
-    tokens = sum(len(ids) for c in length_columns for ids in dataset[c])
     loader = trainer.get_train_dataloader()
     batches_per_epoch = len(loader)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
@@ -381,16 +382,22 @@ def preflight(trainer, n_processes: int) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     model.train()
-    seconds = []
-    for i, batch in enumerate(loader):
-        if i == WARMUP_BATCHES:
-            break
+
+    def forward_backward(batch) -> float:
         start = time.perf_counter()
         loss = trainer.compute_loss(model, trainer._prepare_inputs(batch))
         loss.backward()
         if cuda:
             torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    seconds = [forward_backward(batch) for batch in itertools.islice(loader, WARMUP_BATCHES)]
+    # the memory peak comes from the longest batch the data holds, not from a typical one
+    lengths = [sum(row) for row in zip(*([len(ids) for ids in dataset[c]]
+                                         for c in length_columns))]
+    longest = sorted(range(len(lengths)), key=lengths.__getitem__)
+    forward_backward(loader.collate_fn([loader.dataset[i] for i in
+                                        longest[-args.per_device_train_batch_size:]]))
     model.zero_grad(set_to_none=True)
     torch.random.set_rng_state(rng)
     timed = sorted(seconds[1:]) or seconds
@@ -400,11 +407,19 @@ def preflight(trainer, n_processes: int) -> dict:
     optimizer_bytes = 2 * 4 * trainable
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # a run that cannot fit stops now, not at the first optimizer step or in the OOM killer
+    memory.require("train", peak + optimizer_bytes,
+                   {"model and longest batch (measured)": peak, "optimizer state": optimizer_bytes},
+                   "cuda" if cuda else "cpu",
+                   "lower train.per_device_train_batch_size (raise gradient_accumulation_steps to "
+                   "keep the batch), set train.gradient_checkpointing: true or a smaller "
+                   "train.max_length, or use method=qlora",
+                   already_used=memory.held_bytes("cuda" if cuda else "cpu"))
     return {
         "parameters": {"trainable": trainable, "total": total,
                        "trainable_fraction": round(trainable / total, 5)},
         "train_examples": len(dataset),
-        "tokens_per_epoch": tokens,
+        "tokens_per_epoch": sum(lengths),
         "processes": n_processes,
         "effective_batch": (args.per_device_train_batch_size * args.gradient_accumulation_steps
                             * n_processes),

@@ -32,7 +32,7 @@ from pathlib import Path
 from stages.common import tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
 from stages.common.examples import ExampleError, record_examples, trainable_tokens, truncate
-from stages.common.files import md5_path, write_json, write_jsonl
+from stages.common.files import atomic_dir, md5_path, write_json, write_jsonl
 from stages.common.kinds import (KINDS, ROLES, SHAPE, RowError, canonical, conversation_text,
                                  detect_kind, kind_of, rename_fields)
 from stages.common.records import read_file, record_id, resolve_paths
@@ -404,8 +404,9 @@ def main() -> None:
         kind = next(iter(kinds.values()), data["kind"])
         shape = SHAPE.get(kind, "chat")
         rules = build_rules(task, max_length, policy, shape)
-        failures, summary = run_suite(frame, rules, f"{kind}_records", DATA_DOCS)
-        style_data_docs(DATA_DOCS)
+        with atomic_dir(DATA_DOCS) as docs:  # a killed run leaves the old Data Docs, not half
+            failures, summary = run_suite(frame, rules, f"{kind}_records", docs)
+            style_data_docs(docs)
 
         valid, quarantined = [], []
         for i, (row, (record, reason, detail)) in enumerate(zip(rows, converted)):

@@ -21,18 +21,17 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import copy_template, declare_dependency, set_params, tiny_overrides
+from helpers import GOOD, GOOD_ROWS, SYSTEM, chat, msgs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import copy_template, declare_dependency, set_params, tiny_overrides
 from stages import validate
 from stages.common.config import StageError
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.kinds import KINDS, kind_of
 from stages.common.records import BOM, LINE_ENDS, read_file
 
-SYSTEM = {"role": "system", "content": "Triage."}
-GOOD = '{"urgency": "high", "category": "billing"}'
 KEPT = "kept"
 
 READER_REASONS = {"malformed_json", "nesting_too_deep", "number_too_long", "duplicate_key",
@@ -46,15 +45,6 @@ RULE_REASONS = {"empty_content", "control_chars", "replacement_char", "special_t
                 "template_error", "zero_trainable_tokens", "chosen_equals_rejected", "too_long",
                 "answer_format", "label_outside_set"}
 REASONS = READER_REASONS | STRUCTURE_REASONS | RULE_REASONS
-
-
-def chat(user="I was charged twice.", answer=GOOD, **extra):
-    return {"messages": [SYSTEM, {"role": "user", "content": user},
-                         {"role": "assistant", "content": answer}], **extra}
-
-
-def msgs(*turns, **extra):
-    return {"messages": [{"role": r, "content": c} for r, c in turns], **extra}
 
 
 def with_raw(record: dict, key: str, raw_json: str) -> str:
@@ -79,16 +69,6 @@ DEEP = "[" * 100_000 + "]" * 100_000
 DEEP_ESCAPED = "[" * 990 + '"\\u0041"' + "]" * 990  # parses, then too deep for any walk
 
 # the first row of each file and the last are this good row; defects sit between them
-GOOD_ROWS = {
-    "messages": chat(),
-    "sharegpt": {"conversations": [{"from": "human", "value": "I was charged twice."},
-                                   {"from": "gpt", "value": GOOD}]},
-    "alpaca": {"instruction": "Triage this ticket.", "input": "I was charged twice.",
-               "output": GOOD},
-    "prompt_completion": {"prompt": "I was charged twice.", "completion": GOOD},
-    "preference": {"prompt": "I was charged twice.", "chosen": GOOD, "rejected": "billing!"},
-    "text": {"text": "Support handbook: refunds are issued within five days."},
-}
 
 # name, kind, file format, the row (a record, or raw JSON text / bytes / CSV line), outcome
 ROW_DEFECTS = [

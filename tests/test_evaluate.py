@@ -10,6 +10,7 @@ import evaluate
 import pytest
 
 from stages import base_model, evaluate as evaluate_stage
+from stages.common.config import StageError
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.records import set_hash
 from test_train import prepared  # noqa: F401  (fixture)
@@ -124,7 +125,6 @@ def test_format_adherence_by_json_schema():
 def test_forgetting_gate_fails_the_stage(prepared):  # noqa: F811
     from conftest import set_params
     from stages import export, train
-    from stages.common.config import StageError
 
     train.main()
     write_jsonl(prepared / "data/processed/test.jsonl",
@@ -207,3 +207,42 @@ def test_loss_batches_respect_every_bound():
                                    and len(batch) * max(lengths[i] for i in batch)
                                    <= evaluate_stage.TOKEN_BUDGET)
     assert [3] in batches and [1] in batches  # too long to share a pass
+
+
+def test_memory_plan_counts_weights_cache_and_working_set(prepared, monkeypatch):  # noqa: F811
+    from transformers import AutoConfig
+
+    from stages.common import memory
+
+    config = AutoConfig.from_pretrained(prepared / "models/base")
+    text = config.get_text_config()
+    kv_per_token = (2 * text.num_hidden_layers * text.num_key_value_heads
+                    * (getattr(text, "head_dim", None) or text.hidden_size
+                       // text.num_attention_heads) * 4)
+    plan = evaluate_stage.planned_memory(config, 1000, 4, batch_size=8, prompt_tokens=100,
+                                         max_new_tokens=28, loss_tokens=50)
+    assert plan["weights"] == 4000 and plan["kv cache"] == 8 * 128 * kv_per_token
+    # the loss's logits are bounded whatever the text; a text past TOKEN_BUDGET adds activations
+    assert plan["working set"] >= 3 * 4 * evaluate_stage.LOGITS_BUDGET
+    longer = evaluate_stage.planned_memory(config, 1000, 4, 8, 100, 28,
+                                           loss_tokens=4 * evaluate_stage.TOKEN_BUDGET)
+    assert longer["working set"] > plan["working set"]
+    assert evaluate_stage.planned_memory(config, 1000, 4, 16, 100, 28, 50)["kv cache"] == (
+        2 * plan["kv cache"])
+
+    # a plan that cannot fit stops the stage before any model loads, in one line
+    from stages import export, train
+
+    train.main()
+    write_jsonl(prepared / "data/processed/test.jsonl",
+                read_jsonl(prepared / "data/processed/validation.jsonl")[:2])
+    export.main()
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 2**20)
+    loaded = []
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
+                        lambda *a, **k: loaded.append(a))
+    with pytest.raises(StageError, match=r"^evaluate needs ~[\d.]+ GiB on cpu \(weights [\d.]+, "
+                                         r"kv cache [\d.]+, working set [\d.]+\) but 0.0 GiB is "
+                                         r"available; lower eval.batch_size"):
+        evaluate_stage.main()
+    assert not loaded and not (prepared / "reports/metrics.json").exists()

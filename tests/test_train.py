@@ -385,3 +385,33 @@ def test_checkpoint_fingerprint_covers_params_inputs_code_and_packages(prepared,
     monkeypatch.setattr(train, "md5_path", lambda p: "fixed" if Path(p).name == "train.py"
                         else real_md5(p))
     assert train.run_fingerprint(params, inputs) != before  # a code change: no resume
+
+
+def test_preflight_measures_the_longest_batch_and_stops_a_run_that_cannot_fit(prepared,
+                                                                               monkeypatch):
+    from stages.common import memory
+
+    rows = ticket_rows(40)
+    long_row = rows[7]["messages"][1]  # one user turn ~3x the others: the memory peak
+    long_row["content"] = " ".join([long_row["content"]] * 3)
+    write_jsonl(prepared / "data/processed/train.jsonl", rows)
+    set_params(prepared, **{"train.max_length": 1024})
+    trainer = train.build_trainer(params_of(prepared), "fp32", str(prepared / "out"))
+    longest = max(len(ids) for ids in trainer.train_dataset["input_ids"])
+    widths = []
+    compute_loss = trainer.compute_loss
+    monkeypatch.setattr(trainer, "compute_loss", lambda model, inputs, **kw: (
+        widths.append(inputs["input_ids"].shape[1]) or compute_loss(model, inputs, **kw)))
+    plan = train.preflight(trainer, 1)
+    # the warm-up batches for time, then a batch of the longest rows for memory
+    assert len(widths) == train.WARMUP_BATCHES + 1 and widths[-1] == longest
+    assert plan["estimated_peak_memory_gib"] > 0
+
+    # the same plan on a machine with 1 MiB free: one line before the first step, no output
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 2**20)
+    monkeypatch.setattr(memory, "held_bytes", lambda device="cpu": 0)
+    with pytest.raises(StageError, match=r"^train needs ~[\d.]+ GiB on cpu \(model and longest "
+                                         r"batch \(measured\) [\d.]+, optimizer state [\d.]+\) "
+                                         r"but 0.0 GiB is available; lower train\.per_device"):
+        train.main()
+    assert not (prepared / "models/tuned").exists()

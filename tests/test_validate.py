@@ -7,38 +7,18 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import set_params
+from helpers import GOOD, GOOD_ROWS, SYSTEM, chat, msgs
+
 from stages import base_model, validate
 from stages.common.config import StageError
 from stages.common.examples import IGNORE
 from stages.common.files import read_jsonl
 
-SYSTEM = {"role": "system", "content": "Triage."}
-GOOD = '{"urgency": "high", "category": "billing"}'
 OTHER = '{"urgency": "low", "category": "account"}'
 
 
-def chat(user="I was charged twice.", answer=GOOD, **extra):
-    return {"messages": [SYSTEM, {"role": "user", "content": user},
-                         {"role": "assistant", "content": answer}], **extra}
-
-
-def msgs(*turns):
-    return {"messages": [{"role": r, "content": c} for r, c in turns]}
-
-
 # kind -> a good record, and the defects of that kind: reason code -> record (dict or raw line)
-GOOD_ROWS = {
-    "messages": chat(),
-    "sharegpt": {"conversations": [{"from": "human", "value": "I was charged twice."},
-                                   {"from": "gpt", "value": GOOD}]},
-    "alpaca": {"instruction": "Triage this ticket.", "input": "I was charged twice.",
-               "output": GOOD},
-    "prompt_completion": {"prompt": "I was charged twice.", "completion": GOOD},
-    "preference": {"prompt": "I was charged twice.", "chosen": GOOD, "rejected": "billing!"},
-    "text": {"text": "Support handbook: refunds are issued within five days."},
-}
 DEFECTS = {
     "messages": [
         ("malformed_json", '{"messages": [{"role": "user", "content": "cut off'),
