@@ -396,8 +396,9 @@ def preflight(trainer, n_processes: int) -> dict:
     lengths = [sum(row) for row in zip(*([len(ids) for ids in dataset[c]]
                                          for c in length_columns))]
     longest = sorted(range(len(lengths)), key=lengths.__getitem__)
-    forward_backward(loader.collate_fn([loader.dataset[i] for i in
-                                        longest[-args.per_device_train_batch_size:]]))
+    if longest:
+        forward_backward(loader.collate_fn([loader.dataset[i] for i in
+                                            longest[-args.per_device_train_batch_size:]]))
     model.zero_grad(set_to_none=True)
     torch.random.set_rng_state(rng)
     timed = sorted(seconds[1:]) or seconds
