@@ -59,11 +59,12 @@ from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from stages.common import paths
 from stages.common.config import StageError, load_params
 
-MERGED = Path("models/merged")
-SERVED_NAME = "models/merged"  # the model's name in requests, answers and /v1/models
-TRAIN = Path("data/processed/train.jsonl")  # where the training system prompt is read
+MERGED = paths.MERGED
+SERVED_NAME = str(paths.MERGED)  # the model's name in requests, answers and /v1/models
+TRAIN = paths.TRAIN  # where the training system prompt is read
 SETTINGS = ("host", "port", "api_key_env", "allowed_hosts", "add_system_prompt")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")

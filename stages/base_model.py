@@ -22,13 +22,13 @@ import os
 import shutil
 from pathlib import Path
 
-from stages.common import chat_templates, tracking
+from stages.common import chat_templates, paths, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
 from stages.common.files import atomic_dir, md5_path, safetensors_summary, write_json, write_text
 
-OUT_DIR = Path("models/base")
-REPORT = Path("reports/base_model.json")
-TRAINING_TEMPLATE = "chat_template_training.jinja"
+OUT_DIR = paths.BASE
+REPORT = paths.stage_report("base_model")
+TRAINING_TEMPLATE = paths.TRAINING_TEMPLATE.name
 # what a model folder needs; other weight formats (.bin, .pth, .gguf) are not fetched twice
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
 WEIGHT_FILES = ("config.json", "generation_config.json", "*.safetensors",
@@ -130,10 +130,9 @@ def main() -> None:
     params = load_params()
     cfg = params["model"]
     name = str(cfg["name_or_path"])
-    if cfg.get("allow_download"):
+    if cfg["allow_download"]:
         os.environ["HF_HUB_OFFLINE"] = "0"
-    folder, gguf_file, commit = resolve_source(name, cfg.get("revision"),
-                                               bool(cfg.get("allow_download")))
+    folder, gguf_file, commit = resolve_source(name, cfg["revision"], bool(cfg["allow_download"]))
     if Path(name).expanduser().exists():  # a local model: DVC must see its files change
         require_dependency("base_model", "model.name_or_path", Path(name).expanduser())
     if cfg["training_chat_template"]:
@@ -170,7 +169,7 @@ def main() -> None:
             family = getattr(config, "model_type", None) or "unknown"
             stops = chat_templates.stop_tokens(tokenizer, generation.eos_token_id)
             training, chosen = chat_templates.choose(
-                tokenizer, shipped, cfg.get("training_chat_template"), stops, family)
+                tokenizer, shipped, cfg["training_chat_template"], stops, family)
             tokenizer.save_pretrained(tmp)
             write_text(tmp / TRAINING_TEMPLATE, training)
             n_params, dtype = safetensors_summary(tmp)
@@ -180,7 +179,7 @@ def main() -> None:
                   "prompt, so token counts can change from day to day")
         report = {
             "name_or_path": name,
-            "revision": cfg.get("revision"),
+            "revision": cfg["revision"],
             "resolved_commit": commit,  # hub models: the commit the files came from
             "source_md5": source_md5,
             "family": family,
@@ -196,7 +195,7 @@ def main() -> None:
         write_json(REPORT, report)
         run.summary.update({"model/parameters": n_params, "model/vocab_size": len(tokenizer),
                             "model/training_template": chosen["source"]})
-        if commit and cfg.get("revision") != commit:  # a branch or tag moves; a commit does not
+        if commit and cfg["revision"] != commit:  # a branch or tag moves; a commit does not
             print(f"base_model: {name} resolved to commit {commit}; set model.revision to it to "
                   f"pin the model")
         print(f"base_model: {name} -> {OUT_DIR} ({n_params / 1e6:.1f} M params, {dtype}); "

@@ -17,18 +17,15 @@ reason and the id it duplicates), reports/dedup.json.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
-from stages.common import tracking
+from stages.common import paths, tracking
 from stages.common.config import StageError, load_params, run_stage
 from stages.common.files import md5_path, read_jsonl, write_json, write_jsonl
 from stages.common.kinds import answer_key, request_text
 from stages.common.similarity import UnionFind, near_duplicate_pairs
 
-INPUT = Path("data/interim/valid.jsonl")
-OUTPUT = Path("data/interim/dedup.jsonl")
-REMOVED = Path("data/interim/dedup_removed.jsonl")
-REPORT = Path("reports/dedup.json")
+INPUT, OUTPUT, REMOVED = paths.VALID, paths.DEDUP, paths.DEDUP_REMOVED
+REPORT = paths.stage_report("dedup")
 POLICIES = ("drop_all", "majority", "first")
 
 

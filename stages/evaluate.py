@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from stages.common import memory, tracking
+from stages.common import memory, paths, tracking
 from stages.common.config import (
     StageError,
     load_params,
@@ -42,12 +42,10 @@ from stages.common.kinds import answer_of, prompt_of
 from stages.common.records import set_hash
 from stages.common.task import Task
 
-BASE, TUNED = Path("models/base"), Path("models/merged")
-TEST = Path("data/processed/test.jsonl")
-METRICS = Path("reports/metrics.json")
-PREDICTIONS = Path("reports/predictions.jsonl")
-PLOT = Path("reports/plots/metrics.csv")
-CONFUSION = Path("reports/plots/confusion")
+BASE, TUNED = paths.BASE, paths.MERGED  # the tuned model as export wrote and checked it
+TEST, METRICS, PREDICTIONS = paths.TEST, paths.METRICS, paths.PREDICTIONS
+PLOT = paths.PLOTS / "metrics.csv"
+CONFUSION = paths.PLOTS / "confusion"
 METRIC_MODULES = Path(__file__).parent / "metrics"
 
 
@@ -62,7 +60,7 @@ def perplexity(loss: float) -> float:
 def loss_examples(records: list[dict], tokenizer) -> list[dict]:
     """Token ids and labels scored for test loss: the answer of a chat record (the chosen
     one of a preference record) as training labels it, or the whole raw text."""
-    template = (BASE / "chat_template_training.jinja").read_text(encoding="utf-8")
+    template = paths.TRAINING_TEMPLATE.read_text(encoding="utf-8")
     return record_examples(tokenizer, records, template)
 
 

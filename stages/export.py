@@ -20,19 +20,17 @@ Outputs: models/merged/, reports/export.json.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from stages.common import memory, tracking
+from stages.common import memory, paths, tracking
 from stages.common.config import StageError, load_params, run_stage
 from stages.common.examples import prompt_ids, record_examples
 from stages.common.files import (atomic_dir, md5_path, read_jsonl, safetensors_summary,
                                  write_json)
 from stages.common.kinds import prompt_of
 
-BASE, TUNED, MERGED = Path("models/base"), Path("models/tuned"), Path("models/merged")
-TEMPLATE = BASE / "chat_template_training.jinja"
-TEST = Path("data/processed/test.jsonl")
-REPORT = Path("reports/export.json")
+BASE, TUNED, MERGED, TEMPLATE = paths.BASE, paths.TUNED, paths.MERGED, paths.TRAINING_TEMPLATE
+TEST = paths.TEST
+REPORT = paths.stage_report("export")
 
 
 def choose_device(fp32_bytes: int) -> str:

@@ -21,19 +21,17 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from stages.common import tracking
+from stages.common import paths, tracking
 from stages.common.config import load_params, run_stage
 from stages.common.files import md5_path, write_json, write_text
 
-BASE = Path("models/base")
-DATA = {"valid": Path("data/interim/valid.jsonl"), "dedup": Path("data/interim/dedup.jsonl"),
-        "train": Path("data/processed/train.jsonl"),
-        "validation": Path("data/processed/validation.jsonl"),
-        "test": Path("data/processed/test.jsonl")}
-REPORTS = {name: Path(f"reports/{name}.json")
-           for name in ("base_model", "validate", "dedup", "split", "train", "export", "metrics")}
-MANIFEST, CARD = Path("reports/manifest.json"), Path("reports/model_card.md")
-SUMMARY = Path("reports/summary.json")
+BASE = paths.BASE
+DATA = {"valid": paths.VALID, "dedup": paths.DEDUP, "train": paths.TRAIN,
+        "validation": paths.VALIDATION, "test": paths.TEST}
+REPORTS = {name: paths.stage_report(name)
+           for name in ("base_model", "validate", "dedup", "split", "train", "export")}
+REPORTS["metrics"] = paths.METRICS
+MANIFEST, CARD, SUMMARY = paths.MANIFEST, paths.MODEL_CARD, paths.SUMMARY
 LOCKS = {"cpu": Path("requirements/cpu.txt"), "cuda": Path("requirements/cuda.txt")}
 PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
             "tokenizers", "evaluate", "great-expectations", "datasketch", "dvc", "wandb",
@@ -157,7 +155,7 @@ def main() -> None:
                     | {str(path): md5_path(path) for path in DATA.values() if path.exists()})
         tokenizer = {name: md5_path(BASE / name) for name in
                      ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                      "chat_template_training.jinja") if (BASE / name).exists()}
+                      paths.TRAINING_TEMPLATE.name) if (BASE / name).exists()}
         manifest = {
             "data_md5": data_md5,
             "tokenizer_md5": tokenizer,
@@ -168,13 +166,13 @@ def main() -> None:
                       "source_md5": reports["base_model"].get("source_md5"),
                       "dtype": reports["base_model"].get("dtype"),
                       "training_template": reports["base_model"]["training_template"]["source"],
-                      "merged_md5": md5_path(Path("models/merged"))},
+                      "merged_md5": md5_path(paths.MERGED)},
             "preset": params.get("preset"),
             "config_sha256": config_hash(params),
             "git": tracking.git_revision(),
             "seed": params["seed"],
             "method": params["method"]["name"],
-            "objective": params.get("objective", {}).get("name", "sft"),
+            "objective": params["objective"]["name"],
             "packages": package_versions(),
             "lock": installed_lock(),
             "tracking_mode": tracking.mode_in_effect(params),  # and whether the env overrode it

@@ -32,7 +32,7 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from stages.common import tracking
+from stages.common import paths, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
 from stages.common.files import md5_path, read_jsonl, write_json, write_jsonl
 from stages.common.kinds import answer_of, canonical, kind_of, request_text
@@ -40,10 +40,8 @@ from stages.common.records import read_file, set_hash
 from stages.common.similarity import UnionFind, near_duplicate_pairs, ngrams
 from stages.common.task import Task
 
-INPUT = Path("data/interim/dedup.jsonl")
-OUT_DIR = Path("data/processed")
-REMOVED = Path("data/interim/split_removed.jsonl")
-REPORT = Path("reports/split.json")
+INPUT, OUT_DIR, REMOVED = paths.DEDUP, paths.PROCESSED, paths.SPLIT_REMOVED
+REPORT = paths.stage_report("split")
 SPLITS = ("train", "validation", "test")
 
 
@@ -144,11 +142,11 @@ def main() -> None:
     fractions = {name: float(cfg[name]) for name in SPLITS}
     if abs(sum(fractions.values()) - 1) > 1e-6 or min(fractions.values()) < 0:
         raise StageError(f"split fractions {fractions} must be non-negative and sum to 1")
-    leak_cfg = cfg.get("leakage") or {}
-    policy = leak_cfg.get("policy", "report")
+    leak_cfg = cfg["leakage"]
+    policy = leak_cfg["policy"]
     if policy not in ("report", "remove"):
         raise StageError(f"split.leakage.policy={policy}: use report or remove")
-    rebalance = cfg.get("rebalance") or "none"
+    rebalance = cfg["rebalance"]
     if rebalance not in ("none", "cap", "upsample"):
         raise StageError(f"split.rebalance={rebalance}: use none, cap or upsample")
     task, seed = Task.from_params(params), int(params["seed"])
@@ -189,8 +187,8 @@ def main() -> None:
         for i in removed:
             assignment[i] = "train"  # where it would have gone: the fixed sets hold no room
 
-        min_overlap = float(leak_cfg.get("min_overlap", 0.8))
-        short = int(leak_cfg.get("short_record_words", 50))
+        min_overlap = float(leak_cfg["min_overlap"])
+        short = int(leak_cfg["short_record_words"])
         leaks = []
         # leakage into a fixed set: a carved row sharing most of its n-grams with one is removed
         for name, rows in fixed.items():
@@ -242,7 +240,7 @@ def main() -> None:
             by_stratum: dict[str, list[int]] = defaultdict(list)
             for i in train_rows:
                 by_stratum[strata[i]].append(i)
-            cap = int(cfg.get("rebalance_cap") or max(len(v) for v in by_stratum.values()))
+            cap = int(cfg["rebalance_cap"] or max(len(v) for v in by_stratum.values()))
             rng = random.Random(seed)
             for s, rows in sorted(by_stratum.items()):
                 if rebalance == "cap" and len(rows) > cap:

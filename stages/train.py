@@ -33,22 +33,18 @@ import sys
 import time
 from pathlib import Path
 
-from stages.common import memory, tracking
+from stages.common import memory, paths, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
-from stages.common.examples import ExampleError, record_examples, trainable_tokens, truncate
+from stages.common.examples import (ExampleError, record_examples, trainable_tokens,
+                                    trained_turns, truncate)
 from stages.common.files import atomic_dir, md5_path, read_jsonl, write_json, write_text
 
-BASE = Path("models/base")
-TEMPLATE = BASE / "chat_template_training.jinja"
-TRAIN, VALIDATION = Path("data/processed/train.jsonl"), Path("data/processed/validation.jsonl")
-OUT_DIR = Path("models/tuned")
-CHECKPOINTS = Path("models/checkpoints")
-RUN_FILE = CHECKPOINTS / "run.json"  # which run the checkpoints belong to, and whether it ended
-REPORT = Path("reports/train.json")
-MAX_LENGTH = Path("data/interim/max_length.json")  # train.max_length=auto: what validate chose
-PLOTS = Path("reports/plots")
-METHODS = ("lora", "qlora", "dora", "full")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BASE, TEMPLATE = paths.BASE, paths.TRAINING_TEMPLATE
+TRAIN, VALIDATION = paths.TRAIN, paths.VALIDATION
+OUT_DIR, CHECKPOINTS, RUN_FILE = paths.TUNED, paths.CHECKPOINTS, paths.RUN_FILE
+REPORT = paths.stage_report("train")
+MAX_LENGTH = paths.MAX_LENGTH  # train.max_length=auto: what validate chose
+PLOTS = paths.PLOTS
 OBJECTIVES = {"sft": "messages", "dpo": "chosen", "cpt": "text"}  # objective -> field it needs
 WARMUP_BATCHES = 4  # the first is not counted: it pays for allocation and kernel choice
 
@@ -58,7 +54,7 @@ WARMUP_BATCHES = 4  # the first is not counted: it pays for allocation and kerne
 def relaunch_distributed(launch: dict) -> int | None:
     """With launch.num_processes > 1, run this stage under a distributed launcher; None when
     this process is already one of the workers (or one process is asked for)."""
-    n = int(launch.get("num_processes") or 1)
+    n = int(launch["num_processes"])
     if n <= 1 or "LOCAL_RANK" in os.environ:
         return None
     require_dependency("train", "launch.config_file", launch["config_file"])
@@ -84,8 +80,6 @@ def choose_precision(setting: str) -> str:
     ~500x slower than fp32 on CPUs without bf16 instructions)."""
     import torch
 
-    if setting not in PRECISIONS:
-        raise StageError(f"train.precision={setting}: use one of {', '.join(PRECISIONS)}")
     if setting != "auto":
         return setting
     if torch.cuda.is_available():
@@ -136,8 +130,8 @@ def load_model(method: dict, precision: str, attention: str):
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=method.get("quant_type", "nf4"),
-        bnb_4bit_use_double_quant=bool(method.get("double_quant", True)),
+        load_in_4bit=True, bnb_4bit_quant_type=method["quant_type"],
+        bnb_4bit_use_double_quant=bool(method["double_quant"]),
         bnb_4bit_compute_dtype=dtype)
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
     # no peft.prepare_model_for_kbit_training: it upcasts every unquantized weight to fp32,
@@ -150,8 +144,6 @@ def load_model(method: dict, precision: str, attention: str):
 
 
 def peft_config(method: dict):
-    if method["name"] not in METHODS:
-        raise StageError(f"method.name={method['name']}: use one of {', '.join(METHODS)}")
     if method["name"] == "full":
         return None
     from peft import LoraConfig
@@ -234,9 +226,7 @@ def build_trainer(params: dict, precision: str, output_dir: str):
     from transformers import AutoTokenizer, EarlyStoppingCallback, set_seed
 
     cfg, method, seed = params["train"], params["method"], int(params["seed"])
-    objective = params.get("objective", {}).get("name", "sft")
-    if objective not in OBJECTIVES:
-        raise StageError(f"objective.name={objective}: use one of {', '.join(OBJECTIVES)}")
+    objective = params["objective"]["name"]
     set_seed(seed)
     if not torch.cuda.is_available():
         score_only_answer_tokens()
@@ -271,7 +261,7 @@ def build_trainer(params: dict, precision: str, output_dir: str):
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
+        activation_checkpointing=bool(cfg["gradient_checkpointing"]),
         # live train/* and eval/* curves into the stage's W&B run (opened by tracking)
         report_to=["wandb"] if is_main_process() and os.environ.get("WANDB_MODE") != "disabled"
         else [],
@@ -286,17 +276,17 @@ def build_trainer(params: dict, precision: str, output_dir: str):
         [EarlyStoppingCallback(early_stopping_patience=int(patience))]
         if patience and eval_records else [])
     peft = peft_config(method)
-    attention = choose_attention(cfg.get("attn_implementation") or "auto")
-    common["use_liger_kernel"] = choose_liger(cfg.get("use_liger_kernel", False))
+    attention = choose_attention(cfg["attn_implementation"])
+    common["use_liger_kernel"] = choose_liger(cfg["use_liger_kernel"])
     model = load_model(method, precision, attention)
-    max_length = chosen_max_length(cfg.get("max_length"))
+    max_length = chosen_max_length(cfg["max_length"])
 
     if objective == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         args = DPOConfig(**common, max_length=max_length,
-                         beta=float(params["objective"].get("beta", 0.1)),
-                         loss_type=[params["objective"].get("loss_type", "sigmoid")])
+                         beta=float(params["objective"]["beta"]),
+                         loss_type=[params["objective"]["loss_type"]])
         return DPOTrainer(
             model=model, args=args, processing_class=tokenizer, peft_config=peft,
             train_dataset=Dataset.from_list(preference_rows(train_records)),
@@ -305,14 +295,14 @@ def build_trainer(params: dict, precision: str, output_dir: str):
 
     from trl import SFTConfig, SFTTrainer
 
-    packing = bool(cfg.get("packing", False))
+    packing = bool(cfg["packing"])
     if packing and not max_length:
         raise StageError("train.packing=true packs rows into max_length windows: set "
                          "train.max_length")
-    train_on = params.get("objective", {}).get("train_on", "assistant")
+    train_on = trained_turns(params["objective"])
     rows = {name: tokenized_rows(records, tokenizer, train_on, max_length, packing)
             for name, records in (("train", train_records), ("eval", eval_records))}
-    padding_free = cfg.get("padding_free", False)
+    padding_free = cfg["padding_free"]
     if padding_free == "auto":  # only flash-attention's varlen kernels make it pay
         padding_free = attention == "flash_attention_2"
     args = SFTConfig(
@@ -505,8 +495,8 @@ def main() -> None:
     plan_only = "--plan" in sys.argv[1:]
     if plan_only:
         os.environ["WANDB_MODE"] = "disabled"
-        params["launch"] = {**(params.get("launch") or {}), "num_processes": 1}
-    launched = relaunch_distributed(params.get("launch") or {})
+        params["launch"] = {**params["launch"], "num_processes": 1}
+    launched = relaunch_distributed(params["launch"])
     if launched is not None:
         if launched != 0:
             raise StageError(f"distributed training failed (exit code {launched}); see above")
@@ -516,7 +506,7 @@ def main() -> None:
         os.environ["WANDB_MODE"] = "disabled"
     n_processes = int(os.environ.get("WORLD_SIZE", "1"))
     method = params["method"]
-    objective = params.get("objective", {}).get("name", "sft")
+    objective = params["objective"]["name"]
     inputs = {"train": md5_path(TRAIN), "validation": md5_path(VALIDATION), "base": md5_path(BASE)}
     fingerprint = run_fingerprint(params, inputs)
 
@@ -534,7 +524,7 @@ def main() -> None:
         trainer = build_trainer(params, precision, str(CHECKPOINTS))
         plan = preflight(trainer, n_processes)
         plan["setup"] = {"precision": precision,
-                         "max_length": chosen_max_length(params["train"].get("max_length")),
+                         "max_length": chosen_max_length(params["train"]["max_length"]),
                          "attention": choose_attention(params["train"].get("attn_implementation")
                                                        or "auto"),
                          "liger_kernel": bool(trainer.args.use_liger_kernel),

@@ -29,24 +29,21 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from stages.common import tracking
+from stages.common import paths, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
-from stages.common.examples import ExampleError, record_examples, trainable_tokens, truncate
+from stages.common.examples import (ExampleError, record_examples, trainable_tokens,
+                                    trained_turns, truncate)
 from stages.common.files import atomic_dir, md5_path, write_json, write_jsonl
 from stages.common.kinds import (KINDS, ROLES, SHAPE, RowError, canonical, conversation_text,
                                  detect_kind, kind_of, rename_fields)
 from stages.common.records import read_file, record_id, resolve_paths
 from stages.common.task import Task
 
-VALID = Path("data/interim/valid.jsonl")
-QUARANTINE = Path("data/interim/quarantine.jsonl")
-REPORT = Path("reports/validate.json")
-MAX_LENGTH = Path("data/interim/max_length.json")  # the token budget train cuts at (train dep)
-DATA_DOCS = Path("reports/data_docs")
-TOKENIZER_DIR = Path("models/base")
-TRAINING_TEMPLATE = TOKENIZER_DIR / "chat_template_training.jinja"
+VALID, QUARANTINE, DATA_DOCS = paths.VALID, paths.QUARANTINE, paths.DATA_DOCS
+REPORT = paths.stage_report("validate")
+MAX_LENGTH = paths.MAX_LENGTH  # the token budget train cuts at (train dep)
+TOKENIZER_DIR, TRAINING_TEMPLATE = paths.BASE, paths.TRAINING_TEMPLATE
 FIXED_SETS = ("test", "validation")  # data.<name>_path: evaluation sets that never move
-LENGTH_POLICIES = ("reject", "truncate", "drop")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, LF and CR are fine
 
 
@@ -338,39 +335,32 @@ def main() -> None:
 
     params = load_params()
     data, task = params["data"], Task.from_params(params)
-    setting = params["train"].get("max_length")  # tokens; null: no cap; auto: from the data
-    if not (setting in (None, "auto") or (isinstance(setting, int) and setting > 0)):
-        raise StageError(f"train.max_length={setting!r}: use a positive number of tokens, "
-                         f"auto (sized from the data) or null (no cap)")
+    setting = params["train"]["max_length"]  # tokens; null: no cap; auto: from the data
     max_length = None if setting == "auto" else setting
-    policy = data.get("length_policy", "reject")
-    if data["kind"] not in (*KINDS, "auto"):
-        raise StageError(f"data.kind={data['kind']}: use one of {', '.join(KINDS)} or auto")
-    if policy not in LENGTH_POLICIES:
-        raise StageError(f"data.length_policy={policy}: use one of {', '.join(LENGTH_POLICIES)}")
-    paths = [require_dependency("validate", "data.path", p) for p in resolve_paths(data["path"])]
-    fixed = fixed_set_paths(data, paths)  # file -> "test" | "validation"
-    paths += list(fixed)
-    inputs = {str(p): md5_path(p) for p in paths}
+    policy = data["length_policy"]
+    sources = [require_dependency("validate", "data.path", p) for p in resolve_paths(data["path"])]
+    fixed = fixed_set_paths(data, sources)  # file -> "test" | "validation"
+    sources += list(fixed)
+    inputs = {str(p): md5_path(p) for p in sources}
 
     with tracking.stage_run("validate", params, ["data", "task", "train"], inputs) as run:
-        files = {path: read_file(path) for path in paths}
+        files = {path: read_file(path) for path in sources}
         empty_files = [str(p) for p, rows in files.items() if not rows]
         for path in empty_files:
             print(f"validate: warning: {path} holds no records")
-        columns = data.get("columns") or {}
+        columns = data["columns"]
         for file_rows in files.values():
             for row in file_rows:
                 row["obj"] = rename_fields(row["obj"], columns)
         rows = [row for file_rows in files.values() for row in file_rows]
         if not rows:
-            raise StageError(f"{', '.join(map(str, paths))}: no records")
+            raise StageError(f"{', '.join(map(str, sources))}: no records")
         kinds = choose_kinds(files, data["kind"])
         drift = schema_drift(files)
         for path, change in drift.items():
             print(f"validate: warning: schema drift in {path} against {change['compared_to']}: "
                   f"missing {change['missing']}, extra {change['extra']}")
-        if drift and data.get("schema_drift", "warn") == "fail":
+        if drift and data["schema_drift"] == "fail":
             raise StageError(f"schema drift between files: {drift}")
 
         converted = [to_record(row, kinds.get(Path(row["source"]), data["kind"])) for row in rows]
@@ -383,7 +373,7 @@ def main() -> None:
         leak_pattern = special_token_pattern(tokenizer)
         facts = [{"structure_error": reason, **measure(record, leak_pattern)}
                  for record, reason, _ in converted]
-        train_on = (params.get("objective") or {}).get("train_on", "assistant")
+        train_on = trained_turns(params["objective"])
         template = TRAINING_TEMPLATE.read_text(encoding="utf-8")
         measure_tokens(facts, records, tokenizer, template, train_on,
                        max_length if policy == "truncate" else None)
@@ -471,7 +461,7 @@ def main() -> None:
         # the gate: `drop` means the user accepts losing too-long rows, so they do not count
         excused = {"too_long"} if policy == "drop" else set()
         rejected = sum(1 for q in quarantined if set(q["reasons"]) - excused) / len(rows)
-        fatal = [r for r in data.get("fatal_reasons") or [] if by_reason.get(r)]
+        fatal = [r for r in data["fatal_reasons"] if by_reason.get(r)]
         if rejected > float(data["max_rejected_fraction"]) or fatal:
             top = ", ".join(f"{r} ({n}, e.g. {example_lines(quarantined, r)})"
                             for r, n in by_reason.most_common(3))

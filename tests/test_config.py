@@ -279,3 +279,22 @@ def test_files_params_name_are_dependencies_of_their_stage(key, monkeypatch):
     with pytest.raises(StageError, match=rf"{re.escape(key)}=/tmp/elsewhere.jsonl: not a "
                                          rf"dependency of the {stage} stage"):
         require_dependency(stage, key, "/tmp/elsewhere.jsonl")
+
+
+def test_every_path_the_stages_share_is_declared_in_dvc_yaml():
+    """stages/common/paths.py names each path once; dvc.yaml must declare the same path (or
+    the folder holding it) as a dep or out, or DVC would not track what the stages pass on."""
+    from stages.common import paths
+
+    declared = set()
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
+        for entry in stage.get("deps", []) + stage.get("outs", []) + stage.get("metrics", []):
+            declared.add(Path(next(iter(entry)) if isinstance(entry, dict) else entry))
+    named = {name: value for name, value in vars(paths).items() if isinstance(value, Path)}
+    assert len(named) > 20
+    for name, path in named.items():
+        inside = path in declared or any(d in path.parents for d in declared)
+        holds = any(path in d.parents for d in declared)  # a folder of declared outputs
+        assert inside or holds, f"paths.{name} = {path} is in no stage's deps or outs"
+    for stage in ("base_model", "validate", "dedup", "split", "train", "export"):
+        assert paths.stage_report(stage) in declared

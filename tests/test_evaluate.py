@@ -8,7 +8,9 @@ from pathlib import Path
 
 import evaluate
 import pytest
+import yaml
 
+from conftest import ROOT
 from stages import base_model, evaluate as evaluate_stage
 from stages.common.config import StageError
 from stages.common.files import read_jsonl, write_jsonl
@@ -139,14 +141,14 @@ def test_forgetting_gate_fails_the_stage(prepared):  # noqa: F811
 def test_the_task_config_chooses_the_metrics():
     from stages.common.task import Task
 
-    generic = Task.from_params({"task": {"name": "generic", "answer_regex": None, "labels": {}}})
+    conf = yaml.safe_load((ROOT / "conf/task/generic.yaml").read_text())
+    generic = Task.from_params({"task": conf})
     assert generic.metrics == ["exact_match", "rouge_l", "bleu"]
     scores, per_example = evaluate_stage.score(["a refund was issued today"],
                                                ["a refund was issued today"], generic)
     assert scores == {"exact_match": 1.0, "rouge_l": 1.0, "bleu": pytest.approx(1.0, abs=1e-4)}
     assert per_example == {"exact_match": [1.0], "rouge_l": [1.0]}  # BLEU is corpus-level
-    chosen = Task.from_params({"task": {"name": "t", "answer_regex": None, "labels": {},
-                                        "metrics": ["rouge_l"]}})
+    chosen = Task.from_params({"task": conf | {"metrics": ["rouge_l"]}})
     assert set(evaluate_stage.score(["x"], ["y"], chosen)[0]) == {"rouge_l"}
 
 

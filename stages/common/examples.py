@@ -25,6 +25,11 @@ class ExampleError(ValueError):
     """A record the training template cannot turn into an example (the reason is the text)."""
 
 
+def trained_turns(objective: dict) -> str:
+    """The objective's `train_on` (sft's choice); the other objectives train on the answer."""
+    return objective.get("train_on", "assistant")
+
+
 def conversation(record: dict) -> list[dict]:
     """The messages a chat or preference record trains on (a preference record: the chosen)."""
     return record["messages"] if "messages" in record else [*record["prompt"], *record["chosen"]]

@@ -26,20 +26,12 @@ class Task:
         t = params["task"]
         return cls(
             name=t["name"],
-            answer_regex=t.get("answer_regex"),
-            labels={k: list(v) for k, v in (t.get("labels") or {}).items()},
-            stratify_by=list(t.get("stratify_by") or []),
-            metrics=list(t.get("metrics") or cls.default_metrics(t)),
-            answer_schema=t.get("answer_schema"),
+            answer_regex=t["answer_regex"],
+            labels={k: list(v) for k, v in t["labels"].items()},
+            stratify_by=list(t["stratify_by"]),
+            metrics=list(t["metrics"]),
+            answer_schema=t.get("answer_schema"),  # the one optional key of the schema
         )
-
-    @staticmethod
-    def default_metrics(t: dict) -> list[str]:
-        if t.get("answer_regex") and t.get("labels"):
-            return ["exact_match", "format_adherence", "field_scores"]
-        if t.get("answer_regex") or t.get("answer_schema"):
-            return ["exact_match", "format_adherence"]
-        return ["exact_match", "rouge_l", "bleu"]
 
     def parse(self, answer: str | None) -> dict[str, str] | None:
         """Fields of an answer, or None when it does not match the format."""
