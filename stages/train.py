@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.common import memory, paths, tracking
+from stages.common import compat, memory, paths, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
 from stages.common.examples import (ExampleError, record_examples, trainable_tokens,
                                     trained_turns, truncate)
@@ -205,20 +205,6 @@ def preference_rows(records: list[dict]) -> list[dict]:
              "rejected": plain(r["rejected"])} for r in records]
 
 
-def score_only_answer_tokens() -> None:
-    """Make TRL's fused loss project only label positions through the LM head on CPU.
-
-    TRL 1.16 skips the masked (prompt) positions only on Triton devices, to keep tile shapes
-    stable for compilers; on CPU it scores every position and then throws most away. Our
-    prompts are ~90% of each row, so this halves a CPU step (8.9 -> 4.0 s, same losses to
-    the last digit). `trl.trainer.utils` imported the check by name, so we rebind it there.
-    """
-    import trl.trainer.utils as trl_utils
-
-    if hasattr(trl_utils, "_use_triton"):
-        trl_utils._use_triton = lambda device: True
-
-
 def build_trainer(params: dict, precision: str, output_dir: str):
     """The TRL trainer for the objective, on the train and validation splits, as the stage runs it."""
     import torch
@@ -229,7 +215,7 @@ def build_trainer(params: dict, precision: str, output_dir: str):
     objective = params["objective"]["name"]
     set_seed(seed)
     if not torch.cuda.is_available():
-        score_only_answer_tokens()
+        compat.score_only_answer_tokens()
     tokenizer = AutoTokenizer.from_pretrained(BASE)
     train_records = read_records(TRAIN, objective)
     eval_records = read_records(VALIDATION, objective)
@@ -375,7 +361,7 @@ def preflight(trainer, n_processes: int) -> dict:
 
     def forward_backward(batch) -> float:
         start = time.perf_counter()
-        loss = trainer.compute_loss(model, trainer._prepare_inputs(batch))
+        loss = trainer.compute_loss(model, compat.prepare_inputs(trainer, batch))
         loss.backward()
         if cuda:
             torch.cuda.synchronize()
