@@ -51,6 +51,10 @@ repro: $(STAMP)  ## Compose conf/ into params.yaml (OVERRIDES="...") and run the
 test: $(STAMP)  ## Run all tests, the end-to-end pipeline runs included
 	$(BIN)/pytest
 
+lint: $(STAMP)  ## Check the code with ruff (lint rules and formatting; settings in pyproject.toml)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
 test-fast: $(STAMP)  ## Run the tests without the slow end-to-end ones
 	$(BIN)/pytest -m "not slow"
 
@@ -99,4 +103,4 @@ import: $(STAMP)  ## Import a Hub id or Arrow/Parquet folder as data/raw/NAME.js
 clean-venv:  ## Remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help install lock repro test test-fast params plan plots exps regression serve check-switches bench-train bench-data wandb-sync import clean-venv
+.PHONY: help install lock repro test lint test-fast params plan plots exps regression serve check-switches bench-train bench-data wandb-sync import clean-venv

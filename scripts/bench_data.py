@@ -50,14 +50,23 @@ def run_size(rows: int, scratch: Path) -> dict[str, tuple[float, float]]:
     out = {}
     for stage in STAGES:
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", f"stages.{stage}"],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         seconds = time.perf_counter() - start
         if done.returncode:
             sys.exit(f"{stage} failed at {rows} rows:\n{done.stderr[-2000:]}")
         last = [line for line in done.stdout.splitlines() if line.startswith(f"{stage}:")]
-        print(f"  {rows:>7} rows  {stage:<8} {seconds:6.1f} s  peak {peak_child_mib():7.0f} MiB  "
-              f"{last[-1] if last else ''}", flush=True)
+        print(
+            f"  {rows:>7} rows  {stage:<8} {seconds:6.1f} s  peak {peak_child_mib():7.0f} MiB  "
+            f"{last[-1] if last else ''}",
+            flush=True,
+        )
         out[stage] = (seconds, peak_child_mib())
     return out
 
@@ -69,8 +78,10 @@ def main() -> None:
     if not (ROOT / "models/base/tokenizer.json").exists():
         sys.exit("models/base is missing: run `dvc repro base_model` first")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    print(f"data stages on {os.cpu_count()} cores; dedup threshold {params['dedup']['threshold']}, "
-          f"split group_threshold {params['split'].get('group_threshold')}")
+    print(
+        f"data stages on {os.cpu_count()} cores; dedup threshold {params['dedup']['threshold']}, "
+        f"split group_threshold {params['split'].get('group_threshold')}"
+    )
     small, large = args.sizes
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         results = {size: run_size(size, Path(tmp)) for size in (small, large)}
@@ -79,9 +90,14 @@ def main() -> None:
     for stage in STAGES:
         a, b = results[small][stage][0], results[large][stage][0]
         print(f"{stage:<10}{a:>9.1f}s{b:>9.1f}s   {b / a:5.1f}")
-    print(f"{'total':<10}{total[small]:>9.1f}s{total[large]:>9.1f}s   "
-          f"{total[large] / total[small]:5.1f}   (linear = {large / small:.0f})")
-    print(f"peak memory of any stage: {max(m for r in results.values() for _, m in r.values()):.0f} MiB")
+    print(
+        f"{'total':<10}{total[small]:>9.1f}s{total[large]:>9.1f}s   "
+        f"{total[large] / total[small]:5.1f}   (linear = {large / small:.0f})"
+    )
+    print(
+        f"peak memory of any stage: "
+        f"{max(m for r in results.values() for _, m in r.values()):.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def main() -> None:
 
     n = len(prompts)
     same = sum(a == b for a, b in zip(batched, single))
-    print(f"{n} prompts, {args.max_new_tokens} new tokens at most, {torch.get_num_threads()} threads")
+    print(
+        f"{n} prompts, {args.max_new_tokens} new tokens at most, {torch.get_num_threads()} threads"
+    )
     print(f"one at a time: {n / single_s:6.2f} examples/s ({single_s:.1f} s)")
     print(f"batched ({args.batch_size}):  {n / batched_s:6.2f} examples/s ({batched_s:.1f} s)")
     print(f"speed-up {single_s / batched_s:.2f}x; identical answers: {same}/{n}")

@@ -69,8 +69,13 @@ def timed_train(trainer, device: str) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     tokens = trainer.state.num_input_tokens_seen
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
-            "steps": trainer.state.global_step, "peak_memory_gib": peak_memory_gib(device)}
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_second": tokens / seconds,
+        "steps": trainer.state.global_step,
+        "peak_memory_gib": peak_memory_gib(device),
+    }
 
 
 def run_ours(params: dict, out_dir: str) -> dict:
@@ -92,25 +97,51 @@ def run_trl(params: dict, out_dir: str) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     cfg, method = params["train"], params["method"]
-    rows = [json.loads(line) for line in Path("data/processed/train.jsonl").read_text().splitlines()]
-    dataset = Dataset.from_list([{"messages": [{"role": m["role"], "content": m["content"]}
-                                               for m in r["messages"]]} for r in rows])
+    rows = [
+        json.loads(line) for line in Path("data/processed/train.jsonl").read_text().splitlines()
+    ]
+    dataset = Dataset.from_list(
+        [
+            {"messages": [{"role": m["role"], "content": m["content"]} for m in r["messages"]]}
+            for r in rows
+        ]
+    )
     cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(
-        "models/base", dtype=torch.bfloat16 if cuda else torch.float32)
+        "models/base", dtype=torch.bfloat16 if cuda else torch.float32
+    )
     args = SFTConfig(
-        output_dir=out_dir, max_steps=int(cfg["max_steps"]), learning_rate=float(cfg["learning_rate"]),
+        output_dir=out_dir,
+        max_steps=int(cfg["max_steps"]),
+        learning_rate=float(cfg["learning_rate"]),
         per_device_train_batch_size=int(cfg["per_device_train_batch_size"]),
         gradient_accumulation_steps=int(cfg["gradient_accumulation_steps"]),
-        report_to=[], save_strategy="no", logging_steps=5, seed=int(params["seed"]),
+        report_to=[],
+        save_strategy="no",
+        logging_steps=5,
+        seed=int(params["seed"]),
         include_num_input_tokens_seen="non_padding",
         # the CPU fixes; on a GPU TRL's defaults (bf16, checkpointing) stand
-        **({} if cuda else {"bf16": False, "activation_checkpointing": False, "use_cpu": True}))
-    peft = None if method["name"] == "full" else LoraConfig(
-        r=int(method["r"]), lora_alpha=int(method["alpha"]), lora_dropout=float(method["dropout"]),
-        target_modules=method["target_modules"], task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=args, processing_class=AutoTokenizer.from_pretrained(
-        "models/base"), train_dataset=dataset, peft_config=peft)
+        **({} if cuda else {"bf16": False, "activation_checkpointing": False, "use_cpu": True}),
+    )
+    peft = (
+        None
+        if method["name"] == "full"
+        else LoraConfig(
+            r=int(method["r"]),
+            lora_alpha=int(method["alpha"]),
+            lora_dropout=float(method["dropout"]),
+            target_modules=method["target_modules"],
+            task_type="CAUSAL_LM",
+        )
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        processing_class=AutoTokenizer.from_pretrained("models/base"),
+        train_dataset=dataset,
+        peft_config=peft,
+    )
     return timed_train(trainer, device_of())
 
 
@@ -157,28 +188,43 @@ def main() -> None:
     del model
     results = {}
     for side in ("trl", "ours"):
-        done = subprocess.run([sys.executable, __file__, "--side", side, "--steps", str(args.steps)],
-                              capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                  filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+        done = subprocess.run(
+            [sys.executable, __file__, "--side", side, "--steps", str(args.steps)],
+            capture_output=True,
+            text=True,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(
+                    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+                ),
+            },
+            check=False,
+        )
         line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
         if done.returncode or not line:
             sys.exit(f"{side} run failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
         results[side] = json.loads(line[-1].removeprefix("RESULT "))
     peak = matmul_peak_gflops(device)
     flops_per_token = (6 if params["method"]["name"] == "full" else 4) * n_body
-    print(f"device: {device} ({torch.get_num_threads()} threads), method "
-          f"{params['method']['name']}, batch {params['train']['per_device_train_batch_size']}, "
-          f"{args.steps} optimizer steps each, {n_params / 1e6:.1f} M parameters "
-          f"({n_body / 1e6:.1f} M without embeddings)")
+    print(
+        f"device: {device} ({torch.get_num_threads()} threads), method "
+        f"{params['method']['name']}, batch {params['train']['per_device_train_batch_size']}, "
+        f"{args.steps} optimizer steps each, {n_params / 1e6:.1f} M parameters "
+        f"({n_body / 1e6:.1f} M without embeddings)"
+    )
     print(f"{'':6} {'tokens/s':>10} {'seconds':>8} {'tokens':>8} {'peak GiB':>9} {'MFU':>6}")
     for side, r in results.items():
         mfu = r["tokens_per_second"] * flops_per_token / (peak * 1e9)
-        print(f"{side:6} {r['tokens_per_second']:10.1f} {r['seconds']:8.1f} {r['tokens']:8d} "
-              f"{r['peak_memory_gib']:9.2f} {mfu:6.1%}")
-    print(f"ratio ours / TRL: {results['ours']['tokens_per_second'] / results['trl']['tokens_per_second']:.2f}"
-          f" (non-padding tokens per second); matmul peak {peak:.0f} GFLOP/s "
-          f"({'bf16' if device == 'cuda' else 'fp32'})")
+        print(
+            f"{side:6} {r['tokens_per_second']:10.1f} {r['seconds']:8.1f} {r['tokens']:8d} "
+            f"{r['peak_memory_gib']:9.2f} {mfu:6.1%}"
+        )
+    print(
+        f"ratio ours / TRL: "
+        f"{results['ours']['tokens_per_second'] / results['trl']['tokens_per_second']:.2f}"
+        f" (non-padding tokens per second); matmul peak {peak:.0f} GFLOP/s "
+        f"({'bf16' if device == 'cuda' else 'fp32'})"
+    )
 
 
 if __name__ == "__main__":

@@ -44,55 +44,92 @@ def machine_memory_gib() -> float:
 def run_stage(project: Path, stage: str, env: dict) -> dict:
     timing = project / ".stage-time"
     start = time.perf_counter()
-    done = subprocess.run([TIME, "-f", "%M", "-o", str(timing), "dvc", "repro", "--single-item",
-                           stage], cwd=project, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [TIME, "-f", "%M", "-o", str(timing), "dvc", "repro", "--single-item", stage],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     lines = timing.read_text().split() if timing.exists() else []
     killed = "signal" in timing.read_text() if timing.exists() else False
     failed = done.returncode != 0
-    errors = [line for line in (done.stdout + done.stderr).splitlines()
-              if "error" in line.lower() or "killed" in line.lower()]
-    return {"stage": stage, "ran": "Running stage" in done.stdout,
-            "peak_gib": round(int(lines[-1]) / 2**20, 2) if lines and lines[-1].isdigit() else None,
-            "seconds": round(time.perf_counter() - start, 1),
-            "status": "killed" if killed else "failed" if failed else "ok",
-            "error": errors[-1][:300] if failed and errors else None}
+    errors = [
+        line
+        for line in (done.stdout + done.stderr).splitlines()
+        if "error" in line.lower() or "killed" in line.lower()
+    ]
+    return {
+        "stage": stage,
+        "ran": "Running stage" in done.stdout,
+        "peak_gib": round(int(lines[-1]) / 2**20, 2) if lines and lines[-1].isdigit() else None,
+        "seconds": round(time.perf_counter() - start, 1),
+        "status": "killed" if killed else "failed" if failed else "ok",
+        "error": errors[-1][:300] if failed and errors else None,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", nargs="*", metavar="METHOD:OBJECTIVE",
-                        help="default: every method with every objective")
+    parser.add_argument(
+        "--pairs",
+        nargs="*",
+        metavar="METHOD:OBJECTIVE",
+        help="default: every method with every objective",
+    )
     parser.add_argument("--steps", type=int, default=4, help="training steps per pair")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every pair")
     args = parser.parse_args()
-    pairs = ([tuple(p.split(":")) for p in args.pairs] if args.pairs
-             else [(m, o) for m in METHODS for o in OBJECTIVES])
+    pairs = (
+        [tuple(p.split(":")) for p in args.pairs]
+        if args.pairs
+        else [(m, o) for m in METHODS for o in OBJECTIVES]
+    )
     if not shutil.which("dvc") or not Path(TIME).exists():
         sys.exit("needs dvc on PATH (`source .venv/bin/activate`) and GNU time at /usr/bin/time")
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     results = []
-    print(f"{len(pairs)} pairs, {args.steps} steps each, on a machine with "
-          f"{machine_memory_gib():.1f} GiB", flush=True)
+    print(
+        f"{len(pairs)} pairs, {args.steps} steps each, on a machine with "
+        f"{machine_memory_gib():.1f} GiB",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="check-switches-") as tmp:
         project = Path(tmp) / "project"
         subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
         stages = list(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
         for method, objective in pairs:
-            overrides = [f"method={method}", f"objective={objective}",
-                         f"train.max_steps={args.steps}", f"train.eval_steps={args.steps}",
-                         *args.overrides]
-            subprocess.run([sys.executable, "-m", "stages.common.compose", *overrides],
-                           cwd=project, env=env, check=True, capture_output=True)
+            overrides = [
+                f"method={method}",
+                f"objective={objective}",
+                f"train.max_steps={args.steps}",
+                f"train.eval_steps={args.steps}",
+                *args.overrides,
+            ]
+            subprocess.run(
+                [sys.executable, "-m", "stages.common.compose", *overrides],
+                cwd=project,
+                env=env,
+                check=True,
+                capture_output=True,
+            )
             for stage in stages:
-                result = {"method": method, "objective": objective, **run_stage(project, stage,
-                                                                                   env)}
+                result = {
+                    "method": method,
+                    "objective": objective,
+                    **run_stage(project, stage, env),
+                }
                 results.append(result)
                 if result["ran"] or result["status"] != "ok":
-                    print(f"{method:>6} {objective:<4} {stage:<10} {result['status']:<7} "
-                          f"peak {result['peak_gib'] or 0:5.2f} GiB {result['seconds']:7.1f} s"
-                          + (f"  {result['error']}" if result["error"] else ""), flush=True)
+                    print(
+                        f"{method:>6} {objective:<4} {stage:<10} {result['status']:<7} "
+                        f"peak {result['peak_gib'] or 0:5.2f} GiB {result['seconds']:7.1f} s"
+                        + (f"  {result['error']}" if result["error"] else ""),
+                        flush=True,
+                    )
                 if result["status"] != "ok":
                     break
 
@@ -101,9 +138,11 @@ def main() -> None:
         rows = [r for r in results if (r["method"], r["objective"]) == (method, objective)]
         top = max(rows, key=lambda r: r["peak_gib"] or 0)
         status = next((f"{r['stage']} {r['status']}" for r in rows if r["status"] != "ok"), "ok")
-        print(f"{method:<8}{objective:<11}{top['peak_gib'] or 0:>5.2f} ({top['stage']})"
-              f"{'':<{20 - len(top['stage'])}}"
-              f"{sum(r['seconds'] for r in rows) / 60:>7.1f}  {status}")
+        print(
+            f"{method:<8}{objective:<11}{top['peak_gib'] or 0:>5.2f} ({top['stage']})"
+            f"{'':<{20 - len(top['stage'])}}"
+            f"{sum(r['seconds'] for r in rows) / 60:>7.1f}  {status}"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     sys.exit(any(r["status"] != "ok" for r in results))

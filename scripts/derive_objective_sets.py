@@ -53,8 +53,7 @@ def rejected_answer(fields: dict, rng: random.Random) -> str:
         wrong = rng.choice([c for c in CATEGORIES if c != fields["category"]])
         return json.dumps({"urgency": fields["urgency"], "category": wrong})
     if mistake == "prose":
-        return (f"This looks like a {fields['category']} issue with {fields['urgency']} "
-                "urgency.")
+        return f"This looks like a {fields['category']} issue with {fields['urgency']} urgency."
     return json.dumps(fields) + " Let me know if there is anything else I can help with!"
 
 
@@ -67,14 +66,19 @@ def main() -> None:
     tickets = clean_tickets(args.tickets)
     preference, text = [], []
     for prompt, answer, fields in tickets:
-        preference.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer}],
-                           "rejected": [{"role": "assistant",
-                                         "content": rejected_answer(fields, rng)}]})
+        preference.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": answer}],
+                "rejected": [{"role": "assistant", "content": rejected_answer(fields, rng)}],
+            }
+        )
         text.append({"text": prompt[1]["content"]})
     folder = args.tickets.parent
     for name, rows in (("tickets_preference.jsonl", preference), ("tickets_text.jsonl", text)):
-        (folder / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                   encoding="utf-8")
+        (folder / name).write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+        )
         print(f"wrote {folder / name}: {len(rows)} rows")
 
 

@@ -78,10 +78,14 @@ def open_parquet(path: Path, split: str | None):
 
     name, path = str(path), path.resolve()
     root = path.parent if path.is_file() else path
-    by_split = {"train": [str(path)]} if path.is_file() else DataFilesDict.from_patterns(
-        get_data_patterns(str(root)), base_path=str(root))  # the Hub's split naming, or all train
-    by_split = {str(s): [Path(f) for f in fs if f.endswith(".parquet")]
-                for s, fs in by_split.items()}
+    by_split = (
+        {"train": [str(path)]}
+        if path.is_file()
+        else DataFilesDict.from_patterns(get_data_patterns(str(root)), base_path=str(root))
+    )  # the Hub's split naming, or all train
+    by_split = {
+        str(s): [Path(f) for f in fs if f.endswith(".parquet")] for s, fs in by_split.items()
+    }
     by_split = {s: fs for s, fs in by_split.items() if fs}
     if not by_split:
         raise Fail(f"{name}: no .parquet files, and not a save_to_disk folder")
@@ -104,9 +108,11 @@ def open_hub(name: str, config: str | None, split: str | None, revision: str | N
             builder.download_and_prepare()
             data = builder.as_dataset(split=split)
     except ConnectionError:  # datasets has tried its cache too by then
-        raise Fail(f"cannot reach the Hugging Face Hub for '{name}', and it is not in the "
-                   f"datasets cache: check the network, run with HF_HUB_OFFLINE=1 once it is "
-                   f"cached, or import a local Arrow/Parquet folder") from None
+        raise Fail(
+            f"cannot reach the Hugging Face Hub for '{name}', and it is not in the "
+            f"datasets cache: check the network, run with HF_HUB_OFFLINE=1 once it is "
+            f"cached, or import a local Arrow/Parquet folder"
+        ) from None
     return split, builder.hash, data.with_format("arrow").iter(batch_size=1000)
 
 
@@ -126,8 +132,10 @@ def jsonable(value, column: str):
     if hasattr(value, "tolist"):  # numpy scalars and arrays
         return jsonable(value.tolist(), column)
     kind = "binary data (bytes)" if isinstance(value, (bytes, bytearray)) else type(value).__name__
-    raise Fail(f"column '{column}' holds {kind}, which cannot be written as JSON; "
-               f"drop or convert that column first")
+    raise Fail(
+        f"column '{column}' holds {kind}, which cannot be written as JSON; "
+        f"drop or convert that column first"
+    )
 
 
 def write_atomic(path: Path, lines) -> tuple[int, str]:
@@ -158,21 +166,39 @@ def run(args: argparse.Namespace) -> str:
         if args.config or args.revision:
             raise Fail(f"{args.source}: --config and --revision are for Hub ids, not local data")
         split, revision, batches = (open_arrow if saved else open_parquet)(path, args.split)
-    elif (args.source.startswith((".", "/", "~")) or args.source.count("/") > 1
-          or args.source.endswith(".parquet")):
+    elif (
+        args.source.startswith((".", "/", "~"))
+        or args.source.count("/") > 1
+        or args.source.endswith(".parquet")
+    ):
         raise Fail(f"{args.source}: no such file or folder")
     else:
         kind = "hub"
-        split, revision, batches = open_hub(args.source, args.config, args.split, args.revision,
-                                            args.limit)
+        split, revision, batches = open_hub(
+            args.source, args.config, args.split, args.revision, args.limit
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = itertools.islice((row for batch in batches for row in batch.to_pylist()), args.limit)
-    count, sha = write_atomic(out, (json.dumps({k: jsonable(v, k) for k, v in row.items()},
-                                               ensure_ascii=False) for row in rows))
-    sidecar = {"source": args.source, "kind": kind, "config": args.config, "split": split,
-               "revision_requested": args.revision, "revision": revision, "rows": count,
-               "limit": args.limit, "sha256": sha, "datasets_version": datasets.__version__,
-               "command": args.command}
+    count, sha = write_atomic(
+        out,
+        (
+            json.dumps({k: jsonable(v, k) for k, v in row.items()}, ensure_ascii=False)
+            for row in rows
+        ),
+    )
+    sidecar = {
+        "source": args.source,
+        "kind": kind,
+        "config": args.config,
+        "split": split,
+        "revision_requested": args.revision,
+        "revision": revision,
+        "rows": count,
+        "limit": args.limit,
+        "sha256": sha,
+        "datasets_version": datasets.__version__,
+        "command": args.command,
+    }
     meta = out.with_name(out.name[: -len(".jsonl")] + ".source.json")
     write_atomic(meta, [json.dumps(sidecar, indent=1)])
     return f"import_data: {count} rows from {kind} {args.source} ({split or '-'}) -> {out}; {meta}"

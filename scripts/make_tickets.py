@@ -1,6 +1,6 @@
 """Generate the bundled customer-support triage data set (deterministic, seeded).
 
-    python scripts/make_tickets.py            # writes data/raw/tickets.jsonl and data/eval/tickets_test.jsonl
+    python scripts/make_tickets.py  # data/raw/tickets.jsonl and data/eval/tickets_test.jsonl
     python scripts/make_tickets.py --rows 1500 --seed 7 --out /tmp/t.jsonl
 
 Each row is a chat record: a system prompt, the customer's ticket, and the assistant's triage
@@ -124,16 +124,42 @@ IMPACT = {
     ],
 }
 
-GREETINGS = ["", "", "Hi,", "Hello,", "Hi there,", "Good morning,", "Dear support,", "Hey,",
-             "Hi {name},", "Hello team,", "Good afternoon,"]
-CLOSINGS = ["", "", "Thanks.", "Thank you!", "Regards, {name}", "Best, {name}", "Cheers",
-            "Thanks, {name} from {company}", "Kind regards, {name}", "-- {name}, {city} office"]
+GREETINGS = [
+    "",
+    "",
+    "Hi,",
+    "Hello,",
+    "Hi there,",
+    "Good morning,",
+    "Dear support,",
+    "Hey,",
+    "Hi {name},",
+    "Hello team,",
+    "Good afternoon,",
+]
+CLOSINGS = [
+    "",
+    "",
+    "Thanks.",
+    "Thank you!",
+    "Regards, {name}",
+    "Best, {name}",
+    "Cheers",
+    "Thanks, {name} from {company}",
+    "Kind regards, {name}",
+    "-- {name}, {city} office",
+]
 # Context customers add: account ids, dates, what they tried. Neutral for the labels.
 CONTEXT = [
-    "My account ID is {n6}.", "I'm on the {plan} plan.", "This started on {date}.",
-    "I already tried logging out and back in.", "We have been customers since {year}.",
-    "I'm writing from the {city} office.", "I contacted you on {date} about something else.",
-    "Ticket {n5} was closed without an answer.", "I use the {app} app mostly.",
+    "My account ID is {n6}.",
+    "I'm on the {plan} plan.",
+    "This started on {date}.",
+    "I already tried logging out and back in.",
+    "We have been customers since {year}.",
+    "I'm writing from the {city} office.",
+    "I contacted you on {date} about something else.",
+    "Ticket {n5} was closed without an answer.",
+    "I use the {app} app mostly.",
     "Our workspace is called {company}.",
 ]
 
@@ -260,8 +286,10 @@ def generate(rows: int, seed: int) -> list[str]:
         insert(json.dumps(rec))
     for _ in range(max(1, n // 3)):  # over-long ticket: a pasted log dump
         text, urgency, category = make_ticket(rng)
-        log = " ".join(f"[2026-11-0{rng.randint(1, 9)} ERROR] request {rng.randint(1, 10**6)} failed"
-                       for _ in range(400))
+        log = " ".join(
+            f"[2026-11-0{rng.randint(1, 9)} ERROR] request {rng.randint(1, 10**6)} failed"
+            for _ in range(400)
+        )
         insert(json.dumps(record(text + " Here is the log: " + log, urgency, category)))
     for _ in range(max(1, n // 3)):  # label outside the declared set
         text, urgency, _ = make_ticket(rng)
@@ -286,8 +314,10 @@ def main() -> None:
     parser.add_argument("--test-rows", type=int, default=120)
     parser.add_argument("--test-out", type=Path, default=Path("data/eval/tickets_test.jsonl"))
     args = parser.parse_args()
-    for path, lines in ((args.out, generate(args.rows, args.seed)),
-                        (args.test_out, generate_test(args.test_rows, args.seed))):
+    for path, lines in (
+        (args.out, generate(args.rows, args.seed)),
+        (args.test_out, generate_test(args.test_rows, args.seed)),
+    ):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         print(f"wrote {len(lines)} lines to {path}")

@@ -21,18 +21,42 @@ import argparse
 
 GiB = 2**30
 ARCHITECTURES = {  # name -> (transformers config class, shapes), from the models' config.json
-    "SmolLM2-135M": ("LlamaConfig", dict(hidden_size=576, intermediate_size=1536,
-                                         num_hidden_layers=30, num_attention_heads=9,
-                                         num_key_value_heads=3, vocab_size=49152,
-                                         tie_word_embeddings=True)),
-    "Qwen2.5-1.5B": ("Qwen2Config", dict(hidden_size=1536, intermediate_size=8960,
-                                         num_hidden_layers=28, num_attention_heads=12,
-                                         num_key_value_heads=2, vocab_size=151936,
-                                         tie_word_embeddings=True)),
-    "Llama-3.1-8B": ("LlamaConfig", dict(hidden_size=4096, intermediate_size=14336,
-                                         num_hidden_layers=32, num_attention_heads=32,
-                                         num_key_value_heads=8, vocab_size=128256,
-                                         tie_word_embeddings=False)),
+    "SmolLM2-135M": (
+        "LlamaConfig",
+        {
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+            "num_hidden_layers": 30,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "vocab_size": 49152,
+            "tie_word_embeddings": True,
+        },
+    ),
+    "Qwen2.5-1.5B": (
+        "Qwen2Config",
+        {
+            "hidden_size": 1536,
+            "intermediate_size": 8960,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 12,
+            "num_key_value_heads": 2,
+            "vocab_size": 151936,
+            "tie_word_embeddings": True,
+        },
+    ),
+    "Llama-3.1-8B": (
+        "LlamaConfig",
+        {
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "vocab_size": 128256,
+            "tie_word_embeddings": False,
+        },
+    ),
 }
 
 
@@ -46,12 +70,19 @@ def counts(config_class: str, shapes: dict, r: int) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
-    linear = [m for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")]
+    linear = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")
+    ]
     wrapped = sum(m.weight.numel() for m in linear)
     lora = sum(r * (m.in_features + m.out_features) for m in linear)
-    return {"total": total, "linear": wrapped, "lora": lora,
-            "dora": lora + sum(m.out_features for m in linear)}
+    return {
+        "total": total,
+        "linear": wrapped,
+        "lora": lora,
+        "dora": lora + sum(m.out_features for m in linear),
+    }
 
 
 def sizes(n: dict, source_bytes: float) -> dict[str, dict[str, float]]:
@@ -69,8 +100,14 @@ def sizes(n: dict, source_bytes: float) -> dict[str, dict[str, float]]:
             weights = (0.53 * n["linear"] + 2 * other) if method == "qlora" else 2 * n["total"]
             train = weights + 16 * trainable
             tuned = 4 * trainable
-        out[method] = {"trainable": trainable, "base": base / GiB, "tuned": tuned / GiB,
-                       "merged": base / GiB, "train": train / GiB, "export": 4 * n["total"] / GiB}
+        out[method] = {
+            "trainable": trainable,
+            "base": base / GiB,
+            "tuned": tuned / GiB,
+            "merged": base / GiB,
+            "train": train / GiB,
+            "export": 4 * n["total"] / GiB,
+        }
     return out
 
 
@@ -78,18 +115,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (method.r)")
     args = parser.parse_args()
-    print(f"LoRA rank {args.r} on every linear layer; GiB; train = GPU memory before "
-          f"activations; export = fp32 merge")
-    print("| model | params | method | trainable | models/base | models/tuned | models/merged "
-          "| train | export |")
+    print(
+        f"LoRA rank {args.r} on every linear layer; GiB; train = GPU memory before "
+        f"activations; export = fp32 merge"
+    )
+    print(
+        "| model | params | method | trainable | models/base | models/tuned | models/merged "
+        "| train | export |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, (config_class, shapes) in ARCHITECTURES.items():
         n = counts(config_class, shapes, args.r)
         source_bytes = 4 if name == "SmolLM2-135M" else 2  # the demo's GGUF becomes fp32
         for method, s in sizes(n, source_bytes).items():
-            print(f"| {name} | {n['total'] / 1e9:.2f} B | {method} | {s['trainable'] / 1e6:,.1f} M "
-                  f"| {s['base']:.2f} | {s['tuned']:.3f} | {s['merged']:.2f} | {s['train']:.1f} "
-                  f"| {s['export']:.1f} |")
+            print(
+                f"| {name} | {n['total'] / 1e9:.2f} B | {method} | {s['trainable'] / 1e6:,.1f} M "
+                f"| {s['base']:.2f} | {s['tuned']:.3f} | {s['merged']:.2f} | {s['train']:.1f} "
+                f"| {s['export']:.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -40,12 +40,16 @@ NOT_COMPARABLE = 2
 
 def experiment_rev(name: str) -> str | None:
     """The commit of a DVC experiment with this name, if there is one."""
-    out = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json", "-A"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json", "-A"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if out.returncode:
         return None
     try:
-        shown = json.loads(out.stdout[out.stdout.index("["):])
+        shown = json.loads(out.stdout[out.stdout.index("[") :])
     except ValueError:
         return None
     for baseline in shown:
@@ -56,8 +60,12 @@ def experiment_rev(name: str) -> str | None:
 
 
 def resolve(baseline: str) -> str:
-    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{baseline}^{{commit}}"],
-                           capture_output=True, text=True)
+    found = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{baseline}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if found.returncode == 0:
         return found.stdout.strip()
     rev = experiment_rev(baseline)
@@ -72,15 +80,19 @@ def not_comparable(old_metrics: dict, new_metrics: dict) -> str | None:
     if not old.get("sha256"):
         return "the baseline's metrics carry no test-set hash (made before it was recorded)"
     if old["sha256"] != new.get("sha256"):
-        return (f"the test set changed: {old.get('examples')} examples, sha256 "
-                f"{old['sha256'][:12]} -> {new.get('examples')} examples, sha256 "
-                f"{str(new.get('sha256'))[:12]}")
+        return (
+            f"the test set changed: {old.get('examples')} examples, sha256 "
+            f"{old['sha256'][:12]} -> {new.get('examples')} examples, sha256 "
+            f"{str(new.get('sha256'))[:12]}"
+        )
     return None
 
 
 def at_revision(rev: str, path: str) -> str | None:
     """A git-tracked file as it was at a revision (None when it was not there)."""
-    out = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+    out = subprocess.run(
+        ["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=False
+    )
     return out.stdout if out.returncode == 0 else None
 
 
@@ -89,6 +101,7 @@ def paired_scores(old_rows: list[dict], new_rows: list[dict]) -> dict[str, tuple
     model's per-example scores, paired by example id (a repeated id by its occurrence). A
     metric is the ratio of sums: rates are means (denominator 1), test_loss is the NLL sum
     over the labelled-token count."""
+
     def by_example(rows):
         seen, out = defaultdict(int), {}
         for row in rows:
@@ -102,16 +115,23 @@ def paired_scores(old_rows: list[dict], new_rows: list[dict]) -> dict[str, tuple
         return {}
     names = set.intersection(*(set(old[k]) & set(new[k]) for k in keys))
     column = lambda scores, name: np.array([scores[k][name] for k in keys], float)  # noqa: E731
-    out = {name: (column(old, name), np.ones(len(keys)), column(new, name), np.ones(len(keys)))
-           for name in sorted(names - {"loss_sum", "loss_tokens"})}
+    out = {
+        name: (column(old, name), np.ones(len(keys)), column(new, name), np.ones(len(keys)))
+        for name in sorted(names - {"loss_sum", "loss_tokens"})
+    }
     if {"loss_sum", "loss_tokens"} <= names:
-        out["test_loss"] = (column(old, "loss_sum"), column(old, "loss_tokens"),
-                            column(new, "loss_sum"), column(new, "loss_tokens"))
+        out["test_loss"] = (
+            column(old, "loss_sum"),
+            column(old, "loss_tokens"),
+            column(new, "loss_sum"),
+            column(new, "loss_tokens"),
+        )
     return out
 
 
-def bootstrap_interval(old_num, old_den, new_num, new_den, resamples: int, confidence: float,
-                       seed: int) -> tuple[float, float]:
+def bootstrap_interval(
+    old_num, old_den, new_num, new_den, resamples: int, confidence: float, seed: int
+) -> tuple[float, float]:
     """Paired bootstrap interval of (now - baseline): resample the examples with replacement,
     the same examples for both runs, and take the percentiles of the difference."""
     rng, n = np.random.default_rng(seed), len(old_num)
@@ -127,8 +147,11 @@ def bootstrap_interval(old_num, old_den, new_num, new_den, resamples: int, confi
 def numbers(tree, prefix: str = "") -> dict[str, float]:
     """Every number of a metrics file by its dotted key (`tuned.exact_match`)."""
     if isinstance(tree, dict):
-        return {k: v for key, value in tree.items()
-                for k, v in numbers(value, f"{prefix}{key}.").items()}
+        return {
+            k: v
+            for key, value in tree.items()
+            for k, v in numbers(value, f"{prefix}{key}.").items()
+        }
     is_number = isinstance(tree, (int, float)) and not isinstance(tree, bool)
     return {prefix[:-1]: tree} if is_number else {}
 
@@ -137,8 +160,11 @@ def metrics_diff(old: dict, new: dict) -> dict:
     """{metrics file: {dotted key: {old, new}}} for every number of both runs' metrics.json,
     the shape of `dvc metrics diff` (metrics.json is a plain output, not a DVC metric)."""
     old, new = numbers(old), numbers(new)
-    return {METRICS: {k: {"old": old.get(k), "new": new.get(k)}
-                      for k in sorted(old.keys() | new.keys())}}
+    return {
+        METRICS: {
+            k: {"old": old.get(k), "new": new.get(k)} for k in sorted(old.keys() | new.keys())
+        }
+    }
 
 
 def compare(diff: dict, rules: dict, intervals: dict[str, tuple[float, float]]) -> list[dict]:
@@ -149,8 +175,7 @@ def compare(diff: dict, rules: dict, intervals: dict[str, tuple[float, float]]) 
     rows = []
     for key, change in sorted(diff.get(METRICS, {}).items()):
         group, _, name = key.partition(".")
-        checked = (group == "tuned" and name) or (group == "forgetting"
-                                                   and name.endswith("_delta"))
+        checked = (group == "tuned" and name) or (group == "forgetting" and name.endswith("_delta"))
         if not checked:
             continue
         old, new = change.get("old"), change.get("new")
@@ -191,23 +216,33 @@ def lock_data_md5(text: str) -> dict[str, str]:
 
 def data_changes(rev: str) -> list[tuple[str, str]]:
     """(change, path) between dvc.lock at the baseline and in the workspace."""
-    old_lock = subprocess.run(["git", "show", f"{rev}:dvc.lock"], capture_output=True, text=True)
+    old_lock = subprocess.run(
+        ["git", "show", f"{rev}:dvc.lock"], capture_output=True, text=True, check=False
+    )
     old = lock_data_md5(old_lock.stdout if old_lock.returncode == 0 else "")
     new = lock_data_md5(Path("dvc.lock").read_text(encoding="utf-8"))
-    return ([("modified", p) for p in sorted(old.keys() & new.keys()) if old[p] != new[p]]
-            + [("added", p) for p in sorted(new.keys() - old.keys())]
-            + [("removed", p) for p in sorted(old.keys() - new.keys())])
+    return (
+        [("modified", p) for p in sorted(old.keys() & new.keys()) if old[p] != new[p]]
+        + [("added", p) for p in sorted(new.keys() - old.keys())]
+        + [("removed", p) for p in sorted(old.keys() - new.keys())]
+    )
 
 
 def flatten(diff: dict) -> list[tuple[str, object, object]]:
-    return [(f"{path}:{key}", c.get("old"), c.get("new"))
-            for path, changes in diff.items() for key, c in sorted(changes.items())]
+    return [
+        (f"{path}:{key}", c.get("old"), c.get("new"))
+        for path, changes in diff.items()
+        for key, c in sorted(changes.items())
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--baseline", default=os.environ.get("BASELINE") or "HEAD",
-                        help="git revision or DVC experiment name (default: $BASELINE, else HEAD)")
+    parser.add_argument(
+        "--baseline",
+        default=os.environ.get("BASELINE") or "HEAD",
+        help="git revision or DVC experiment name (default: $BASELINE, else HEAD)",
+    )
     args = parser.parse_args()
     if not Path(METRICS).exists():
         sys.exit(f"error: {METRICS} not found: run the pipeline first (make repro)")
@@ -223,8 +258,10 @@ def main() -> None:
     changed = data_changes(rev)
     why = not_comparable(old_metrics, new_metrics)
     if why:
-        print(f"NOT COMPARABLE: {why}. Metrics on different test sets differ for that alone; "
-              f"keep the test set fixed (data.test_path) and compare runs made on it.")
+        print(
+            f"NOT COMPARABLE: {why}. Metrics on different test sets differ for that alone; "
+            f"keep the test set fixed (data.test_path) and compare runs made on it."
+        )
         for kind, path in changed:
             print(f"  {kind:<9} {path}")
         sys.exit(NOT_COMPARABLE)
@@ -232,32 +269,45 @@ def main() -> None:
     with Repo() as repo:
         params_diff = repo.params.diff(a_rev=rev).get("diff", {})
     old_rows = [json.loads(line) for line in (at_revision(rev, PREDICTIONS) or "").splitlines()]
-    new_rows = [json.loads(line) for line in Path(PREDICTIONS).read_text(encoding="utf-8")
-                .splitlines()]
+    new_rows = [
+        json.loads(line) for line in Path(PREDICTIONS).read_text(encoding="utf-8").splitlines()
+    ]
     seed = int(params.get("seed", 0))
-    intervals = {name: bootstrap_interval(*columns, int(rules.get("resamples", 2000)),
-                                          float(rules.get("confidence", 0.95)), seed)
-                 for name, columns in paired_scores(old_rows, new_rows).items()}
+    intervals = {
+        name: bootstrap_interval(
+            *columns, int(rules.get("resamples", 2000)), float(rules.get("confidence", 0.95)), seed
+        )
+        for name, columns in paired_scores(old_rows, new_rows).items()
+    }
     rows = compare(metrics_diff(old_metrics, new_metrics), rules, intervals)
     if not rows:
         sys.exit(f"error: no tuned metrics to compare in {METRICS} at {args.baseline} ({rev[:8]})")
 
     level = f"{float(rules.get('confidence', 0.95)):.0%}"
     test_set = new_metrics["test_set"]
-    print(f"test set: {test_set['examples']} examples, sha256 {test_set['sha256'][:12]} "
-          f"(unchanged); "
-          f"intervals: paired bootstrap, {level}, {rules.get('resamples', 2000)} resamples")
-    print(f"{'metric':<30} {'baseline':>9} {'now':>9} {'change':>9} {level + ' interval':>20} "
-          f"{'tolerance':>9}  status")
-    fmt = (lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-")  # noqa: E731
+    print(
+        f"test set: {test_set['examples']} examples, sha256 {test_set['sha256'][:12]} "
+        f"(unchanged); "
+        f"intervals: paired bootstrap, {level}, {rules.get('resamples', 2000)} resamples"
+    )
+    print(
+        f"{'metric':<30} {'baseline':>9} {'now':>9} {'change':>9} {level + ' interval':>20} "
+        f"{'tolerance':>9}  status"
+    )
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) else "-"  # noqa: E731
     for r in rows:
         change = f"{r['change']:+.4f}" if "change" in r else ""
         interval = "[{:+.4f}, {:+.4f}]".format(*r["interval"]) if "interval" in r else "-"
-        print(f"{r['metric']:<30} {fmt(r['old']):>9} {fmt(r['new']):>9} {change:>9} "
-              f"{interval:>20} {r['tolerance']:>9}  {r['status']}")
+        print(
+            f"{r['metric']:<30} {fmt(r['old']):>9} {fmt(r['new']):>9} {change:>9} "
+            f"{interval:>20} {r['tolerance']:>9}  {r['status']}"
+        )
 
-    print("\ndata changed since the baseline (md5 in dvc.lock):" if changed
-          else "\ndata: unchanged since the baseline")
+    print(
+        "\ndata changed since the baseline (md5 in dvc.lock):"
+        if changed
+        else "\ndata: unchanged since the baseline"
+    )
     for kind, path in changed:
         print(f"  {kind:<9} {path}")
     params_changed = flatten(params_diff)

@@ -76,16 +76,19 @@ class ServeError(Exception):
 
 # --- settings ---------------------------------------------------------------------------------
 
+
 def serve_settings(params: dict) -> dict:
-    """params.yaml's `serve` section; load_params has checked its types (stages/common/schema.py)."""
+    """params.yaml's `serve` section; load_params checked its types (stages/common/schema.py)."""
     serve = params.get("serve") or {}
     for key in SETTINGS:
         if key not in serve:
-            raise ServeError(f"params.yaml: serve.{key}: missing (compose params.yaml from conf/: "
-                             "`make params`)")
+            raise ServeError(
+                f"params.yaml: serve.{key}: missing (compose params.yaml from conf/: `make params`)"
+            )
     if not all(serve["allowed_hosts"]):
-        raise ServeError(f"params.yaml: serve.allowed_hosts={serve['allowed_hosts']!r}: an "
-                         "empty host name")
+        raise ServeError(
+            f"params.yaml: serve.allowed_hosts={serve['allowed_hosts']!r}: an empty host name"
+        )
     return serve
 
 
@@ -102,9 +105,11 @@ def api_key(serve: dict) -> str | None:
     """The key from the environment; None (no auth) is allowed on loopback only."""
     key = os.environ.get(serve["api_key_env"], "").strip()
     if not key and not is_loopback(serve["host"]):
-        raise ServeError(f"serve.host={serve['host']} is not loopback: set "
-                         f"{serve['api_key_env']} to an API key first (clients send it as "
-                         "`Authorization: Bearer <key>`)")
+        raise ServeError(
+            f"serve.host={serve['host']} is not loopback: set "
+            f"{serve['api_key_env']} to an API key first (clients send it as "
+            "`Authorization: Bearer <key>`)"
+        )
     return key or None
 
 
@@ -120,8 +125,10 @@ def training_system_prompt(path: Path = TRAIN) -> tuple[str | None, int, int]:
     """(the most common first system turn of the training records, its count, the records).
     A record without one counts as None: when those are the most, no prompt is added."""
     if not path.exists():
-        raise ServeError(f"{path} not found: the system prompt the model was trained with is "
-                         "read from it (run `make repro`, or set serve.add_system_prompt=false)")
+        raise ServeError(
+            f"{path} not found: the system prompt the model was trained with is "
+            "read from it (run `make repro`, or set serve.add_system_prompt=false)"
+        )
     counts: Counter[str | None] = Counter()
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -142,14 +149,17 @@ def training_system_prompt(path: Path = TRAIN) -> tuple[str | None, int, int]:
 
 # --- the app ----------------------------------------------------------------------------------
 
+
 def error(status: int, message: str, code: str):
     """An OpenAI-style error answer (the openai client shows `message`)."""
     from fastapi.responses import JSONResponse
 
     kind = "authentication_error" if status == 401 else "invalid_request_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "code": code}},
-                        status_code=status,
-                        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "code": code}},
+        status_code=status,
+        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None,
+    )
 
 
 def split_host(value: str) -> tuple[str, int | None]:
@@ -183,15 +193,24 @@ class OwnerOnly:
         origin = urlsplit(headers.get("origin", ""))
         scheme_port = {"http": 80, "https": 443}.get(origin.scheme)
         if not self.ours(name, port if port is not None else 80):
-            answer = error(400, f"Host {headers.get('host', '')!r} is not this server's: add the "
-                           "name to serve.allowed_hosts", "host_not_allowed")
-        elif "origin" in headers and not self.ours((origin.hostname or "").lower(),
-                                                   origin.port or scheme_port):
+            answer = error(
+                400,
+                f"Host {headers.get('host', '')!r} is not this server's: add the "
+                "name to serve.allowed_hosts",
+                "host_not_allowed",
+            )
+        elif "origin" in headers and not self.ours(
+            (origin.hostname or "").lower(), origin.port or scheme_port
+        ):
             answer = error(403, f"Origin {headers['origin']!r} is another site", "origin_refused")
-        elif self.key and not hmac.compare_digest(headers.get("authorization", "").encode(),
-                                                  f"Bearer {self.key}".encode()):
-            answer = error(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                           "invalid_api_key")
+        elif self.key and not hmac.compare_digest(
+            headers.get("authorization", "").encode(), f"Bearer {self.key}".encode()
+        ):
+            answer = error(
+                401,
+                "missing or wrong API key: send `Authorization: Bearer <key>`",
+                "invalid_api_key",
+            )
         else:
             return await self.app(scope, receive, send)
         await answer(scope, receive, send)
@@ -209,8 +228,16 @@ def pinned(handler_class: type, served_name: str) -> type:
     return Pinned
 
 
-def build_app(model_dir: Path, *, key: str | None, names: set[str], port: int,
-              system_prompt: str | None, served_name: str = SERVED_NAME, dtype: str = "auto"):
+def build_app(
+    model_dir: Path,
+    *,
+    key: str | None,
+    names: set[str],
+    port: int,
+    system_prompt: str | None,
+    served_name: str = SERVED_NAME,
+    dtype: str = "auto",
+):
     """transformers serve's app with `model_dir` preloaded, our routes and checks in front."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
@@ -226,16 +253,26 @@ def build_app(model_dir: Path, *, key: str | None, names: set[str], port: int,
     chat = pinned(ChatCompletionHandler, served_name)(manager, state)
     completion = pinned(CompletionHandler, served_name)(manager, state)
     response = pinned(ResponseHandler, served_name)(manager, state)
-    app = build_server(manager, chat, completion_handler=completion, response_handler=response,
-                       transcription_handler=None, systemone_handler=None,  # routes dropped
-                       generation_state=state)
+    app = build_server(
+        manager,
+        chat,
+        completion_handler=completion,
+        response_handler=response,
+        transcription_handler=None,
+        systemone_handler=None,  # routes dropped
+        generation_state=state,
+    )
     # keep its lifespan, middleware and /health; every other route is ours or gone (404)
     app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", "") == "/health"]
 
     def other_model(body: dict):
         if body.get("model") not in (None, served_name):
-            return error(404, f"model {body['model']!r} is not served here: this server serves "
-                         f"only {served_name!r}", "model_not_found")
+            return error(
+                404,
+                f"model {body['model']!r} is not served here: this server serves "
+                f"only {served_name!r}",
+                "model_not_found",
+            )
         return None
 
     def has_system(turns) -> bool:
@@ -261,8 +298,7 @@ def build_app(model_dir: Path, *, key: str | None, names: set[str], port: int,
 
     @app.post("/v1/completions")
     async def completions(request: Request, body: dict):
-        return other_model(body) or await completion.handle_request(body,
-                                                                    request.state.request_id)
+        return other_model(body) or await completion.handle_request(body, request.state.request_id)
 
     created = int((model_dir / "config.json").stat().st_mtime)
     card = {"id": served_name, "object": "model", "created": created, "owned_by": "local"}
@@ -278,14 +314,18 @@ def build_app(model_dir: Path, *, key: str | None, names: set[str], port: int,
     @app.api_route("/load_model", methods=["GET", "POST"])
     @app.api_route("/reset", methods=["GET", "POST"])
     def pinned_model():
-        return error(403, f"this server serves only {served_name!r}: it loads and unloads no "
-                     "model", "model_pinned")
+        return error(
+            403,
+            f"this server serves only {served_name!r}: it loads and unloads no model",
+            "model_pinned",
+        )
 
     app.add_middleware(OwnerOnly, names=names, port=port, key=key)
     return app
 
 
 # --- the command ------------------------------------------------------------------------------
+
 
 def listen(host: str, port: int) -> socket.socket:
     """Bind before the model loads, so a busy port fails in one line at once."""
@@ -295,8 +335,10 @@ def listen(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as err:
         sock.close()
-        raise ServeError(f"cannot listen on {host}:{port}: {err.strerror or err} (another "
-                         "server there? pass --port)") from None
+        raise ServeError(
+            f"cannot listen on {host}:{port}: {err.strerror or err} (another "
+            "server there? pass --port)"
+        ) from None
     return sock
 
 
@@ -310,8 +352,9 @@ def serve(port: int | None) -> None:
     port = port or settings["port"]
     key = api_key(settings)
     names = host_names(settings)
-    prompt, count, records = (training_system_prompt() if settings["add_system_prompt"]
-                              else (None, 0, 0))
+    prompt, count, records = (
+        training_system_prompt() if settings["add_system_prompt"] else (None, 0, 0)
+    )
     sock = listen(settings["host"], port)
 
     # caches in the project unless the environment says otherwise; the model is local
@@ -325,23 +368,30 @@ def serve(port: int | None) -> None:
     # the model's own dtype on a GPU; fp32 on a CPU, where bf16 matmuls are ~500x slower
     dtype = "auto" if torch.cuda.is_available() else "float32"
     try:
-        app = build_app(MERGED, key=key, names=names, port=port, system_prompt=prompt,
-                        dtype=dtype)
+        app = build_app(MERGED, key=key, names=names, port=port, system_prompt=prompt, dtype=dtype)
     except Exception as err:  # noqa: BLE001  (one line, whatever the loader raised)
-        raise ServeError(f"{MERGED}: cannot load it ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        raise ServeError(
+            f"{MERGED}: cannot load it ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
 
     env, host = settings["api_key_env"], settings["host"]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"serving {MERGED} on {url} as model {SERVED_NAME!r} ({dtype})")
-    print(f"auth: requests need `Authorization: Bearer ${env}`" if key else
-          f"auth: none ({env} is not set; loopback only): anyone on this machine may call it")
+    print(
+        f"auth: requests need `Authorization: Bearer ${env}`"
+        if key
+        else f"auth: none ({env} is not set; loopback only): anyone on this machine may call it"
+    )
     print(f"Host header accepted: {', '.join(sorted(names))} (port {port})")
     if settings["add_system_prompt"]:
         shown = prompt if not prompt or len(prompt) <= 60 else prompt[:57].rstrip() + "..."
-        print(f"system prompt for chats without one: {shown!r} ({count} of {records} "
-              "training records)" if prompt else
-              f"system prompt: none added ({count} of {records} training records had none)")
+        print(
+            f"system prompt for chats without one: {shown!r} ({count} of {records} "
+            "training records)"
+            if prompt
+            else f"system prompt: none added ({count} of {records} training records had none)"
+        )
     sys.stdout.flush()
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
 

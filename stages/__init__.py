@@ -33,8 +33,11 @@ def _missing_packages() -> list[str]:
 
 
 if _missing := _missing_packages():
-    print(f"error: {sys.executable} lacks {', '.join(_missing[:5])}"
-          f"{f' and {len(_missing) - 5} more' if len(_missing) > 5 else ''}: not the project's "
-          f"environment; activate it (`source .venv/bin/activate`) or run through make "
-          f"(`make repro`, `make install` to create it)", file=sys.stderr)
+    print(
+        f"error: {sys.executable} lacks {', '.join(_missing[:5])}"
+        f"{f' and {len(_missing) - 5} more' if len(_missing) > 5 else ''}: not the project's "
+        f"environment; activate it (`source .venv/bin/activate`) or run through make "
+        f"(`make repro`, `make install` to create it)",
+        file=sys.stderr,
+    )
     sys.exit(2)

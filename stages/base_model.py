@@ -31,12 +31,17 @@ REPORT = paths.stage_report("base_model")
 TRAINING_TEMPLATE = paths.TRAINING_TEMPLATE.name
 # what a model folder needs; other weight formats (.bin, .pth, .gguf) are not fetched twice
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
-WEIGHT_FILES = ("config.json", "generation_config.json", "*.safetensors",
-                "model.safetensors.index.json")
+WEIGHT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+)
 
 
-def resolve_source(name_or_path: str, revision: str | None = None,
-                   allow_download: bool = False) -> tuple[Path, str | None, str | None]:
+def resolve_source(
+    name_or_path: str, revision: str | None = None, allow_download: bool = False
+) -> tuple[Path, str | None, str | None]:
     """(local folder, gguf file name or None, resolved hub commit or None)."""
     if name_or_path.startswith("package:"):
         package, _, filename = name_or_path.removeprefix("package:").partition("/")
@@ -58,30 +63,40 @@ def resolve_source(name_or_path: str, revision: str | None = None,
     if path.is_dir():
         return path, None, None
     if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
-        raise StageError(f"model.name_or_path={name_or_path}: folder not found (nor a hub id "
-                         f"of the form owner/name)")
+        raise StageError(
+            f"model.name_or_path={name_or_path}: folder not found (nor a hub id "
+            f"of the form owner/name)"
+        )
     return hub_snapshot(name_or_path, revision, allow_download)
 
 
-def hub_snapshot(repo_id: str, revision: str | None,
-                 allow_download: bool) -> tuple[Path, None, str]:
+def hub_snapshot(
+    repo_id: str, revision: str | None, allow_download: bool
+) -> tuple[Path, None, str]:
     """The hub model's files at `revision`, fetched or from the local cache; and the commit."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         # HF_TOKEN, when a gated model needs it, is read from the environment by the hub client
-        folder = Path(snapshot_download(repo_id, revision=revision or "main",
-                                        allow_patterns=HUB_FILES,
-                                        local_files_only=not allow_download))
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision or "main",
+                allow_patterns=HUB_FILES,
+                local_files_only=not allow_download,
+            )
+        )
     except LocalEntryNotFoundError as err:
         raise StageError(
             f"model.name_or_path={repo_id}@{revision or 'main'}: not in the local Hugging Face "
             "cache; set model.allow_download: true to fetch it (network, and HF_TOKEN in the "
-            "environment for a gated model)") from err
+            "environment for a gated model)"
+        ) from err
     except (HfHubHTTPError, OSError, ValueError) as err:
-        raise StageError(f"model.name_or_path={repo_id}@{revision or 'main'}: "
-                         f"{str(err).splitlines()[0]}") from err
+        raise StageError(
+            f"model.name_or_path={repo_id}@{revision or 'main'}: {str(err).splitlines()[0]}"
+        ) from err
     return folder, None, folder.name  # snapshot folders are named after the commit
 
 
@@ -122,8 +137,9 @@ def load_tokenizer(folder: Path, gguf_file: str | None):
     try:
         return AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as err:
-        raise StageError(f"cannot load the tokenizer of {folder}: "
-                         f"{str(err).splitlines()[0]}") from err
+        raise StageError(
+            f"cannot load the tokenizer of {folder}: {str(err).splitlines()[0]}"
+        ) from err
 
 
 def main() -> None:
@@ -136,8 +152,9 @@ def main() -> None:
     if Path(name).expanduser().exists():  # a local model: DVC must see its files change
         require_dependency("base_model", "model.name_or_path", Path(name).expanduser())
     if cfg["training_chat_template"]:
-        require_dependency("base_model", "model.training_chat_template",
-                           cfg["training_chat_template"])
+        require_dependency(
+            "base_model", "model.training_chat_template", cfg["training_chat_template"]
+        )
     source_md5 = md5_path(folder / gguf_file) if gguf_file else md5_path(folder)
 
     with tracking.stage_run("base_model", params, ["model"], {"source": source_md5}) as run:
@@ -148,8 +165,10 @@ def main() -> None:
         if isinstance(shipped, dict):  # named variants: the default one renders plain chats
             shipped = shipped.get("default")
         if not shipped:
-            raise StageError(f"model {name}: its tokenizer has no chat template (a base model, "
-                             "not an instruct one?); pick an instruct model")
+            raise StageError(
+                f"model {name}: its tokenizer has no chat template (a base model, "
+                "not an instruct one?); pick an instruct model"
+            )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -169,14 +188,17 @@ def main() -> None:
             family = getattr(config, "model_type", None) or "unknown"
             stops = chat_templates.stop_tokens(tokenizer, generation.eos_token_id)
             training, chosen = chat_templates.choose(
-                tokenizer, shipped, cfg["training_chat_template"], stops, family)
+                tokenizer, shipped, cfg["training_chat_template"], stops, family
+            )
             tokenizer.save_pretrained(tmp)
             write_text(tmp / TRAINING_TEMPLATE, training)
             n_params, dtype = safetensors_summary(tmp)
 
         if "strftime_now" in shipped:
-            print("base_model: warning: the chat template writes today's date into every "
-                  "prompt, so token counts can change from day to day")
+            print(
+                "base_model: warning: the chat template writes today's date into every "
+                "prompt, so token counts can change from day to day"
+            )
         report = {
             "name_or_path": name,
             "revision": cfg["revision"],
@@ -193,14 +215,23 @@ def main() -> None:
             "training_template": chosen,
         }
         write_json(REPORT, report)
-        run.summary.update({"model/parameters": n_params, "model/vocab_size": len(tokenizer),
-                            "model/training_template": chosen["source"]})
+        run.summary.update(
+            {
+                "model/parameters": n_params,
+                "model/vocab_size": len(tokenizer),
+                "model/training_template": chosen["source"],
+            }
+        )
         if commit and cfg["revision"] != commit:  # a branch or tag moves; a commit does not
-            print(f"base_model: {name} resolved to commit {commit}; set model.revision to it to "
-                  f"pin the model")
-        print(f"base_model: {name} -> {OUT_DIR} ({n_params / 1e6:.1f} M params, {dtype}); "
-              f"training template: {chosen['source']}"
-              + (f" (rejected: {', '.join(chosen['rejected'])})" if chosen["rejected"] else ""))
+            print(
+                f"base_model: {name} resolved to commit {commit}; set model.revision to it to "
+                f"pin the model"
+            )
+        print(
+            f"base_model: {name} -> {OUT_DIR} ({n_params / 1e6:.1f} M params, {dtype}); "
+            f"training template: {chosen['source']}"
+            + (f" (rejected: {', '.join(chosen['rejected'])})" if chosen["rejected"] else "")
+        )
 
 
 if __name__ == "__main__":

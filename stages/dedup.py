@@ -33,16 +33,16 @@ def resolve_cluster(members: list[int], answers: list[str], policy: str):
     """(kept indices, {removed index: reason}) for one cluster of the same request."""
     distinct = Counter(answers[i] for i in members)
     if len(distinct) == 1:
-        return [members[0]], {i: "near_duplicate" for i in members[1:]}
+        return [members[0]], dict.fromkeys(members[1:], "near_duplicate")
     if policy == "first":
         keep = members[0]
     elif policy == "majority":
         (top, n), *rest = distinct.most_common()
         if rest and rest[0][1] == n:  # a tie has no majority: nothing to trust
-            return [], {i: "conflicting_answers" for i in members}
+            return [], dict.fromkeys(members, "conflicting_answers")
         keep = next(i for i in members if answers[i] == top)
     else:
-        return [], {i: "conflicting_answers" for i in members}
+        return [], dict.fromkeys(members, "conflicting_answers")
     return [keep], {i: "conflicting_answers" for i in members if i != keep}
 
 
@@ -73,8 +73,9 @@ def main() -> None:
         by_prompt: dict[str, int] = {}
         for k, text in enumerate(texts):
             uf.union(by_prompt.setdefault(text, k), k)
-        for a, b in near_duplicate_pairs(texts, int(cfg["shingle_size"]), int(cfg["num_perm"]),
-                                         float(cfg["threshold"]), seed):
+        for a, b in near_duplicate_pairs(
+            texts, int(cfg["shingle_size"]), int(cfg["num_perm"]), float(cfg["threshold"]), seed
+        ):
             uf.union(a, b)
         clusters = uf.clusters()
 
@@ -88,16 +89,26 @@ def main() -> None:
             for k, reason in dropped.items():
                 removed[remaining[k]] = (reason, anchor)
             if len(examples) < 10:
-                examples.append({
-                    "kept": [records[remaining[k]]["line"] for k in kept],
-                    "removed": {records[remaining[k]]["line"]: reason for k, reason in dropped.items()},
-                    "prompts": [texts[k][:160] for k in members[:3]],
-                })
+                examples.append(
+                    {
+                        "kept": [records[remaining[k]]["line"] for k in kept],
+                        "removed": {
+                            records[remaining[k]]["line"]: reason for k, reason in dropped.items()
+                        },
+                        "prompts": [texts[k][:160] for k in members[:3]],
+                    }
+                )
 
         kept_records = [r for i, r in enumerate(records) if i not in removed] + fixed
-        removed_rows = [{**records[i], "reason": reason, "duplicate_of": records[j]["id"],
-                         "duplicate_of_line": records[j]["line"]}
-                        for i, (reason, j) in sorted(removed.items())]
+        removed_rows = [
+            {
+                **records[i],
+                "reason": reason,
+                "duplicate_of": records[j]["id"],
+                "duplicate_of_line": records[j]["line"],
+            }
+            for i, (reason, j) in sorted(removed.items())
+        ]
         write_jsonl(OUTPUT, kept_records)
         write_jsonl(REMOVED, removed_rows)
 
@@ -114,8 +125,13 @@ def main() -> None:
         }
         assert report["rows_in"] == report["rows_out"] + report["rows_removed"]
         write_json(REPORT, report)
-        run.summary.update({"dedup/rows_in": len(everything), "dedup/rows_out": len(kept_records),
-                            **{f"dedup/removed/{k}": v for k, v in by_reason.items()}})
+        run.summary.update(
+            {
+                "dedup/rows_in": len(everything),
+                "dedup/rows_out": len(kept_records),
+                **{f"dedup/removed/{k}": v for k, v in by_reason.items()},
+            }
+        )
         print(f"dedup: {len(everything)} in, {len(kept_records)} kept, removed {dict(by_reason)}")
 
 

@@ -69,8 +69,9 @@ def answer_budget(setting, tokenizer, references: list[str]) -> int:
     (at least 16 tokens), so no answer is cut by the budget."""
     if setting != "auto":
         return int(setting)
-    longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references),
-                  default=0)
+    longest = max(
+        (len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references), default=0
+    )
     return max(16, math.ceil(longest * 1.5) + 1)
 
 
@@ -81,16 +82,20 @@ LOGITS_BUDGET = 2**28
 TOKEN_BUDGET = 2**14
 
 
-def loss_batches(lengths: list[int], scored: list[int], batch_size: int,
-                 per_call: int) -> list[list[int]]:
+def loss_batches(
+    lengths: list[int], scored: list[int], batch_size: int, per_call: int
+) -> list[list[int]]:
     """Example indices in batches of similar length, within batch_size rows, TOKEN_BUDGET
     padded tokens and `per_call` scored tokens (a longer text is a batch of its own)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches, batch, in_batch = [], [], 0
     for i in order:
         width, labelled = lengths[i], scored[i]
-        if batch and (len(batch) == batch_size or (len(batch) + 1) * width > TOKEN_BUDGET
-                      or in_batch + labelled > per_call):
+        if batch and (
+            len(batch) == batch_size
+            or (len(batch) + 1) * width > TOKEN_BUDGET
+            or in_batch + labelled > per_call
+        ):
             batches.append(batch)
             batch, in_batch = [], 0
         batch.append(i)
@@ -98,8 +103,15 @@ def loss_batches(lengths: list[int], scored: list[int], batch_size: int,
     return batches + ([batch] if batch else [])
 
 
-def planned_memory(config, n_params: int, dtype_bytes: int, batch_size: int,
-                   prompt_tokens: int, max_new_tokens: int, loss_tokens: int) -> dict[str, int]:
+def planned_memory(
+    config,
+    n_params: int,
+    dtype_bytes: int,
+    batch_size: int,
+    prompt_tokens: int,
+    max_new_tokens: int,
+    loss_tokens: int,
+) -> dict[str, int]:
     """What evaluate holds at its peak, in bytes per part: one model's weights (base and tuned
     take turns), the KV cache of the longest generation batch, and the larger working set of
     generation (one layer's activations over a batch of prompts) and test loss (LOGITS_BUDGET
@@ -110,30 +122,63 @@ def planned_memory(config, n_params: int, dtype_bytes: int, batch_size: int,
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     layer_width = 3 * (getattr(text, "intermediate_size", None) or 4 * hidden) + 4 * hidden
-    kv_cache = (2 * text.num_hidden_layers * kv_heads * head_dim * batch_size
-                * (prompt_tokens + max_new_tokens) * dtype_bytes)
+    kv_cache = (
+        2
+        * text.num_hidden_layers
+        * kv_heads
+        * head_dim
+        * batch_size
+        * (prompt_tokens + max_new_tokens)
+        * dtype_bytes
+    )
     generation = batch_size * prompt_tokens * layer_width * dtype_bytes
     loss = 3 * 4 * LOGITS_BUDGET + max(TOKEN_BUDGET, loss_tokens) * layer_width * dtype_bytes
-    return {"weights": n_params * dtype_bytes, "kv cache": kv_cache,
-            "working set": max(generation, loss)}
+    return {
+        "weights": n_params * dtype_bytes,
+        "kv cache": kv_cache,
+        "working set": max(generation, loss),
+    }
 
 
-def require_memory(tokenizer, device: str, dtype, batch_size: int, prompts: list[str],
-                   max_new_tokens: int, examples: list[dict]) -> None:
+def require_memory(
+    tokenizer,
+    device: str,
+    dtype,
+    batch_size: int,
+    prompts: list[str],
+    max_new_tokens: int,
+    examples: list[dict],
+) -> None:
     """Print the memory plan; stop with one line when it cannot fit on `device`."""
     from transformers import AutoConfig
 
     n_params, _ = safetensors_summary(BASE)
-    longest_prompt = (max(map(len, tokenizer(prompts, add_special_tokens=False)["input_ids"]))
-                      if prompts else 0)
-    parts = planned_memory(AutoConfig.from_pretrained(BASE), n_params, dtype.itemsize,
-                           batch_size, longest_prompt, max_new_tokens,
-                           max((len(e["input_ids"]) for e in examples), default=0))
+    longest_prompt = (
+        max(map(len, tokenizer(prompts, add_special_tokens=False)["input_ids"])) if prompts else 0
+    )
+    parts = planned_memory(
+        AutoConfig.from_pretrained(BASE),
+        n_params,
+        dtype.itemsize,
+        batch_size,
+        longest_prompt,
+        max_new_tokens,
+        max((len(e["input_ids"]) for e in examples), default=0),
+    )
     need = sum(parts.values())
-    print(f"evaluate: plan: ~{need / memory.GIB:.1f} GiB on {device} ("
-          + ", ".join(f"{k} {v / memory.GIB:.2f}" for k, v in parts.items()) + ")", flush=True)
-    memory.require("evaluate", need, parts, device,
-                   "lower eval.batch_size or eval.max_new_tokens, or run it on a GPU")
+    print(
+        f"evaluate: plan: ~{need / memory.GIB:.1f} GiB on {device} ("
+        + ", ".join(f"{k} {v / memory.GIB:.2f}" for k, v in parts.items())
+        + ")",
+        flush=True,
+    )
+    memory.require(
+        "evaluate",
+        need,
+        parts,
+        device,
+        "lower eval.batch_size or eval.max_new_tokens, or run it on a GPU",
+    )
 
 
 def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> dict:
@@ -150,16 +195,22 @@ def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> dict
     scored = [sum(label != IGNORE for label in e["labels"][1:]) for e in examples]
     sums, counts = [0.0] * len(examples), [0] * len(examples)
     model.eval()
-    for batch in loss_batches([len(e["input_ids"]) for e in examples], scored, batch_size,
-                              per_call):
+    for batch in loss_batches(
+        [len(e["input_ids"]) for e in examples], scored, batch_size, per_call
+    ):
         rows = [examples[i] for i in batch]
         width = max(len(e["input_ids"]) for e in rows)
-        ids = torch.tensor([e["input_ids"] + [pad_id] * (width - len(e["input_ids"]))
-                            for e in rows], device=model.device)
-        labels = torch.tensor([e["labels"] + [IGNORE] * (width - len(e["labels"]))
-                               for e in rows], device=model.device)
-        mask = (torch.arange(width, device=model.device)[None, :]
-                < torch.tensor([len(e["input_ids"]) for e in rows], device=model.device)[:, None])
+        ids = torch.tensor(
+            [e["input_ids"] + [pad_id] * (width - len(e["input_ids"])) for e in rows],
+            device=model.device,
+        )
+        labels = torch.tensor(
+            [e["labels"] + [IGNORE] * (width - len(e["labels"])) for e in rows], device=model.device
+        )
+        mask = (
+            torch.arange(width, device=model.device)[None, :]
+            < torch.tensor([len(e["input_ids"]) for e in rows], device=model.device)[:, None]
+        )
         # position t predicts token t+1: keep the positions whose next token is labelled
         predicts = torch.zeros_like(mask)
         predicts[:, :-1] = labels[:, 1:] != IGNORE
@@ -169,10 +220,14 @@ def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> dict
             keep = torch.zeros_like(mask)
             keep[chunk[:, 0], chunk[:, 1]] = True
             with torch.inference_mode():
-                logits = model(input_ids=ids, attention_mask=mask.long(),
-                               logits_to_keep=keep).logits.float().reshape(-1, vocab)
-            nll = torch.nn.functional.cross_entropy(logits, labels[chunk[:, 0], chunk[:, 1] + 1],
-                                                    reduction="none")
+                logits = (
+                    model(input_ids=ids, attention_mask=mask.long(), logits_to_keep=keep)
+                    .logits.float()
+                    .reshape(-1, vocab)
+                )
+            nll = torch.nn.functional.cross_entropy(
+                logits, labels[chunk[:, 0], chunk[:, 1] + 1], reduction="none"
+            )
             for k, i in enumerate(batch):
                 mine = chunk[:, 0] == k
                 sums[i] += nll[mine].sum().item()
@@ -180,8 +235,9 @@ def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> dict
     return {"loss": sum(sums) / max(1, sum(counts)), "sums": sums, "counts": counts}
 
 
-def generate(model, tokenizer, prompts: list[str], batch_size: int,
-             max_new_tokens: int) -> tuple[list[str], int]:
+def generate(
+    model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int
+) -> tuple[list[str], int]:
     """Greedy answers, batched by similar length with left padding; and how many of them the
     token budget cut before their stop token."""
     import torch
@@ -195,13 +251,18 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int,
     model.eval()
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(model.device)
+        enc = tokenizer(
+            [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(model.device)
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         for i, seq in zip(idx, out):
-            new = seq[enc["input_ids"].shape[1]:]
+            new = seq[enc["input_ids"].shape[1] :]
             cut += len(new) == max_new_tokens and not stops & set(new.tolist())
             answers[i] = tokenizer.decode(new, skip_special_tokens=True)
     # a reasoning model (Qwen3, DeepSeek-R1) writes <think>...</think> first; the answer follows
@@ -221,11 +282,19 @@ def score(predictions: list[str], references: list[str], task: Task) -> tuple[di
             raise StageError(f"task.metrics: no metric module {path}")
         metric = evaluate.load(str(path), keep_in_memory=True)
         if name == "format_adherence":
-            out |= metric.compute(predictions=predictions, answer_regex=task.answer_regex,
-                                  labels=task.labels, answer_schema=task.answer_schema)
+            out |= metric.compute(
+                predictions=predictions,
+                answer_regex=task.answer_regex,
+                labels=task.labels,
+                answer_schema=task.answer_schema,
+            )
         elif name == "field_scores":
-            out |= metric.compute(predictions=predictions, references=references,
-                                  answer_regex=task.answer_regex, labels=task.labels)
+            out |= metric.compute(
+                predictions=predictions,
+                references=references,
+                answer_regex=task.answer_regex,
+                labels=task.labels,
+            )
         else:
             out |= metric.compute(predictions=predictions, references=references)
         per_example |= out.pop("per_example", {})
@@ -242,8 +311,9 @@ def forgetting(general: list[dict], answers: dict, losses: dict) -> dict:
     for name in ("base", "tuned"):
         out[f"{name}_loss"] = round(losses[name], 4)
         out[f"{name}_perplexity"] = perplexity(losses[name])
-        out[f"{name}_rouge_l"] = round(rouge.compute(predictions=answers[name],
-                                                     references=references)["rouge_l"], 4)
+        out[f"{name}_rouge_l"] = round(
+            rouge.compute(predictions=answers[name], references=references)["rouge_l"], 4
+        )
     out["loss_delta"] = round(out["tuned_loss"] - out["base_loss"], 4)  # > 0: forgot
     out["rouge_l_delta"] = round(out["tuned_rouge_l"] - out["base_rouge_l"], 4)  # < 0: forgot
     return out
@@ -273,7 +343,9 @@ def main() -> None:
         references = [answer_of(r) for r in rows_with_prompts]
         examples = loss_examples(rows, tokenizer)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = (
+            torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        )
 
         general = read_jsonl(Path(cfg["general_path"])) if cfg.get("general_path") else []
         general_prompts = prompt_texts(tokenizer, general)
@@ -285,34 +357,51 @@ def main() -> None:
         max_new = answer_budget(cfg["max_new_tokens"], tokenizer, references)
 
         # a plan that cannot fit stops here, before a model loads, not in the kernel's OOM killer
-        require_memory(tokenizer, device, dtype, batch, prompts + general_prompts,
-                       max(max_new, int(cfg["general_max_new_tokens"]) if general else 0),
-                       examples + general_examples)
+        require_memory(
+            tokenizer,
+            device,
+            dtype,
+            batch,
+            prompts + general_prompts,
+            max(max_new, int(cfg["general_max_new_tokens"]) if general else 0),
+            examples + general_examples,
+        )
         for name, folder in (("base", BASE), ("tuned", TUNED)):
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
             start = time.perf_counter()
-            answers[name], cut[name] = (generate(model, tokenizer, prompts, batch, max_new)
-                                        if prompts else ([], 0))
+            answers[name], cut[name] = (
+                generate(model, tokenizer, prompts, batch, max_new) if prompts else ([], 0)
+            )
             seconds[name] = round(time.perf_counter() - start, 1)
             losses[name] = test_loss(model, examples, batch, tokenizer.pad_token_id)
             if general:
-                general_answers[name], _ = generate(model, tokenizer, general_prompts, batch,
-                                                    int(cfg["general_max_new_tokens"]))
-                general_losses[name] = test_loss(model, general_examples, batch,
-                                                 tokenizer.pad_token_id)["loss"]
+                general_answers[name], _ = generate(
+                    model, tokenizer, general_prompts, batch, int(cfg["general_max_new_tokens"])
+                )
+                general_losses[name] = test_loss(
+                    model, general_examples, batch, tokenizer.pad_token_id
+                )["loss"]
             del model
         if cut["tuned"]:
-            print(f"evaluate: warning: {cut['tuned']} of {len(prompts)} tuned answers were cut "
-                  f"at eval.max_new_tokens={max_new} before their stop token; raise it, or set "
-                  f"it to auto (sized from the longest reference answer)")
+            print(
+                f"evaluate: warning: {cut['tuned']} of {len(prompts)} tuned answers were cut "
+                f"at eval.max_new_tokens={max_new} before their stop token; raise it, or set "
+                f"it to auto (sized from the longest reference answer)"
+            )
 
         for name in answers:
             scored[name] = score(answers[name], references, task) if prompts else ({}, {})
-        metrics = {name: scored[name][0] | {"test_loss": round(losses[name]["loss"], 4),
-                                            "perplexity": perplexity(losses[name]["loss"])}
-                   for name in answers}
-        metrics["delta"] = {k: round(metrics["tuned"][k] - metrics["base"][k], 4)
-                            for k in metrics["base"]}
+        metrics = {
+            name: scored[name][0]
+            | {
+                "test_loss": round(losses[name]["loss"], 4),
+                "perplexity": perplexity(losses[name]["loss"]),
+            }
+            for name in answers
+        }
+        metrics["delta"] = {
+            k: round(metrics["tuned"][k] - metrics["base"][k], 4) for k in metrics["base"]
+        }
         if general:
             metrics["forgetting"] = forgetting(general, general_answers, general_losses)
         # the metrics with a score per example (test loss too): the ones `make regression`
@@ -330,53 +419,93 @@ def main() -> None:
         row_of = [i for i, r in enumerate(rows) if prompt_of(r)]  # answer k -> its row's losses
         for k, (r, reference, i) in enumerate(zip(rows_with_prompts, references, row_of)):
             user = next((m["content"] for m in reversed(prompt_of(r)) if m["role"] == "user"), "")
-            predictions.append({
-                "id": r["id"], "source": r["source"], "line": r["line"], "input": user,
-                "reference": reference, "base": answers["base"][k], "tuned": answers["tuned"][k],
-                "scores": {name: {**{m: round(v[k], 4) for m, v in scored[name][1].items()},
-                                  "loss_sum": round(losses[name]["sums"][i], 4),
-                                  "loss_tokens": losses[name]["counts"][i]}
-                           for name in ("base", "tuned")},
-            })
+            predictions.append(
+                {
+                    "id": r["id"],
+                    "source": r["source"],
+                    "line": r["line"],
+                    "input": user,
+                    "reference": reference,
+                    "base": answers["base"][k],
+                    "tuned": answers["tuned"][k],
+                    "scores": {
+                        name: {
+                            **{m: round(v[k], 4) for m, v in scored[name][1].items()},
+                            "loss_sum": round(losses[name]["sums"][i], 4),
+                            "loss_tokens": losses[name]["counts"][i],
+                        }
+                        for name in ("base", "tuned")
+                    },
+                }
+            )
         write_jsonl(PREDICTIONS, predictions)
         # one confusion matrix per model and label field (dvc plots: template confusion)
         with atomic_dir(CONFUSION) as folder:
             for name in ("base", "tuned"):
                 for field in task.labels:
-                    pairs = [((task.parse(p["reference"]) or {}).get(field),
-                              (task.parse(p[name]) or {}).get(field) or "off_format")
-                             for p in predictions]
-                    write_text(folder / f"{name}_{field}.csv", "actual,predicted\n" + "".join(
-                        f"{actual},{predicted}\n" for actual, predicted in pairs))
+                    pairs = [
+                        (
+                            (task.parse(p["reference"]) or {}).get(field),
+                            (task.parse(p[name]) or {}).get(field) or "off_format",
+                        )
+                        for p in predictions
+                    ]
+                    write_text(
+                        folder / f"{name}_{field}.csv",
+                        "actual,predicted\n"
+                        + "".join(f"{actual},{predicted}\n" for actual, predicted in pairs),
+                    )
         # the bars share one 0..1 axis: rates only (loss and perplexity are in the json)
-        bars = ["metric,model,value"] + [f"{k},{name},{v}" for name in ("base", "tuned")
-                                         for k, v in metrics[name].items()
-                                         if k not in ("test_loss", "perplexity")]
+        bars = ["metric,model,value"] + [
+            f"{k},{name},{v}"
+            for name in ("base", "tuned")
+            for k, v in metrics[name].items()
+            if k not in ("test_loss", "perplexity")
+        ]
         write_text(PLOT, "\n".join(bars) + "\n")
 
         import wandb
 
-        run.summary.update({f"eval/{name}/{k}": v for name in ("base", "tuned", "delta")
-                            for k, v in metrics[name].items()})
+        run.summary.update(
+            {
+                f"eval/{name}/{k}": v
+                for name in ("base", "tuned", "delta")
+                for k, v in metrics[name].items()
+            }
+        )
         columns = ["input", "reference", "base", "tuned"]
         scores = sorted({m for p in predictions for m in p["scores"]["tuned"]})
-        run.log({"eval/predictions": wandb.Table(
-            columns=columns + [f"{name}_{m}" for name in ("base", "tuned") for m in scores],
-            data=[[p[c] for c in columns] + [p["scores"][name].get(m) for name in ("base", "tuned")
-                                             for m in scores] for p in predictions])})
-        summary = ", ".join(f"{k} {metrics['base'][k]:.2f} -> {metrics['tuned'][k]:.2f}"
-                            for k in ("format_adherence", "exact_match", "rouge_l", "test_loss")
-                            if k in metrics["base"])
+        run.log(
+            {
+                "eval/predictions": wandb.Table(
+                    columns=columns + [f"{name}_{m}" for name in ("base", "tuned") for m in scores],
+                    data=[
+                        [p[c] for c in columns]
+                        + [p["scores"][name].get(m) for name in ("base", "tuned") for m in scores]
+                        for p in predictions
+                    ],
+                )
+            }
+        )
+        summary = ", ".join(
+            f"{k} {metrics['base'][k]:.2f} -> {metrics['tuned'][k]:.2f}"
+            for k in ("format_adherence", "exact_match", "rouge_l", "test_loss")
+            if k in metrics["base"]
+        )
         print(f"evaluate: {len(rows)} test examples; {summary}")
         if general:
             f = metrics["forgetting"]
-            print(f"evaluate: general set ({f['examples']} prompts): loss {f['base_loss']} -> "
-                  f"{f['tuned_loss']}, ROUGE-L {f['base_rouge_l']} -> {f['tuned_rouge_l']}")
+            print(
+                f"evaluate: general set ({f['examples']} prompts): loss {f['base_loss']} -> "
+                f"{f['tuned_loss']}, ROUGE-L {f['base_rouge_l']} -> {f['tuned_rouge_l']}"
+            )
             limit = cfg.get("max_forgetting")
             if limit is not None and f["loss_delta"] > float(limit):
-                raise StageError(f"forgetting gate: loss on the general set rose by "
-                                 f"{f['loss_delta']} > eval.max_forgetting={limit}; "
-                                 f"see reports/metrics.json")
+                raise StageError(
+                    f"forgetting gate: loss on the general set rose by "
+                    f"{f['loss_delta']} > eval.max_forgetting={limit}; "
+                    f"see reports/metrics.json"
+                )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ import time
 from stages.common import memory, paths, tracking
 from stages.common.config import StageError, load_params, run_stage
 from stages.common.examples import prompt_ids, record_examples
-from stages.common.files import (atomic_dir, md5_path, read_jsonl, safetensors_summary,
-                                 write_json)
+from stages.common.files import atomic_dir, md5_path, read_jsonl, safetensors_summary, write_json
 from stages.common.kinds import prompt_of
 
 BASE, TUNED, MERGED, TEMPLATE = paths.BASE, paths.TUNED, paths.MERGED, paths.TRAINING_TEMPLATE
@@ -41,8 +40,13 @@ def choose_device(fp32_bytes: int) -> str:
     need = int(fp32_bytes * 1.2)
     if torch.cuda.is_available() and memory.available_bytes("cuda") > need:
         return "cuda"
-    memory.require("export", need, {"fp32 weights": fp32_bytes, "generation": need - fp32_bytes},
-                   "cpu", "merge on a machine with more memory")
+    memory.require(
+        "export",
+        need,
+        {"fp32 weights": fp32_bytes, "generation": need - fp32_bytes},
+        "cpu",
+        "merge on a machine with more memory",
+    )
     return "cpu"
 
 
@@ -66,9 +70,10 @@ def greedy_answers(model, prompts: list[list[int]], max_new_tokens: int) -> list
     with torch.inference_mode():
         for ids in prompts:
             x = torch.tensor([ids], device=model.device)
-            out = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
-                                 max_new_tokens=max_new_tokens)
-            answers.append(out[0, len(ids):].tolist())
+            out = model.generate(
+                x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=max_new_tokens
+            )
+            answers.append(out[0, len(ids) :].tolist())
     return answers
 
 
@@ -90,8 +95,9 @@ def main() -> None:
         device = choose_device(4 * n_params)
         tokenizer = AutoTokenizer.from_pretrained(BASE)
         records = [r for r in read_jsonl(TEST) if prompt_of(r)][: int(cfg["check_examples"])]
-        where = [f"{TEST} line {i + 1} (source {r['source']}:{r['line']})"
-                 for i, r in enumerate(records)]
+        where = [
+            f"{TEST} line {i + 1} (source {r['source']}:{r['line']})" for i, r in enumerate(records)
+        ]
         prompts = [prompt_ids(tokenizer, prompt_of(r), r.get("tools")) for r in records]
         max_new = int(cfg["max_new_tokens"])
         start = time.perf_counter()
@@ -106,13 +112,15 @@ def main() -> None:
                 raise StageError(
                     f"round trip: {where[k]}: merged model answers "
                     f"{tokenizer.decode(merged[k])!r}, base + adapter "
-                    f"{tokenizer.decode(expected[k])!r}")
+                    f"{tokenizer.decode(expected[k])!r}"
+                )
         model.to(dtype)  # in place, to the base's dtype
         with atomic_dir(MERGED) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-        saved = greedy_answers(model.float(), prompts, max_new) if dtype != torch.float32 \
-            else expected
+        saved = (
+            greedy_answers(model.float(), prompts, max_new) if dtype != torch.float32 else expected
+        )
         del model
 
         exported_tokenizer = AutoTokenizer.from_pretrained(MERGED)
@@ -124,15 +132,20 @@ def main() -> None:
                 with_answer["tools"] = r["tools"]
             trained = record_examples(tokenizer, [with_answer], template)[0]
             if served != prompts[k] or trained["input_ids"][: len(served)] != served:
-                raise StageError(f"round trip: {where[k]}: the exported chat template renders "
-                                 f"other prompt tokens than training used")
-        reloaded = AutoModelForCausalLM.from_pretrained(MERGED, dtype=torch.float32,
-                                                        device_map=device).eval()
+                raise StageError(
+                    f"round trip: {where[k]}: the exported chat template renders "
+                    f"other prompt tokens than training used"
+                )
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            MERGED, dtype=torch.float32, device_map=device
+        ).eval()
         answers = greedy_answers(reloaded, prompts, max_new)
         if (k := first_difference(saved, answers)) is not None:
-            raise StageError(f"round trip: {where[k]}: models/merged loaded from disk answers "
-                             f"{tokenizer.decode(answers[k])!r}, the saved weights "
-                             f"{tokenizer.decode(saved[k])!r}")
+            raise StageError(
+                f"round trip: {where[k]}: models/merged loaded from disk answers "
+                f"{tokenizer.decode(answers[k])!r}, the saved weights "
+                f"{tokenizer.decode(saved[k])!r}"
+            )
         seconds = time.perf_counter() - start
         unchanged = sum(a == b for a, b in zip(expected, answers))
 
@@ -144,18 +157,27 @@ def main() -> None:
             "dtype": str(dtype).removeprefix("torch."),  # what models/merged holds
             "size_bytes": sum(p.stat().st_size for p in MERGED.glob("*.safetensors")),
             "parameters": sum(p.numel() for p in reloaded.parameters()),
-            "round_trip": {"examples": len(records), "max_new_tokens": max_new,
-                           "prompt_tokens_match": True, "greedy_answers_match": True,
-                           # answers the rounding to `dtype` left as they were in fp32
-                           "unchanged_by_rounding": unchanged,
-                           "seconds": round(seconds, 1)},
+            "round_trip": {
+                "examples": len(records),
+                "max_new_tokens": max_new,
+                "prompt_tokens_match": True,
+                "greedy_answers_match": True,
+                # answers the rounding to `dtype` left as they were in fp32
+                "unchanged_by_rounding": unchanged,
+                "seconds": round(seconds, 1),
+            },
         }
         write_json(REPORT, report)
         run.summary.update({"export/round_trip_examples": len(records)})
-        print(f"export: {MERGED} written ({report['dtype']}); {len(records)} test prompts give "
-              f"the training prompt tokens and the answers of base + adapter"
-              + (f" ({unchanged} unchanged by rounding to {report['dtype']})"
-                 if dtype != torch.float32 else ""))
+        print(
+            f"export: {MERGED} written ({report['dtype']}); {len(records)} test prompts give "
+            f"the training prompt tokens and the answers of base + adapter"
+            + (
+                f" ({unchanged} unchanged by rounding to {report['dtype']})"
+                if dtype != torch.float32
+                else ""
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -26,16 +26,36 @@ from stages.common.config import load_params, run_stage
 from stages.common.files import md5_path, write_json, write_text
 
 BASE = paths.BASE
-DATA = {"valid": paths.VALID, "dedup": paths.DEDUP, "train": paths.TRAIN,
-        "validation": paths.VALIDATION, "test": paths.TEST}
-REPORTS = {name: paths.stage_report(name)
-           for name in ("base_model", "validate", "dedup", "split", "train", "export")}
+DATA = {
+    "valid": paths.VALID,
+    "dedup": paths.DEDUP,
+    "train": paths.TRAIN,
+    "validation": paths.VALIDATION,
+    "test": paths.TEST,
+}
+REPORTS = {
+    name: paths.stage_report(name)
+    for name in ("base_model", "validate", "dedup", "split", "train", "export")
+}
 REPORTS["metrics"] = paths.METRICS
 MANIFEST, CARD, SUMMARY = paths.MANIFEST, paths.MODEL_CARD, paths.SUMMARY
 LOCKS = {"cpu": Path("requirements/cpu.txt"), "cuda": Path("requirements/cuda.txt")}
-PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes",
-            "tokenizers", "evaluate", "great-expectations", "datasketch", "dvc", "wandb",
-            "hydra-core")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "accelerate",
+    "bitsandbytes",
+    "tokenizers",
+    "evaluate",
+    "great-expectations",
+    "datasketch",
+    "dvc",
+    "wandb",
+    "hydra-core",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -53,7 +73,10 @@ def installed_lock() -> dict:
     import torch
 
     name = "cuda" if torch.version.cuda else "cpu"
-    return {"file": str(LOCKS[name]), "sha256": hashlib.sha256(LOCKS[name].read_bytes()).hexdigest()}
+    return {
+        "file": str(LOCKS[name]),
+        "sha256": hashlib.sha256(LOCKS[name].read_bytes()).hexdigest(),
+    }
 
 
 def summary(reports: dict) -> dict:
@@ -65,8 +88,11 @@ def summary(reports: dict) -> dict:
     out = {k: metrics["tuned"].get(k) for k in metrics["per_example"]}
     if "forgetting" in metrics:
         out["forgetting"] = metrics["forgetting"]["loss_delta"]
-    return out | {"quarantined": reports["validate"]["rows_quarantined"],
-                  "train_rows": split["sizes"]["train"], "test_rows": split["sizes"]["test"]}
+    return out | {
+        "quarantined": reports["validate"]["rows_quarantined"],
+        "train_rows": split["sizes"]["train"],
+        "test_rows": split["sizes"]["test"],
+    }
 
 
 def config_hash(params: dict) -> str:
@@ -85,19 +111,26 @@ def model_card(manifest: dict, params: dict, reports: dict) -> str:
     method, objective = train["method"], train["objective"]
     rows = "\n".join(
         f"| {k} | {number(metrics['base'].get(k))} | {number(metrics['tuned'].get(k))} | "
-        f"{number(metrics['delta'].get(k), '+')} |" for k in metrics["base"])
+        f"{number(metrics['delta'].get(k), '+')} |"
+        for k in metrics["base"]
+    )
     splits = ", ".join(f"{name} {n}" for name, n in split["sizes"].items())
     data_md5 = "\n".join(f"| `{path}` | `{md5}` |" for path, md5 in manifest["data_md5"].items())
     model = manifest["model"]
-    source = (f"hub commit `{model['resolved_commit']}`" if model["resolved_commit"]
-              else f"md5 `{model['source_md5']}`")
-    return f"""# Model card: {params['model']['name_or_path']} tuned for {params['task']['name']}
+    dirty = " (with uncommitted changes)" if manifest["git"]["dirty"] else ""
+    scheduler = params["train"]["lr_scheduler_type"]
+    source = (
+        f"hub commit `{model['resolved_commit']}`"
+        if model["resolved_commit"]
+        else f"md5 `{model['source_md5']}`"
+    )
+    return f"""# Model card: {params["model"]["name_or_path"]} tuned for {params["task"]["name"]}
 
-`models/merged` is `{params['model']['name_or_path']}` fine-tuned with **{method}**
-(objective **{objective}**) on `{params['data']['path']}`, produced by this repository's DVC
-pipeline at git revision `{manifest['git']['rev'][:12]}`{' (with uncommitted changes)' if manifest['git']['dirty'] else ''}.
+`models/merged` is `{params["model"]["name_or_path"]}` fine-tuned with **{method}**
+(objective **{objective}**) on `{params["data"]["path"]}`, produced by this repository's DVC
+pipeline at git revision `{manifest["git"]["rev"][:12]}`{dirty}.
 
-## Results on the held-out test split ({metrics['n_examples']} examples)
+## Results on the held-out test split ({metrics["n_examples"]} examples)
 
 | metric | base | tuned | delta |
 |---|---|---|---|
@@ -107,10 +140,10 @@ Greedy decoding, the same prompts for both. Predictions: `reports/predictions.js
 
 ## Data lineage
 
-- raw: {validate['rows_in']} rows read; {validate['rows_quarantined']} quarantined by validation
-  ({', '.join(f'{k} {v}' for k, v in validate['quarantined_by_reason'].items()) or 'none'})
-- dedup: {dedup['rows_in']} in, {dedup['rows_out']} kept
-  ({', '.join(f'{k} {v}' for k, v in dedup['removed_by_reason'].items()) or 'none removed'})
+- raw: {validate["rows_in"]} rows read; {validate["rows_quarantined"]} quarantined by validation
+  ({", ".join(f"{k} {v}" for k, v in validate["quarantined_by_reason"].items()) or "none"})
+- dedup: {dedup["rows_in"]} in, {dedup["rows_out"]} kept
+  ({", ".join(f"{k} {v}" for k, v in dedup["removed_by_reason"].items()) or "none removed"})
 - split: {splits}
 
 | file | md5 |
@@ -119,27 +152,27 @@ Greedy decoding, the same prompts for both. Predictions: `reports/predictions.js
 
 ## Base model
 
-- `{model['name_or_path']}` ({source}), {model['dtype']}; `models/merged` keeps its dtype
+- `{model["name_or_path"]}` ({source}), {model["dtype"]}; `models/merged` keeps its dtype
 - loss on the answers through the training chat template chosen by base_model:
-  {model['training_template']}{f"; preset {manifest['preset']}" if manifest['preset'] else ""}
+  {model["training_template"]}{f"; preset {manifest['preset']}" if manifest["preset"] else ""}
 
 ## Training
 
-- method {method}, objective {objective}, {train['optimizer_steps']} optimizer steps
-  (effective batch {train['plan']['effective_batch']}), precision {train['precision']} on
-  {train['device']}; best validation loss {train['eval_loss']} at step {train['best_step']}
-- learning rate {params['train']['learning_rate']}, scheduler {params['train']['lr_scheduler_type']},
-  max length {train['plan']['setup'].get('max_length')} (train.max_length:
-  {params['train']['max_length']}), seed {params['seed']}
-- trainable parameters {train['parameters']['trainable']:,} of {train['parameters']['total']:,}
+- method {method}, objective {objective}, {train["optimizer_steps"]} optimizer steps
+  (effective batch {train["plan"]["effective_batch"]}), precision {train["precision"]} on
+  {train["device"]}; best validation loss {train["eval_loss"]} at step {train["best_step"]}
+- learning rate {params["train"]["learning_rate"]}, scheduler {scheduler},
+  max length {train["plan"]["setup"].get("max_length")} (train.max_length:
+  {params["train"]["max_length"]}), seed {params["seed"]}
+- trainable parameters {train["parameters"]["trainable"]:,} of {train["parameters"]["total"]:,}
 
 ## Reproduce
 
 ```bash
-git checkout {manifest['git']['rev'][:12]} && dvc checkout   # or: dvc repro
+git checkout {manifest["git"]["rev"][:12]} && dvc checkout   # or: dvc repro
 ```
-Composed config sha256 `{manifest['config_sha256'][:16]}`; packages:
-{', '.join(f'{k} {v}' for k, v in manifest['packages'].items() if v)}.
+Composed config sha256 `{manifest["config_sha256"][:16]}`; packages:
+{", ".join(f"{k} {v}" for k, v in manifest["packages"].items() if v)}.
 """
 
 
@@ -148,25 +181,36 @@ def main() -> None:
     inputs = {name: md5_path(path) for name, path in REPORTS.items()}
 
     with tracking.stage_run("report", params, list(params), inputs) as run:
-        reports = {name: json.loads(path.read_text(encoding="utf-8"))
-                   for name, path in REPORTS.items()}
+        reports = {
+            name: json.loads(path.read_text(encoding="utf-8")) for name, path in REPORTS.items()
+        }
         # the raw and fixed files validate read (its report lists them), then each stage's output
-        data_md5 = ({path: md5_path(Path(path)) for path in reports["validate"]["files"]}
-                    | {str(path): md5_path(path) for path in DATA.values() if path.exists()})
-        tokenizer = {name: md5_path(BASE / name) for name in
-                     ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                      paths.TRAINING_TEMPLATE.name) if (BASE / name).exists()}
+        data_md5 = {path: md5_path(Path(path)) for path in reports["validate"]["files"]} | {
+            str(path): md5_path(path) for path in DATA.values() if path.exists()
+        }
+        tokenizer = {
+            name: md5_path(BASE / name)
+            for name in (
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "chat_template.jinja",
+                paths.TRAINING_TEMPLATE.name,
+            )
+            if (BASE / name).exists()
+        }
         manifest = {
             "data_md5": data_md5,
             "tokenizer_md5": tokenizer,
-            "model": {"name_or_path": params["model"]["name_or_path"],
-                      "revision": params["model"].get("revision"),
-                      # the hub commit the weights came from, and their content hash
-                      "resolved_commit": reports["base_model"].get("resolved_commit"),
-                      "source_md5": reports["base_model"].get("source_md5"),
-                      "dtype": reports["base_model"].get("dtype"),
-                      "training_template": reports["base_model"]["training_template"]["source"],
-                      "merged_md5": md5_path(paths.MERGED)},
+            "model": {
+                "name_or_path": params["model"]["name_or_path"],
+                "revision": params["model"].get("revision"),
+                # the hub commit the weights came from, and their content hash
+                "resolved_commit": reports["base_model"].get("resolved_commit"),
+                "source_md5": reports["base_model"].get("source_md5"),
+                "dtype": reports["base_model"].get("dtype"),
+                "training_template": reports["base_model"]["training_template"]["source"],
+                "merged_md5": md5_path(paths.MERGED),
+            },
             "preset": params.get("preset"),
             "config_sha256": config_hash(params),
             "git": tracking.git_revision(),
@@ -187,8 +231,10 @@ def main() -> None:
         run.summary.update(summary(reports) | {"test_set_sha256": test_set.get("sha256")})
         if not getattr(run, "disabled", False):
             run.save(str(CARD.resolve()), base_path=str(CARD.parent.resolve()), policy="now")
-        print(f"report: {MANIFEST} and {CARD} written (config {manifest['config_sha256'][:12]}, "
-              f"git {manifest['git']['rev'][:8]})")
+        print(
+            f"report: {MANIFEST} and {CARD} written (config {manifest['config_sha256'][:12]}, "
+            f"git {manifest['git']['rev'][:8]})"
+        )
 
 
 if __name__ == "__main__":

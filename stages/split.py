@@ -1,4 +1,4 @@
-"""Stage split: seeded, stratified, group-aware train / validation / test split with a leakage check.
+"""Stage split: seeded, stratified, group-aware train / validation / test split; leakage check.
 
 1. Groups: records whose requests are near-alike (MinHash Jaccard >= split.group_threshold,
    looser than dedup's) form one group, and a group always lands in one split, so paraphrases
@@ -56,8 +56,9 @@ def quotas(sizes: dict[str, int], fraction: float) -> dict[str, int]:
     return out
 
 
-def stratified_group_split(strata: list[str], groups: list[list[int]],
-                           fractions: dict[str, float], seed: int) -> list[str]:
+def stratified_group_split(
+    strata: list[str], groups: list[list[int]], fractions: dict[str, float], seed: int
+) -> list[str]:
     """The split name of each row; every group goes whole to one split."""
     by_stratum: dict[str, list[list[int]]] = defaultdict(list)
     for members in groups:
@@ -157,8 +158,10 @@ def main() -> None:
 
     with tracking.stage_run("split", params, ["split", "task"], inputs) as run:
         records = read_jsonl(INPUT)
-        fixed = {name: [i for i, r in enumerate(records) if r.get("fixed_split") == name]
-                 for name in ("validation", "test")}
+        fixed = {
+            name: [i for i, r in enumerate(records) if r.get("fixed_split") == name]
+            for name in ("validation", "test")
+        }
         if len(records) - sum(map(len, fixed.values())) < len(SPLITS):
             raise StageError(f"{INPUT}: {len(records)} records are too few to split")
         strata = [task.stratum(answer_of(r)) if "text" not in r else "" for r in records]
@@ -172,13 +175,16 @@ def main() -> None:
             for i in members if anchor is not None else []:
                 if not records[i].get("fixed_split"):
                     exact = request_text(records[i]) == request_text(records[anchor])
-                    removed[i] = {"reason": ("duplicate_of_" if exact else "near_duplicate_of_")
-                                  + records[anchor]["fixed_split"],
-                                  "matches_line": records[anchor]["line"]}
+                    removed[i] = {
+                        "reason": ("duplicate_of_" if exact else "near_duplicate_of_")
+                        + records[anchor]["fixed_split"],
+                        "matches_line": records[anchor]["line"],
+                    }
         carve = {n: 0.0 if fixed.get(n) else f for n, f in fractions.items()}
         carve = {n: f / (sum(carve.values()) or 1) for n, f in carve.items()}
-        pool_groups = [g for g in groups
-                       if not any(records[i].get("fixed_split") or i in removed for i in g)]
+        pool_groups = [
+            g for g in groups if not any(records[i].get("fixed_split") or i in removed for i in g)
+        ]
         assignment = stratified_group_split(strata, pool_groups, carve, seed)
         for name, rows in fixed.items():
             for i in rows:
@@ -198,12 +204,20 @@ def main() -> None:
             for i in [i for n in SPLITS if not fixed.get(n) for i in parts[n]]:
                 share, match = index.overlap(records[i])
                 if share >= min_overlap and i not in removed:
-                    removed[i] = {"reason": f"leak_of_{name}",
-                                  "matches_line": records[rows[match]]["line"]}
-                    leaks.append({"split": assignment[i], "id": records[i]["id"],
-                                  "line": records[i]["line"], "overlap": round(share, 3),
-                                  "against": f"fixed {name}",
-                                  "matches_line": records[rows[match]]["line"]})
+                    removed[i] = {
+                        "reason": f"leak_of_{name}",
+                        "matches_line": records[rows[match]]["line"],
+                    }
+                    leaks.append(
+                        {
+                            "split": assignment[i],
+                            "id": records[i]["id"],
+                            "line": records[i]["line"],
+                            "overlap": round(share, 3),
+                            "against": f"fixed {name}",
+                            "matches_line": records[rows[match]]["line"],
+                        }
+                    )
 
         # leakage of a carved test split: each test row against train
         carved_test = [] if fixed["test"] else parts["test"]
@@ -214,9 +228,16 @@ def main() -> None:
             share, match = train_index.overlap(records[i])
             if share >= min_overlap:
                 other = records[kept_train[match]]
-                leaks.append({"split": "test", "id": records[i]["id"], "line": records[i]["line"],
-                              "overlap": round(share, 3), "against": "train",
-                              "matches_line": other["line"]})
+                leaks.append(
+                    {
+                        "split": "test",
+                        "id": records[i]["id"],
+                        "line": records[i]["line"],
+                        "overlap": round(share, 3),
+                        "against": "train",
+                        "matches_line": other["line"],
+                    }
+                )
                 if policy == "remove":
                     removed[i] = {"reason": "leak_test_train", "matches_line": other["line"]}
         if leak_cfg.get("external_eval"):
@@ -225,13 +246,21 @@ def main() -> None:
             for i, record in enumerate(records):
                 share, match = external_index.overlap(record)
                 if share >= min_overlap:
-                    leaks.append({"split": assignment[i], "id": record["id"],
-                                  "line": record["line"], "overlap": round(share, 3),
-                                  "against": "external_eval",
-                                  "matches_line": external[match]["line"]})
+                    leaks.append(
+                        {
+                            "split": assignment[i],
+                            "id": record["id"],
+                            "line": record["line"],
+                            "overlap": round(share, 3),
+                            "against": "external_eval",
+                            "matches_line": external[match]["line"],
+                        }
+                    )
                     if policy == "remove":
-                        removed[i] = {"reason": "leak_external_eval",
-                                      "matches_line": external[match]["line"]}
+                        removed[i] = {
+                            "reason": "leak_external_eval",
+                            "matches_line": external[match]["line"],
+                        }
 
         # optional rebalancing of train by stratum
         train_rows = [i for i in parts["train"] if i not in removed]
@@ -249,19 +278,32 @@ def main() -> None:
                 elif rebalance == "upsample" and len(rows) < cap:
                     added += [rows[k % len(rows)] for k in range(cap - len(rows))]
 
-        outputs = {name: [records[i] for i in rows if i not in removed] for name, rows in parts.items()}
+        outputs = {
+            name: [records[i] for i in rows if i not in removed] for name, rows in parts.items()
+        }
         if not outputs["train"]:
-            raise StageError("split: no training rows left after removing the rows too close to "
-                             "the fixed evaluation sets; see " + str(REMOVED))
+            raise StageError(
+                "split: no training rows left after removing the rows too close to "
+                "the fixed evaluation sets; see " + str(REMOVED)
+            )
         outputs["train"] += [records[i] for i in sorted(added)]
         for name, rows in outputs.items():
             write_jsonl(OUT_DIR / f"{name}.jsonl", rows)
-        write_jsonl(REMOVED, [{**records[i], "split": assignment[i], **why}
-                              for i, why in sorted(removed.items())])
+        write_jsonl(
+            REMOVED,
+            [{**records[i], "split": assignment[i], **why} for i, why in sorted(removed.items())],
+        )
 
-        balance = {name: dict(sorted(Counter(
-            task.stratum(answer_of(r)) if "text" not in r else "" for r in rows).items()))
-            for name, rows in outputs.items()}
+        balance = {
+            name: dict(
+                sorted(
+                    Counter(
+                        task.stratum(answer_of(r)) if "text" not in r else "" for r in rows
+                    ).items()
+                )
+            )
+            for name, rows in outputs.items()
+        }
         by_reason = Counter(why["reason"] for why in removed.values())
         report = {
             "rows_in": len(records),
@@ -275,22 +317,33 @@ def main() -> None:
             "test_hash": set_hash(outputs["test"]),  # regression compares only equal test sets
             "seed": seed,
             "stratify_by": task.stratify_by,
-            "groups": {"count": len(groups), "multi_row": sum(1 for g in groups if len(g) > 1),
-                       "largest": max(len(g) for g in groups)},
+            "groups": {
+                "count": len(groups),
+                "multi_row": sum(1 for g in groups if len(g) > 1),
+                "largest": max(len(g) for g in groups),
+            },
             "class_balance": balance,
-            "leakage": {"policy": policy, "min_overlap": min_overlap, "flagged": len(leaks),
-                        "rows": leaks[:200]},
+            "leakage": {
+                "policy": policy,
+                "min_overlap": min_overlap,
+                "flagged": len(leaks),
+                "rows": leaks[:200],
+            },
         }
         assert report["rows_in"] == report["rows_out"] + report["rows_removed"]
         write_json(REPORT, report)
         if report["groups"]["largest"] > len(records) * fractions["test"]:
-            print(f"split: warning: a group of {report['groups']['largest']} near-alike rows went "
-                  f"to train whole; raise split.group_threshold if groups chain too much")
+            print(
+                f"split: warning: a group of {report['groups']['largest']} near-alike rows went "
+                f"to train whole; raise split.group_threshold if groups chain too much"
+            )
         run.summary.update({f"split/{n}": len(rows) for n, rows in outputs.items()})
         run.summary["split/leaks_flagged"] = len(leaks)
-        print(f"split: {report['sizes']}, {report['groups']['multi_row']} groups of near-alike "
-              f"requests kept together, leakage flagged {len(leaks)}, removed "
-              f"{report['removed_by_reason'] or 'nothing'}")
+        print(
+            f"split: {report['sizes']}, {report['groups']['multi_row']} groups of near-alike "
+            f"requests kept together, leakage flagged {len(leaks)}, removed "
+            f"{report['removed_by_reason'] or 'nothing'}"
+        )
 
 
 if __name__ == "__main__":

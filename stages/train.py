@@ -35,8 +35,13 @@ from pathlib import Path
 
 from stages.common import compat, memory, paths, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
-from stages.common.examples import (ExampleError, record_examples, trainable_tokens,
-                                    trained_turns, truncate)
+from stages.common.examples import (
+    ExampleError,
+    record_examples,
+    trainable_tokens,
+    trained_turns,
+    truncate,
+)
 from stages.common.files import atomic_dir, md5_path, read_jsonl, write_json, write_text
 
 BASE, TEMPLATE = paths.BASE, paths.TRAINING_TEMPLATE
@@ -51,6 +56,7 @@ WARMUP_BATCHES = 4  # the first is not counted: it pays for allocation and kerne
 
 # --- 1. launch -----------------------------------------------------------------------------
 
+
 def relaunch_distributed(launch: dict) -> int | None:
     """With launch.num_processes > 1, run this stage under a distributed launcher; None when
     this process is already one of the workers (or one process is asked for)."""
@@ -62,11 +68,26 @@ def relaunch_distributed(launch: dict) -> int | None:
 
     bin_dir = Path(sys.executable).parent
     if torch.cuda.is_available():
-        cmd = [str(bin_dir / "accelerate"), "launch", "--config_file", launch["config_file"],
-               "--num_processes", str(n), "-m", "stages.train"]
+        cmd = [
+            str(bin_dir / "accelerate"),
+            "launch",
+            "--config_file",
+            launch["config_file"],
+            "--num_processes",
+            str(n),
+            "-m",
+            "stages.train",
+        ]
     else:  # accelerate's multi-CPU launcher needs MPI; torchrun with gloo does not
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={n}", "-m", "stages.train"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={n}",
+            "-m",
+            "stages.train",
+        ]
     print(f"train: launching {n} processes: {' '.join(cmd)}", flush=True)
     return subprocess.call(cmd)
 
@@ -93,8 +114,10 @@ def choose_attention(setting: str) -> str:
 
     if setting != "auto":
         if setting == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise StageError("train.attn_implementation=flash_attention_2: the flash-attn "
-                             "package is not installed (pip install flash-attn)")
+            raise StageError(
+                "train.attn_implementation=flash_attention_2: the flash-attn "
+                "package is not installed (pip install flash-attn)"
+            )
         return setting
     flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
     return "flash_attention_2" if flash else "sdpa"
@@ -108,12 +131,15 @@ def choose_liger(setting) -> bool:
     if setting == "auto":
         return torch.cuda.is_available() and installed
     if setting and not installed:
-        raise StageError("train.use_liger_kernel=true: the liger-kernel package is not "
-                         "installed (pip install liger-kernel)")
+        raise StageError(
+            "train.use_liger_kernel=true: the liger-kernel package is not "
+            "installed (pip install liger-kernel)"
+        )
     return bool(setting)
 
 
 # --- 2. model and examples ------------------------------------------------------------------
+
 
 def load_model(method: dict, precision: str, attention: str):
     """The base in the training precision; full fine-tuning in fp16 keeps fp32 master weights
@@ -125,22 +151,29 @@ def load_model(method: dict, precision: str, attention: str):
     if method["name"] == "full" and precision == "fp16":
         dtype = torch.float32
     if method["name"] != "qlora":
-        return AutoModelForCausalLM.from_pretrained(BASE, dtype=dtype,
-                                                    attn_implementation=attention)
+        return AutoModelForCausalLM.from_pretrained(
+            BASE, dtype=dtype, attn_implementation=attention
+        )
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=method["quant_type"],
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method["quant_type"],
         bnb_4bit_use_double_quant=bool(method["double_quant"]),
-        bnb_4bit_compute_dtype=dtype)
+        bnb_4bit_compute_dtype=dtype,
+    )
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else None
     # no peft.prepare_model_for_kbit_training: it upcasts every unquantized weight to fp32,
     # and an fp32 embedding and norms turn the whole residual stream fp32 (measured on an
     # H200: +0.43 GiB of weights at 1.5B, ~2 GiB at 8B, fp32 activations); peft freezes the
     # base and TRL enables input gradients for activation checkpointing by themselves
-    return AutoModelForCausalLM.from_pretrained(BASE, dtype=dtype, device_map=device_map,
-                                                quantization_config=quantization,
-                                                attn_implementation=attention)
+    return AutoModelForCausalLM.from_pretrained(
+        BASE,
+        dtype=dtype,
+        device_map=device_map,
+        quantization_config=quantization,
+        attn_implementation=attention,
+    )
 
 
 def peft_config(method: dict):
@@ -148,9 +181,14 @@ def peft_config(method: dict):
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=int(method["r"]), lora_alpha=int(method["alpha"]),
-                      lora_dropout=float(method["dropout"]), target_modules=method["target_modules"],
-                      use_dora=method["name"] == "dora", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=int(method["r"]),
+        lora_alpha=int(method["alpha"]),
+        lora_dropout=float(method["dropout"]),
+        target_modules=method["target_modules"],
+        use_dora=method["name"] == "dora",
+        task_type="CAUSAL_LM",
+    )
 
 
 def read_records(path: Path, objective: str) -> list[dict]:
@@ -163,7 +201,8 @@ def read_records(path: Path, objective: str) -> list[dict]:
         raise StageError(
             f"{path}: objective={objective} trains on {wanted} records, found a "
             f"'{other.get('kind')}' record (line {other.get('line')} of {other.get('source')}); "
-            f"choose the objective that fits the data, or data of that kind")
+            f"choose the objective that fits the data, or data of that kind"
+        )
     return records
 
 
@@ -173,13 +212,16 @@ def chosen_max_length(setting) -> int | None:
     if setting != "auto":
         return int(setting) if setting else None
     if not MAX_LENGTH.exists():
-        raise StageError(f"train.max_length=auto takes the length validate chose, and "
-                         f"{MAX_LENGTH} is missing: run the validate stage first")
+        raise StageError(
+            f"train.max_length=auto takes the length validate chose, and "
+            f"{MAX_LENGTH} is missing: run the validate stage first"
+        )
     return json.loads(MAX_LENGTH.read_text(encoding="utf-8"))["max_length"]
 
 
-def tokenized_rows(records: list[dict], tokenizer, train_on: str, max_length: int | None,
-                   packing: bool) -> list[dict]:
+def tokenized_rows(
+    records: list[dict], tokenizer, train_on: str, max_length: int | None, packing: bool
+) -> list[dict]:
     """input_ids + labels per record (stages/common/examples.py), cut at max_length unless
     packing splits them; a row left without a trained token is an error naming its line."""
     template = TEMPLATE.read_text(encoding="utf-8")
@@ -191,8 +233,9 @@ def tokenized_rows(records: list[dict], tokenizer, train_on: str, max_length: in
             raise StageError(f"{where}: {example}")
         row = example if packing else truncate(example, max_length)
         if not trainable_tokens(row):
-            raise StageError(f"{where}: no trainable tokens left within "
-                             f"train.max_length={max_length}")
+            raise StageError(
+                f"{where}: no trainable tokens left within train.max_length={max_length}"
+            )
         rows.append(row)
     return rows
 
@@ -201,12 +244,19 @@ def preference_rows(records: list[dict]) -> list[dict]:
     def plain(messages):
         return [{"role": m["role"], "content": m["content"]} for m in messages]
 
-    return [{"prompt": plain(r["prompt"]), "chosen": plain(r["chosen"]),
-             "rejected": plain(r["rejected"])} for r in records]
+    return [
+        {
+            "prompt": plain(r["prompt"]),
+            "chosen": plain(r["chosen"]),
+            "rejected": plain(r["rejected"]),
+        }
+        for r in records
+    ]
 
 
 def build_trainer(params: dict, precision: str, output_dir: str):
-    """The TRL trainer for the objective, on the train and validation splits, as the stage runs it."""
+    """The TRL trainer for the objective, on the train and validation splits, as the stage runs
+    it."""
     import torch
     from datasets import Dataset
     from transformers import AutoTokenizer, EarlyStoppingCallback, set_seed
@@ -223,44 +273,47 @@ def build_trainer(params: dict, precision: str, output_dir: str):
         raise StageError(f"{TRAIN}: no training records")
     eval_steps = int(cfg["eval_steps"])
     patience = cfg.get("early_stopping_patience")
-    common = dict(
-        output_dir=output_dir,
-        max_steps=int(cfg["max_steps"]),
-        num_train_epochs=float(cfg["num_train_epochs"]),
-        per_device_train_batch_size=int(cfg["per_device_train_batch_size"]),
-        per_device_eval_batch_size=int(cfg["per_device_eval_batch_size"]),
-        gradient_accumulation_steps=int(cfg["gradient_accumulation_steps"]),
-        learning_rate=float(cfg["learning_rate"]),
-        lr_scheduler_type=cfg["lr_scheduler_type"],
-        warmup_steps=float(cfg["warmup_ratio"]),  # a float below 1 is a ratio
-        weight_decay=float(cfg["weight_decay"]),
-        eval_strategy="steps" if eval_records else "no",
-        eval_steps=eval_steps,
+    common = {
+        "output_dir": output_dir,
+        "max_steps": int(cfg["max_steps"]),
+        "num_train_epochs": float(cfg["num_train_epochs"]),
+        "per_device_train_batch_size": int(cfg["per_device_train_batch_size"]),
+        "per_device_eval_batch_size": int(cfg["per_device_eval_batch_size"]),
+        "gradient_accumulation_steps": int(cfg["gradient_accumulation_steps"]),
+        "learning_rate": float(cfg["learning_rate"]),
+        "lr_scheduler_type": cfg["lr_scheduler_type"],
+        "warmup_steps": float(cfg["warmup_ratio"]),  # a float below 1 is a ratio
+        "weight_decay": float(cfg["weight_decay"]),
+        "eval_strategy": "steps" if eval_records else "no",
+        "eval_steps": eval_steps,
         # a checkpoint at every evaluation: resume point, and candidate for the best model
-        save_strategy="steps",
-        save_steps=eval_steps,
-        save_total_limit=2,  # the latest and the best
-        load_best_model_at_end=bool(eval_records),
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_steps=int(cfg["logging_steps"]),
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=bool(cfg["gradient_checkpointing"]),
+        "save_strategy": "steps",
+        "save_steps": eval_steps,
+        "save_total_limit": 2,  # the latest and the best
+        "load_best_model_at_end": bool(eval_records),
+        "metric_for_best_model": "eval_loss",
+        "greater_is_better": False,
+        "logging_steps": int(cfg["logging_steps"]),
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "use_cpu": not torch.cuda.is_available(),
+        "activation_checkpointing": bool(cfg["gradient_checkpointing"]),
         # live train/* and eval/* curves into the stage's W&B run (opened by tracking)
-        report_to=["wandb"] if is_main_process() and os.environ.get("WANDB_MODE") != "disabled"
+        "report_to": ["wandb"]
+        if is_main_process() and os.environ.get("WANDB_MODE") != "disabled"
         else [],
-        seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",  # for tokens/s in the report
-        ddp_find_unused_parameters=False,
-    )
+        "seed": seed,
+        "data_seed": seed,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "include_num_input_tokens_seen": "non_padding",  # for tokens/s in the report
+        "ddp_find_unused_parameters": False,
+    }
     callbacks = [stop_on_non_finite_loss()] + (
         [EarlyStoppingCallback(early_stopping_patience=int(patience))]
-        if patience and eval_records else [])
+        if patience and eval_records
+        else []
+    )
     peft = peft_config(method)
     attention = choose_attention(cfg["attn_implementation"])
     common["use_liger_kernel"] = choose_liger(cfg["use_liger_kernel"])
@@ -270,31 +323,43 @@ def build_trainer(params: dict, precision: str, output_dir: str):
     if objective == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(**common, max_length=max_length,
-                         beta=float(params["objective"]["beta"]),
-                         loss_type=[params["objective"]["loss_type"]])
+        args = DPOConfig(
+            **common,
+            max_length=max_length,
+            beta=float(params["objective"]["beta"]),
+            loss_type=[params["objective"]["loss_type"]],
+        )
         return DPOTrainer(
-            model=model, args=args, processing_class=tokenizer, peft_config=peft,
+            model=model,
+            args=args,
+            processing_class=tokenizer,
+            peft_config=peft,
             train_dataset=Dataset.from_list(preference_rows(train_records)),
             eval_dataset=Dataset.from_list(preference_rows(eval_records)) if eval_records else None,
-            callbacks=callbacks)
+            callbacks=callbacks,
+        )
 
     from trl import SFTConfig, SFTTrainer
 
     packing = bool(cfg["packing"])
     if packing and not max_length:
-        raise StageError("train.packing=true packs rows into max_length windows: set "
-                         "train.max_length")
+        raise StageError(
+            "train.packing=true packs rows into max_length windows: set train.max_length"
+        )
     train_on = trained_turns(params["objective"])
-    rows = {name: tokenized_rows(records, tokenizer, train_on, max_length, packing)
-            for name, records in (("train", train_records), ("eval", eval_records))}
+    rows = {
+        name: tokenized_rows(records, tokenizer, train_on, max_length, packing)
+        for name, records in (("train", train_records), ("eval", eval_records))
+    }
     padding_free = cfg["padding_free"]
     if padding_free == "auto":  # only flash-attention's varlen kernels make it pay
         padding_free = attention == "flash_attention_2"
     args = SFTConfig(
         # without padding the pad id is a real token (SmolLM2 pads with <|im_end|>): count all
-        **{**common, "include_num_input_tokens_seen": "all" if packing or padding_free
-           else "non_padding"},
+        **{
+            **common,
+            "include_num_input_tokens_seen": "all" if packing or padding_free else "non_padding",
+        },
         # batches of rows of similar length waste less on padding (DPO pairs are not grouped)
         train_sampling_strategy="group_by_length" if cfg.get("group_by_length") else "random",
         packing=packing,
@@ -305,10 +370,14 @@ def build_trainer(params: dict, precision: str, output_dir: str):
         max_length=max_length if packing else None,
     )
     return SFTTrainer(
-        model=model, args=args, processing_class=tokenizer, peft_config=peft,
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        peft_config=peft,
         train_dataset=Dataset.from_list(rows["train"]),
         eval_dataset=Dataset.from_list(rows["eval"]) if rows["eval"] else None,
-        callbacks=callbacks)
+        callbacks=callbacks,
+    )
 
 
 def stop_on_non_finite_loss():
@@ -324,12 +393,14 @@ def stop_on_non_finite_loss():
                     raise StageError(
                         f"training diverged: {key}={value} at step {state.global_step} "
                         f"(train.learning_rate={args.learning_rate:g}); lower the learning "
-                        f"rate, raise train.warmup_ratio or check the data for extreme rows")
+                        f"rate, raise train.warmup_ratio or check the data for extreme rows"
+                    )
 
     return StopOnNonFiniteLoss()
 
 
 # --- 3. pre-flight plan ------------------------------------------------------------------------
+
 
 def preflight(trainer, n_processes: int) -> dict:
     """What the run will cost, measured before the first step: time on a few warm-up batches,
@@ -345,13 +416,17 @@ def preflight(trainer, n_processes: int) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     dataset = trainer.train_dataset
-    length_columns = [c for c in ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids")
-                      if c in dataset.column_names]
+    length_columns = [
+        c
+        for c in ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids")
+        if c in dataset.column_names
+    ]
     loader = trainer.get_train_dataloader()
     batches_per_epoch = len(loader)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
-    steps = (args.max_steps if args.max_steps > 0
-             else math.ceil(args.num_train_epochs * steps_per_epoch))
+    steps = (
+        args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    )
 
     rng = torch.random.get_rng_state()
     cuda = torch.cuda.is_available()
@@ -369,12 +444,14 @@ def preflight(trainer, n_processes: int) -> dict:
 
     seconds = [forward_backward(batch) for batch in itertools.islice(loader, WARMUP_BATCHES)]
     # the memory peak comes from the longest batch the data holds, not from a typical one
-    lengths = [sum(row) for row in zip(*([len(ids) for ids in dataset[c]]
-                                         for c in length_columns))]
+    lengths = [sum(row) for row in zip(*([len(ids) for ids in dataset[c]] for c in length_columns))]
     longest = sorted(range(len(lengths)), key=lengths.__getitem__)
     if longest:
-        forward_backward(loader.collate_fn([loader.dataset[i] for i in
-                                            longest[-args.per_device_train_batch_size:]]))
+        forward_backward(
+            loader.collate_fn(
+                [loader.dataset[i] for i in longest[-args.per_device_train_batch_size :]]
+            )
+        )
     model.zero_grad(set_to_none=True)
     torch.random.set_rng_state(rng)
     timed = sorted(seconds[1:]) or seconds
@@ -382,24 +459,34 @@ def preflight(trainer, n_processes: int) -> dict:
     step_seconds = per_batch * args.gradient_accumulation_steps
     # AdamW keeps two fp32 moments per trainable weight, allocated at the first step
     optimizer_bytes = 2 * 4 * trainable
-    peak = (torch.cuda.max_memory_allocated() if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     # a run that cannot fit stops now, not at the first optimizer step or in the OOM killer
-    memory.require("train", peak + optimizer_bytes,
-                   {"model and longest batch (measured)": peak, "optimizer state": optimizer_bytes},
-                   "cuda" if cuda else "cpu",
-                   "lower train.per_device_train_batch_size (raise gradient_accumulation_steps to "
-                   "keep the batch), set train.gradient_checkpointing: true or a smaller "
-                   "train.max_length, or use method=qlora",
-                   already_used=memory.held_bytes("cuda" if cuda else "cpu"))
+    memory.require(
+        "train",
+        peak + optimizer_bytes,
+        {"model and longest batch (measured)": peak, "optimizer state": optimizer_bytes},
+        "cuda" if cuda else "cpu",
+        "lower train.per_device_train_batch_size (raise gradient_accumulation_steps to "
+        "keep the batch), set train.gradient_checkpointing: true or a smaller "
+        "train.max_length, or use method=qlora",
+        already_used=memory.held_bytes("cuda" if cuda else "cpu"),
+    )
     return {
-        "parameters": {"trainable": trainable, "total": total,
-                       "trainable_fraction": round(trainable / total, 5)},
+        "parameters": {
+            "trainable": trainable,
+            "total": total,
+            "trainable_fraction": round(trainable / total, 5),
+        },
         "train_examples": len(dataset),
         "tokens_per_epoch": sum(lengths),
         "processes": n_processes,
-        "effective_batch": (args.per_device_train_batch_size * args.gradient_accumulation_steps
-                            * n_processes),
+        "effective_batch": (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * n_processes
+        ),
         "optimizer_steps": steps,
         "epochs": round(steps / steps_per_epoch, 2),
         "warmup_batches_measured": len(seconds),
@@ -413,8 +500,17 @@ def preflight(trainer, n_processes: int) -> dict:
 # --- 4. checkpoints ------------------------------------------------------------------------------
 
 # the packages whose versions change what a checkpoint holds or how it resumes
-TRAINING_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes",
-                     "datasets", "tokenizers", "safetensors")
+TRAINING_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "bitsandbytes",
+    "datasets",
+    "tokenizers",
+    "safetensors",
+)
 
 
 def run_fingerprint(params: dict, inputs: dict) -> str:
@@ -426,16 +522,25 @@ def run_fingerprint(params: dict, inputs: dict) -> str:
 
     keys = ("train", "method", "objective", "seed", "launch")
     here = Path(__file__).parent
-    code = {str(p.relative_to(here)): md5_path(p)
-            for p in [Path(__file__), *sorted((here / "common").glob("*.py"))]}
+    code = {
+        str(p.relative_to(here)): md5_path(p)
+        for p in [Path(__file__), *sorted((here / "common").glob("*.py"))]
+    }
     versions = {}
     for package in TRAINING_PACKAGES:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    blob = json.dumps({"params": {k: params.get(k) for k in keys}, "inputs": inputs,
-                       "code": code, "packages": versions}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "params": {k: params.get(k) for k in keys},
+            "inputs": inputs,
+            "code": code,
+            "packages": versions,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -468,12 +573,14 @@ def sort_adapter_config(path: Path) -> None:
 
 def loss_curves(log_history: list[dict]) -> tuple[str, str]:
     train = ["step,loss"] + [f"{h['step']},{h['loss']}" for h in log_history if "loss" in h]
-    evals = ["step,loss"] + [f"{h['step']},{h['eval_loss']}" for h in log_history
-                             if "eval_loss" in h]
+    evals = ["step,loss"] + [
+        f"{h['step']},{h['eval_loss']}" for h in log_history if "eval_loss" in h
+    ]
     return "\n".join(train) + "\n", "\n".join(evals) + "\n"
 
 
 # --- 5. the stage --------------------------------------------------------------------------------
+
 
 def main() -> None:
     params = load_params()
@@ -509,26 +616,38 @@ def main() -> None:
             write_json(RUN_FILE, {"fingerprint": fingerprint, "finished": False})
         trainer = build_trainer(params, precision, str(CHECKPOINTS))
         plan = preflight(trainer, n_processes)
-        plan["setup"] = {"precision": precision,
-                         "max_length": chosen_max_length(params["train"]["max_length"]),
-                         "attention": choose_attention(params["train"].get("attn_implementation")
-                                                       or "auto"),
-                         "liger_kernel": bool(trainer.args.use_liger_kernel),
-                         "padding_free": bool(getattr(trainer.args, "padding_free", False))}
+        plan["setup"] = {
+            "precision": precision,
+            "max_length": chosen_max_length(params["train"]["max_length"]),
+            "attention": choose_attention(params["train"].get("attn_implementation") or "auto"),
+            "liger_kernel": bool(trainer.args.use_liger_kernel),
+            "padding_free": bool(getattr(trainer.args, "padding_free", False)),
+        }
         if main_process:
-            peft = {name: json.loads(json.dumps(c.to_dict(), default=lambda v: sorted(v)
-                                                if isinstance(v, set) else str(v)))
-                    for name, c in getattr(trainer.model, "peft_config", {}).items()}
+            peft = {
+                name: json.loads(
+                    json.dumps(
+                        c.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)
+                    )
+                )
+                for name, c in getattr(trainer.model, "peft_config", {}).items()
+            }
             run.config.update({"plan": plan, "peft_config": peft})
-            print(f"train: plan: {plan['optimizer_steps']} steps of "
-                  f"{plan['effective_batch']} examples, {plan['parameters']['trainable']:,} "
-                  f"trainable parameters, ~{plan['estimated_train_minutes']} min, "
-                  f"~{plan['estimated_peak_memory_gib']} GiB"
-                  + (f"; resuming from {resume_from.name}" if resume_from else ""), flush=True)
+            print(
+                f"train: plan: {plan['optimizer_steps']} steps of "
+                f"{plan['effective_batch']} examples, {plan['parameters']['trainable']:,} "
+                f"trainable parameters, ~{plan['estimated_train_minutes']} min, "
+                f"~{plan['estimated_peak_memory_gib']} GiB"
+                + (f"; resuming from {resume_from.name}" if resume_from else ""),
+                flush=True,
+            )
             if plan["epochs"] < 1:
-                print(f"train: warning: {plan['optimizer_steps']} steps see {plan['epochs']} of "
-                      f"an epoch of {plan['train_examples']} examples; for full passes set "
-                      f"train.max_steps: -1 and train.num_train_epochs", flush=True)
+                print(
+                    f"train: warning: {plan['optimizer_steps']} steps see {plan['epochs']} of "
+                    f"an epoch of {plan['train_examples']} examples; for full passes set "
+                    f"train.max_steps: -1 and train.num_train_epochs",
+                    flush=True,
+                )
         if plan_only:
             print(json.dumps(plan, indent=2))
             return
@@ -548,8 +667,11 @@ def main() -> None:
         train_csv, eval_csv = loss_curves(state.log_history)
         write_text(PLOTS / "train_loss.csv", train_csv)
         write_text(PLOTS / "eval_loss.csv", eval_csv)
-        best_step = (int(state.best_model_checkpoint.rsplit("-", 1)[1])
-                     if state.best_model_checkpoint else None)
+        best_step = (
+            int(state.best_model_checkpoint.rsplit("-", 1)[1])
+            if state.best_model_checkpoint
+            else None
+        )
         stopped_early = state.global_step < plan["optimizer_steps"]
         tokens = state.num_input_tokens_seen or None
         report = {
@@ -567,8 +689,9 @@ def main() -> None:
             "train_examples": plan["train_examples"],
             "validation_examples": len(trainer.eval_dataset) if trainer.eval_dataset else 0,
             "train_loss": round(result.training_loss, 4),
-            "final_train_loss": next((round(h["loss"], 4) for h in reversed(state.log_history)
-                                      if "loss" in h), None),
+            "final_train_loss": next(
+                (round(h["loss"], 4) for h in reversed(state.log_history) if "loss" in h), None
+            ),
             "eval_loss": round(state.best_metric, 4) if state.best_metric is not None else None,
             "final_eval_loss": round(evals[-1]["eval_loss"], 4) if evals else None,
             "train_seconds": round(seconds, 1),
@@ -577,10 +700,14 @@ def main() -> None:
         if tokens:
             report["tokens_per_second"] = round(tokens / seconds, 1)
         write_json(REPORT, report)
-        run.summary.update({"train/final_loss": report["final_train_loss"],
-                            "train/best_eval_loss": report["eval_loss"],
-                            "train/trainable_parameters": plan["parameters"]["trainable"],
-                            "train/resumed_from_step": report["resumed_from_step"]})
+        run.summary.update(
+            {
+                "train/final_loss": report["final_train_loss"],
+                "train/best_eval_loss": report["eval_loss"],
+                "train/trainable_parameters": plan["parameters"]["trainable"],
+                "train/resumed_from_step": report["resumed_from_step"],
+            }
+        )
         log_adapter_artifact(run, method["name"])
         # every output is written: only now is the run over, and its checkpoints of no use to
         # the next one (a kill before this line resumes from the last checkpoint)
@@ -588,10 +715,12 @@ def main() -> None:
             if item != RUN_FILE:
                 shutil.rmtree(item) if item.is_dir() else item.unlink()
         write_json(RUN_FILE, {"fingerprint": fingerprint, "finished": True})
-        print(f"train: {report['optimizer_steps']} steps in {seconds:.0f}s, "
-              f"loss {report['final_train_loss']}, best eval loss {report['eval_loss']}"
-              + (f" (step {best_step})" if best_step else "")
-              + (f", resumed from step {report['resumed_from_step']}" if resume_from else ""))
+        print(
+            f"train: {report['optimizer_steps']} steps in {seconds:.0f}s, "
+            f"loss {report['final_train_loss']}, best eval loss {report['eval_loss']}"
+            + (f" (step {best_step})" if best_step else "")
+            + (f", resumed from step {report['resumed_from_step']}" if resume_from else "")
+        )
 
 
 def broadcast(value):
@@ -613,8 +742,9 @@ def log_adapter_artifact(run, method: str) -> None:
 
     if getattr(run, "disabled", False):
         return
-    artifact = wandb.Artifact(f"tuned-{method}", type="model",
-                              metadata={"path": str(OUT_DIR), "md5": md5_path(OUT_DIR)})
+    artifact = wandb.Artifact(
+        f"tuned-{method}", type="model", metadata={"path": str(OUT_DIR), "md5": md5_path(OUT_DIR)}
+    )
     artifact.add_reference(OUT_DIR.resolve().as_uri())
     run.log_artifact(artifact)
 

@@ -1,4 +1,5 @@
-"""Stage validate: read every raw record, check it with a Great Expectations suite, quarantine the rest.
+"""Stage validate: read every raw record, check it with a Great Expectations suite, quarantine
+the rest.
 
 1. Read `data.path` (files, globs; JSONL, JSON array, CSV, Parquet) row by row, and the fixed
    evaluation sets `data.test_path` / `data.validation_path` when set (their rows are tagged
@@ -31,11 +32,25 @@ from pathlib import Path
 
 from stages.common import paths, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
-from stages.common.examples import (ExampleError, record_examples, trainable_tokens,
-                                    trained_turns, truncate)
+from stages.common.examples import (
+    ExampleError,
+    record_examples,
+    trainable_tokens,
+    trained_turns,
+    truncate,
+)
 from stages.common.files import atomic_dir, md5_path, write_json, write_jsonl
-from stages.common.kinds import (KINDS, ROLES, SHAPE, RowError, canonical, conversation_text,
-                                 detect_kind, kind_of, rename_fields)
+from stages.common.kinds import (
+    KINDS,
+    ROLES,
+    SHAPE,
+    RowError,
+    canonical,
+    conversation_text,
+    detect_kind,
+    kind_of,
+    rename_fields,
+)
 from stages.common.records import read_file, record_id, resolve_paths
 from stages.common.task import Task
 
@@ -49,10 +64,11 @@ CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # tab, LF and C
 
 # --- 1-2. rows -> canonical records --------------------------------------------------------
 
+
 def choose_kinds(files: dict[Path, list[dict]], declared: str) -> dict[Path, str]:
     """The kind of each file: declared, or detected; files of different kinds are an error."""
     if declared != "auto":
-        return {path: declared for path in files}
+        return dict.fromkeys(files, declared)
     kinds = {}
     for path, rows in files.items():
         objects = [r["obj"] for r in rows if r["parse_error"] is None]
@@ -61,14 +77,18 @@ def choose_kinds(files: dict[Path, list[dict]], declared: str) -> dict[Path, str
             if not rows:
                 continue  # an empty file has no kind; it is reported, not guessed
             keys = sorted({k for o in objects if isinstance(o, dict) for k in o})[:8]
-            raise StageError(f"{path}: cannot tell the record kind from its fields {keys}; "
-                             f"set data.kind to one of {', '.join(KINDS)}")
+            raise StageError(
+                f"{path}: cannot tell the record kind from its fields {keys}; "
+                f"set data.kind to one of {', '.join(KINDS)}"
+            )
         print(f"validate: {path}: detected kind '{kind}' ({counts[kind]} of {len(rows)} rows)")
         kinds[path] = kind
     if len(set(kinds.values())) > 1:
         listing = "; ".join(f"{p}: {k}" for p, k in kinds.items())
-        raise StageError(f"data.path mixes record kinds ({listing}); use one kind per data set "
-                         f"or convert the files")
+        raise StageError(
+            f"data.path mixes record kinds ({listing}); use one kind per data set "
+            f"or convert the files"
+        )
     return kinds
 
 
@@ -76,15 +96,23 @@ def schema_drift(files: dict[Path, list[dict]]) -> dict[str, dict]:
     """Top-level fields each file has or lacks against the first file (same kind, other keys)."""
     keysets = {}
     for path, rows in files.items():
-        objects = [r["obj"] for r in rows if r["parse_error"] is None and isinstance(r["obj"], dict)]
+        objects = [
+            r["obj"] for r in rows if r["parse_error"] is None and isinstance(r["obj"], dict)
+        ]
         if objects:
             keysets[path] = set().union(*(o.keys() for o in objects))
     if len(keysets) < 2:
         return {}
     first_path, first = next(iter(keysets.items()))
-    return {str(p): {"compared_to": str(first_path), "missing": sorted(first - keys),
-                     "extra": sorted(keys - first)}
-            for p, keys in keysets.items() if keys != first}
+    return {
+        str(p): {
+            "compared_to": str(first_path),
+            "missing": sorted(first - keys),
+            "extra": sorted(keys - first),
+        }
+        for p, keys in keysets.items()
+        if keys != first
+    }
 
 
 def to_record(row: dict, kind: str) -> tuple[dict | None, str | None, str]:
@@ -98,14 +126,20 @@ def to_record(row: dict, kind: str) -> tuple[dict | None, str | None, str]:
         if err.reason == "missing_field" and found and found != kind:
             return None, "kind_mismatch", f"fields of a {found} record in a {kind} data set"
         return None, err.reason, err.detail
-    record = {"id": record_id(fields), "source": row["source"], "line": row["line"],
-              "kind": kind, **fields}
+    record = {
+        "id": record_id(fields),
+        "source": row["source"],
+        "line": row["line"],
+        "kind": kind,
+        **fields,
+    }
     if meta:
         record["meta"] = meta
     return record, None, ""
 
 
 # --- 3. facts the expectations check --------------------------------------------------------
+
 
 def role_order_error(messages: list[dict]) -> str | None:
     """An optional system message first, then user and assistant turns alternating, from the
@@ -122,17 +156,28 @@ def role_order_error(messages: list[dict]) -> str | None:
             if "tool" in (m["role"], *allowed):
                 return "tool results must follow the assistant message that calls the tools"
             return "user and assistant turns do not alternate"
-        allowed = {"user": {"assistant"}, "tool": {"tool", "assistant"},
-                   "assistant": {"tool"} if m.get("tool_calls") else {"user"}}[m["role"]]
+        allowed = {
+            "user": {"assistant"},
+            "tool": {"tool", "assistant"},
+            "assistant": {"tool"} if m.get("tool_calls") else {"user"},
+        }[m["role"]]
     return None
 
 
 def measure(record: dict | None, special_tokens: re.Pattern | None) -> dict:
     """Per-row facts; None where a fact does not apply (a row that failed to parse)."""
-    facts = {"unknown_role": None, "role_order": None, "n_assistant": None,
-             "empty_content": None, "empty_answer": None, "control_chars": None,
-             "replacement_char": None, "special_token": None, "chosen_equals_rejected": None,
-             "answer": None}
+    facts = {
+        "unknown_role": None,
+        "role_order": None,
+        "n_assistant": None,
+        "empty_content": None,
+        "empty_answer": None,
+        "control_chars": None,
+        "replacement_char": None,
+        "special_token": None,
+        "chosen_equals_rejected": None,
+        "answer": None,
+    }
     if record is None:
         return facts
     messages = conversation_text(record)
@@ -163,17 +208,25 @@ def measure(record: dict | None, special_tokens: re.Pattern | None) -> dict:
     if facts["n_assistant"] and not unknown:
         facts["role_order"] = facts["role_order"] or role_order_error(dialogue)
     # a turn that calls tools may have no text
-    facts["empty_content"] = any(not m["content"].strip() and not m.get("tool_calls")
-                                 for m in dialogue[:-1])
-    facts["empty_answer"] = any(not a["content"].strip() and not a.get("tool_calls")
-                                for a in answers)
+    facts["empty_content"] = any(
+        not m["content"].strip() and not m.get("tool_calls") for m in dialogue[:-1]
+    )
+    facts["empty_answer"] = any(
+        not a["content"].strip() and not a.get("tool_calls") for a in answers
+    )
     if answers[0]["role"] == "assistant" and answers[0]["content"].strip():
         facts["answer"] = answers[0]["content"]  # an empty one is empty_assistant, not off-format
     return facts
 
 
-def measure_tokens(facts: list[dict], records: list[dict | None], tokenizer, template: str,
-                   train_on: str, limit: int | None) -> None:
+def measure_tokens(
+    facts: list[dict],
+    records: list[dict | None],
+    tokenizer,
+    template: str,
+    train_on: str,
+    limit: int | None,
+) -> None:
     """n_tokens (the whole record) and trainable_tokens (within `limit` when rows are cut
     there) of each row, counted by the examples training builds (stages/common/examples.py);
     a record the training template refuses gets its reason as template_error."""
@@ -190,11 +243,13 @@ def measure_tokens(facts: list[dict], records: list[dict | None], tokenizer, tem
         f["n_tokens"] = len(example["input_ids"]) if example else None
         # raw text is packed into windows for pre-training: every token trains, none is cut
         cut = None if record is None or "text" in record else limit
-        f["trainable_tokens"] = (trainable_tokens(truncate(example, cut))
-                                 if example and f["n_assistant"] != 0 else None)
+        f["trainable_tokens"] = (
+            trainable_tokens(truncate(example, cut)) if example and f["n_assistant"] != 0 else None
+        )
 
 
 # --- 3b. the Great Expectations suite --------------------------------------------------------
+
 
 def build_rules(task: Task, max_length: int | None, length_policy: str, shape: str):
     """The expectations of one record shape (chat, preference, text), each paired with the
@@ -203,10 +258,18 @@ def build_rules(task: Task, max_length: int | None, length_policy: str, shape: s
 
     rules = [
         (gxe.ExpectColumnValuesToBeNull(column="structure_error"), None),  # reason = the value
-        (gxe.ExpectColumnValuesToBeInSet(column="empty_content", value_set=[False]), "empty_content"),
-        (gxe.ExpectColumnValuesToBeInSet(column="control_chars", value_set=[False]), "control_chars"),
-        (gxe.ExpectColumnValuesToBeInSet(column="replacement_char", value_set=[False]),
-         "replacement_char"),
+        (
+            gxe.ExpectColumnValuesToBeInSet(column="empty_content", value_set=[False]),
+            "empty_content",
+        ),
+        (
+            gxe.ExpectColumnValuesToBeInSet(column="control_chars", value_set=[False]),
+            "control_chars",
+        ),
+        (
+            gxe.ExpectColumnValuesToBeInSet(column="replacement_char", value_set=[False]),
+            "replacement_char",
+        ),
         (gxe.ExpectColumnValuesToBeNull(column="special_token"), "special_token_leak"),
     ]
     if shape == "text":  # raw text is packed into windows: no turns, no answer, no length limit
@@ -215,30 +278,47 @@ def build_rules(task: Task, max_length: int | None, length_policy: str, shape: s
         (gxe.ExpectColumnValuesToBeNull(column="unknown_role"), "unknown_role"),
         (gxe.ExpectColumnValuesToBeNull(column="role_order"), "bad_role_order"),
         (gxe.ExpectColumnValuesToBeBetween(column="n_assistant", min_value=1), "no_assistant"),
-        (gxe.ExpectColumnValuesToBeInSet(column="empty_answer", value_set=[False]), "empty_assistant"),
+        (
+            gxe.ExpectColumnValuesToBeInSet(column="empty_answer", value_set=[False]),
+            "empty_assistant",
+        ),
         (gxe.ExpectColumnValuesToBeNull(column="template_error"), "template_error"),
-        (gxe.ExpectColumnValuesToBeBetween(column="trainable_tokens", min_value=1),
-         "zero_trainable_tokens"),
+        (
+            gxe.ExpectColumnValuesToBeBetween(column="trainable_tokens", min_value=1),
+            "zero_trainable_tokens",
+        ),
     ]
     if shape == "preference":
-        rules.append((gxe.ExpectColumnValuesToBeInSet(column="chosen_equals_rejected",
-                                                      value_set=[False]), "chosen_equals_rejected"))
+        rules.append(
+            (
+                gxe.ExpectColumnValuesToBeInSet(column="chosen_equals_rejected", value_set=[False]),
+                "chosen_equals_rejected",
+            )
+        )
     if length_policy != "truncate" and max_length:
-        rules.append((gxe.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=max_length),
-                      "too_long"))
+        rules.append(
+            (gxe.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=max_length), "too_long")
+        )
     if task.answer_regex:
         # GX searches (pandas str.contains); anchor it so the whole answer must match, as
         # the metrics demand. Named groups become non-capturing: GX only needs yes/no.
         whole = r"^\s*(?:" + re.sub(r"\(\?P<\w+>", "(?:", task.answer_regex) + r")\s*$"
-        rules.append((gxe.ExpectColumnValuesToMatchRegex(column="answer", regex=whole),
-                      "answer_format"))
+        rules.append(
+            (gxe.ExpectColumnValuesToMatchRegex(column="answer", regex=whole), "answer_format")
+        )
     for name, allowed in task.labels.items():
-        rules.append((gxe.ExpectColumnValuesToBeInSet(column=f"label_{name}", value_set=allowed),
-                      "label_outside_set"))
+        rules.append(
+            (
+                gxe.ExpectColumnValuesToBeInSet(column=f"label_{name}", value_set=allowed),
+                "label_outside_set",
+            )
+        )
     return rules
 
 
-def run_suite(frame, rules, suite_name: str, docs_dir: Path | None) -> tuple[dict[int, list[str]], dict]:
+def run_suite(
+    frame, rules, suite_name: str, docs_dir: Path | None
+) -> tuple[dict[int, list[str]], dict]:
     """Row index -> reason codes, plus a per-expectation summary; Data Docs when asked."""
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
@@ -246,25 +326,41 @@ def run_suite(frame, rules, suite_name: str, docs_dir: Path | None) -> tuple[dic
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (context.data_sources.add_pandas("raw").add_dataframe_asset("records")
-             .add_batch_definition_whole_dataframe("all"))
-    suite = context.suites.add(gx.ExpectationSuite(name=suite_name,
-                                                   expectations=[e for e, _ in rules]))
+    batch = (
+        context.data_sources.add_pandas("raw")
+        .add_dataframe_asset("records")
+        .add_batch_definition_whole_dataframe("all")
+    )
+    suite = context.suites.add(
+        gx.ExpectationSuite(name=suite_name, expectations=[e for e, _ in rules])
+    )
     # results come back in another order: match them to rules by the expectation's id
     reasons = {e.id: reason for e, reason in zip(suite.expectations, (r for _, r in rules))}
     definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name=suite_name, data=batch, suite=suite))
+        gx.ValidationDefinition(name=suite_name, data=batch, suite=suite)
+    )
     actions = []
     if docs_dir is not None:
-        context.add_data_docs_site(site_name="local", site_config={
-            "class_name": "SiteBuilder",
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                              "base_directory": str(docs_dir.resolve())}})
+        context.add_data_docs_site(
+            site_name="local",
+            site_config={
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs_dir.resolve()),
+                },
+            },
+        )
         actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["local"]))
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name="validate", validation_definitions=[definition], actions=actions,
-        result_format={"result_format": "COMPLETE", "partial_unexpected_count": 10}))
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name="validate",
+            validation_definitions=[definition],
+            actions=actions,
+            result_format={"result_format": "COMPLETE", "partial_unexpected_count": 10},
+        )
+    )
     # a fixed run id keeps the Data Docs file names the same from run to run
     run_id = RunIdentifier(run_name="validate", run_time="2000-01-01T00:00:00Z")
     outcome = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
@@ -276,8 +372,11 @@ def run_suite(frame, rules, suite_name: str, docs_dir: Path | None) -> tuple[dic
         cfg = res.expectation_config
         indexes = res.result.get("unexpected_index_list") or []
         name = f"{cfg.type}({cfg.kwargs.get('column')})"
-        summary[name] = {"reason": reasons[cfg.id] or "structural (per row)",
-                         "success": bool(res.success), "unexpected": len(indexes)}
+        summary[name] = {
+            "reason": reasons[cfg.id] or "structural (per row)",
+            "success": bool(res.success),
+            "unexpected": len(indexes),
+        }
         for index in indexes:
             index = int(index["index"] if isinstance(index, dict) else index)
             reason = reasons[cfg.id] or frame.at[index, "structure_error"]
@@ -305,8 +404,12 @@ def percentiles(values: list[int], qs: tuple[float, ...] = (0.5, 0.95, 0.99)) ->
         return {}
     ordered = sorted(values)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"min": ordered[0], **{f"p{round(q * 100)}": pick(q) for q in qs},
-            "max": ordered[-1], "mean": round(sum(ordered) / len(ordered), 1)}
+    return {
+        "min": ordered[0],
+        **{f"p{round(q * 100)}": pick(q) for q in qs},
+        "max": ordered[-1],
+        "mean": round(sum(ordered) / len(ordered), 1),
+    }
 
 
 def auto_max_length(lengths: list[int], context: int) -> tuple[int | None, str]:
@@ -317,9 +420,11 @@ def auto_max_length(lengths: list[int], context: int) -> tuple[int | None, str]:
         return None, "auto: no row measured"
     p99 = percentiles(lengths, (0.99,))["p99"]
     value = min(-(-p99 // 64) * 64, context if 0 < context < 10**7 else 10**7)
-    return value, (f"auto: 99th percentile of {len(lengths)} rows is {p99} tokens, rounded up "
-                   f"to a multiple of 64" + (f", capped at the model's context {context}"
-                                             if value == context else ""))
+    return value, (
+        f"auto: 99th percentile of {len(lengths)} rows is {p99} tokens, rounded up "
+        f"to a multiple of 64"
+        + (f", capped at the model's context {context}" if value == context else "")
+    )
 
 
 def special_token_pattern(tokenizer) -> re.Pattern | None:
@@ -358,8 +463,10 @@ def main() -> None:
         kinds = choose_kinds(files, data["kind"])
         drift = schema_drift(files)
         for path, change in drift.items():
-            print(f"validate: warning: schema drift in {path} against {change['compared_to']}: "
-                  f"missing {change['missing']}, extra {change['extra']}")
+            print(
+                f"validate: warning: schema drift in {path} against {change['compared_to']}: "
+                f"missing {change['missing']}, extra {change['extra']}"
+            )
         if drift and data["schema_drift"] == "fail":
             raise StageError(f"schema drift between files: {drift}")
 
@@ -371,21 +478,36 @@ def main() -> None:
         os.environ["TOKENIZERS_PARALLELISM"] = "true"  # batch encoding below; no forks follow
         tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
         leak_pattern = special_token_pattern(tokenizer)
-        facts = [{"structure_error": reason, **measure(record, leak_pattern)}
-                 for record, reason, _ in converted]
+        facts = [
+            {"structure_error": reason, **measure(record, leak_pattern)}
+            for record, reason, _ in converted
+        ]
         train_on = trained_turns(params["objective"])
         template = TRAINING_TEMPLATE.read_text(encoding="utf-8")
-        measure_tokens(facts, records, tokenizer, template, train_on,
-                       max_length if policy == "truncate" else None)
+        measure_tokens(
+            facts,
+            records,
+            tokenizer,
+            template,
+            train_on,
+            max_length if policy == "truncate" else None,
+        )
         chosen = f"train.max_length={setting}"
         if setting == "auto":
-            max_length, chosen = auto_max_length([f["n_tokens"] for f in facts if f["n_tokens"]],
-                                                 tokenizer.model_max_length)
+            max_length, chosen = auto_max_length(
+                [f["n_tokens"] for f in facts if f["n_tokens"]], tokenizer.model_max_length
+            )
             print(f"validate: train.max_length=auto -> {max_length} ({chosen})")
             if policy == "truncate":  # trainable tokens left after the cut, for the rows cut
                 over = [k for k, f in enumerate(facts) if (f["n_tokens"] or 0) > max_length]
-                measure_tokens([facts[k] for k in over], [records[k] for k in over], tokenizer,
-                               template, train_on, max_length)
+                measure_tokens(
+                    [facts[k] for k in over],
+                    [records[k] for k in over],
+                    tokenizer,
+                    template,
+                    train_on,
+                    max_length,
+                )
         for f in facts:
             fields = task.parse(f["answer"]) if f["answer"] is not None else None
             for name in task.labels:
@@ -417,10 +539,16 @@ def main() -> None:
         n_tokens = [f["n_tokens"] for i, f in enumerate(facts) if i not in failures]
         cap = max_length or float("inf")
         truncated = [n - max_length for n in n_tokens if n and n > cap]
-        over = [f["n_tokens"] - max_length for f in facts  # every row, whatever its fate
-                if f["n_tokens"] and f["n_tokens"] > cap]
-        balance = Counter(task.stratum(f["answer"]) for i, f in enumerate(facts)
-                          if i not in failures and f["answer"] is not None and task.stratify_by)
+        over = [
+            f["n_tokens"] - max_length
+            for f in facts  # every row, whatever its fate
+            if f["n_tokens"] and f["n_tokens"] > cap
+        ]
+        balance = Counter(
+            task.stratum(f["answer"])
+            for i, f in enumerate(facts)
+            if i not in failures and f["answer"] is not None and task.stratify_by
+        )
         report = {
             "rows_in": len(rows),
             "rows_out": len(valid),
@@ -429,16 +557,25 @@ def main() -> None:
             "quarantined_by_reason": dict(sorted(by_reason.items())),
             "kinds": {str(p): k for p, k in kinds.items()},
             "files": {str(p): len(r) for p, r in files.items()},
-            "fixed_sets": {name: {"files": [str(p) for p in set_files],
-                                  "rows_in": sum(len(files[p]) for p in set_files),
-                                  "rows_out": sum(r.get("fixed_split") == name for r in valid)}
-                           for name in FIXED_SETS
-                           if (set_files := [p for p, n in fixed.items() if n == name])},
+            "fixed_sets": {
+                name: {
+                    "files": [str(p) for p in set_files],
+                    "rows_in": sum(len(files[p]) for p in set_files),
+                    "rows_out": sum(r.get("fixed_split") == name for r in valid),
+                }
+                for name in FIXED_SETS
+                if (set_files := [p for p, n in fixed.items() if n == name])
+            },
             "empty_files": empty_files,
             "schema_drift": drift,
             "token_length": percentiles([n for n in n_tokens if n is not None]),
-            "trainable_tokens": percentiles([f["trainable_tokens"] for i, f in enumerate(facts)
-                                             if i not in failures and f["trainable_tokens"]]),
+            "trainable_tokens": percentiles(
+                [
+                    f["trainable_tokens"]
+                    for i, f in enumerate(facts)
+                    if i not in failures and f["trainable_tokens"]
+                ]
+            ),
             "max_length": max_length,  # what training cuts at (train reads it when auto)
             "max_length_chosen": chosen,
             "length_policy": policy,
@@ -452,32 +589,49 @@ def main() -> None:
         write_json(REPORT, report)
         # the number alone, apart from the report: new rows that leave it as it was retrain nothing
         write_json(MAX_LENGTH, {"max_length": max_length})
-        run.summary.update({"validate/rows_in": len(rows), "validate/rows_out": len(valid),
-                            "validate/pass_rate": report["pass_rate"],
-                            **{f"validate/quarantined/{k}": v for k, v in by_reason.items()}})
-        print(f"validate: {len(rows)} rows in, {len(valid)} valid, {len(quarantined)} quarantined "
-              f"{dict(by_reason)}")
+        run.summary.update(
+            {
+                "validate/rows_in": len(rows),
+                "validate/rows_out": len(valid),
+                "validate/pass_rate": report["pass_rate"],
+                **{f"validate/quarantined/{k}": v for k, v in by_reason.items()},
+            }
+        )
+        print(
+            f"validate: {len(rows)} rows in, {len(valid)} valid, {len(quarantined)} quarantined "
+            f"{dict(by_reason)}"
+        )
 
         # the gate: `drop` means the user accepts losing too-long rows, so they do not count
         excused = {"too_long"} if policy == "drop" else set()
         rejected = sum(1 for q in quarantined if set(q["reasons"]) - excused) / len(rows)
         fatal = [r for r in data["fatal_reasons"] if by_reason.get(r)]
         if rejected > float(data["max_rejected_fraction"]) or fatal:
-            top = ", ".join(f"{r} ({n}, e.g. {example_lines(quarantined, r)})"
-                            for r, n in by_reason.most_common(3))
-            why = (f"fatal reasons {fatal}" if fatal else
-                   f"{rejected:.1%} of rows rejected > data.max_rejected_fraction="
-                   f"{data['max_rejected_fraction']}")
+            top = ", ".join(
+                f"{r} ({n}, e.g. {example_lines(quarantined, r)})"
+                for r, n in by_reason.most_common(3)
+            )
+            why = (
+                f"fatal reasons {fatal}"
+                if fatal
+                else f"{rejected:.1%} of rows rejected > data.max_rejected_fraction="
+                f"{data['max_rejected_fraction']}"
+            )
             hint, top_reason = "", by_reason.most_common(1)[0][0]
             if top_reason in ("answer_format", "label_outside_set"):
-                hint = (f" (answers do not fit task '{task.name}': choose the task of this data, "
-                        f"e.g. -S task=generic for free text)")
+                hint = (
+                    f" (answers do not fit task '{task.name}': choose the task of this data, "
+                    f"e.g. -S task=generic for free text)"
+                )
             elif top_reason == "too_long":
                 longest = max(f["n_tokens"] or 0 for f in facts)
-                hint = (f" (rows run to {longest} tokens: raise train.max_length, set it to null "
-                        f"for no cap, or choose data.length_policy: truncate or drop)")
-            raise StageError(f"validation gate failed: {why}; top reasons: {top}; "
-                             f"see {QUARANTINE}{hint}")
+                hint = (
+                    f" (rows run to {longest} tokens: raise train.max_length, set it to null "
+                    f"for no cap, or choose data.length_policy: truncate or drop)"
+                )
+            raise StageError(
+                f"validation gate failed: {why}; top reasons: {top}; see {QUARANTINE}{hint}"
+            )
 
 
 def fixed_set_paths(data: dict, pool: list[Path]) -> dict[Path, str]:
@@ -488,9 +642,11 @@ def fixed_set_paths(data: dict, pool: list[Path]) -> dict[Path, str]:
             continue
         for path in resolve_paths(data[f"{name}_path"], key=f"data.{name}_path"):
             if path in pool or path in fixed:
-                raise StageError(f"data.{name}_path: {path} is also in "
-                                 f"{'data.path' if path in pool else 'the other fixed set'}; "
-                                 f"a file belongs to one set")
+                raise StageError(
+                    f"data.{name}_path: {path} is also in "
+                    f"{'data.path' if path in pool else 'the other fixed set'}; "
+                    f"a file belongs to one set"
+                )
             fixed[require_dependency("validate", f"data.{name}_path", path)] = name
     return fixed
 

@@ -26,8 +26,17 @@ os.environ["GX_ANALYTICS_ENABLED"] = "false"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-TEMPLATE_PATHS = ["conf", "stages", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore",
-                  "pyproject.toml", "requirements", "data/general"]
+TEMPLATE_PATHS = [
+    "conf",
+    "stages",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "pyproject.toml",
+    "requirements",
+    "data/general",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,9 +61,12 @@ def copy_template(dest: Path, raw_rows: int | None = 240) -> Path:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     # the fixed test set shrinks with the pool: an eighth of its rows
-    files = {"data/raw/tickets.jsonl": raw_rows, "data/raw/tickets_preference.jsonl": raw_rows,
-             "data/raw/tickets_text.jsonl": raw_rows,
-             "data/eval/tickets_test.jsonl": raw_rows and max(8, raw_rows // 8)}
+    files = {
+        "data/raw/tickets.jsonl": raw_rows,
+        "data/raw/tickets_preference.jsonl": raw_rows,
+        "data/raw/tickets_text.jsonl": raw_rows,
+        "data/eval/tickets_test.jsonl": raw_rows and max(8, raw_rows // 8),
+    }
     for name, rows in files.items():
         lines = (ROOT / name).read_text(encoding="utf-8").splitlines(True)
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -64,10 +76,17 @@ def copy_template(dest: Path, raw_rows: int | None = 240) -> Path:
 
 def tiny_overrides(model_dir: Path) -> list[str]:
     """Hydra overrides that make the pipeline run in seconds on the tiny model."""
-    return [f"model.name_or_path={model_dir}", "train.max_steps=4", "train.eval_steps=2",
-            "train.logging_steps=1", "train.per_device_train_batch_size=4",
-            "train.learning_rate=1e-3", "eval.max_examples=8", "eval.max_new_tokens=12",
-            "data.max_rejected_fraction=0.5"]
+    return [
+        f"model.name_or_path={model_dir}",
+        "train.max_steps=4",
+        "train.eval_steps=2",
+        "train.logging_steps=1",
+        "train.per_device_train_batch_size=4",
+        "train.learning_rate=1e-3",
+        "eval.max_examples=8",
+        "eval.max_new_tokens=12",
+        "data.max_rejected_fraction=0.5",
+    ]
 
 
 @pytest.fixture

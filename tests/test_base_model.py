@@ -10,19 +10,21 @@ import shutil
 
 import pytest
 from conftest import set_params, use_model
+from tiny_model import trained_runs
 from transformers import AutoTokenizer
 
 from stages import base_model
 from stages.common import chat_templates
 from stages.common.config import StageError
 from stages.common.examples import chat_examples
-from tiny_model import trained_runs
 
-CONVERSATION = [{"role": "system", "content": "Triage."},
-                {"role": "user", "content": "Order 5 is late."},
-                {"role": "assistant", "content": '{"urgency": "high"}'},
-                {"role": "user", "content": "Any news?"},
-                {"role": "assistant", "content": "Not yet."}]
+CONVERSATION = [
+    {"role": "system", "content": "Triage."},
+    {"role": "user", "content": "Order 5 is late."},
+    {"role": "assistant", "content": '{"urgency": "high"}'},
+    {"role": "user", "content": "Any news?"},
+    {"role": "assistant", "content": "Not yet."},
+]
 
 # Templates shaped like ones real model repositories ship (none of them is in TRL's list).
 LLAMA2_LIKE = (  # bos + [INST] turns, the answer after a space, EOS after another space
@@ -112,12 +114,16 @@ def test_local_folder_becomes_base_with_a_derived_training_template(project):
     assert trained(out, CONVERSATION) == ['{"urgency": "high"}<|im_end|>', "Not yet.<|im_end|>"]
 
 
-@pytest.mark.parametrize("template, expected", [
-    (LLAMA2_LIKE, [' {"urgency": "high"} <|im_end|>', " Not yet. <|im_end|>"]),
-    (ZEPHYR_LIKE, ['{"urgency": "high"}<|im_end|>', "Not yet.<|im_end|>"]),
-])
-def test_held_out_templates_train_on_what_the_model_generates(project, tiny_model_dir, tmp_path,
-                                                              template, expected):
+@pytest.mark.parametrize(
+    "template, expected",
+    [
+        (LLAMA2_LIKE, [' {"urgency": "high"} <|im_end|>', " Not yet. <|im_end|>"]),
+        (ZEPHYR_LIKE, ['{"urgency": "high"}<|im_end|>', "Not yet.<|im_end|>"]),
+    ],
+)
+def test_held_out_templates_train_on_what_the_model_generates(
+    project, tiny_model_dir, tmp_path, template, expected
+):
     # what follows the generation prompt up to the stop token, leading space or newline included
     use_model(project, wearing(tiny_model_dir, tmp_path / "m", template))
     base_model.main()
@@ -125,15 +131,22 @@ def test_held_out_templates_train_on_what_the_model_generates(project, tiny_mode
     assert trained(project / "models/base", CONVERSATION) == expected
 
 
-@pytest.mark.parametrize("template, why", [
-    (SYSTEM_IN_LAST_USER, "not prefix-preserving"),
-    (NO_STOP_TOKEN, "not followed by any stop token"),
-])
-def test_templates_that_cannot_be_proven_stop_with_what_to_set(project, tiny_model_dir, tmp_path,
-                                                               template, why):
+@pytest.mark.parametrize(
+    "template, why",
+    [
+        (SYSTEM_IN_LAST_USER, "not prefix-preserving"),
+        (NO_STOP_TOKEN, "not followed by any stop token"),
+    ],
+)
+def test_templates_that_cannot_be_proven_stop_with_what_to_set(
+    project, tiny_model_dir, tmp_path, template, why
+):
     use_model(project, wearing(tiny_model_dir, tmp_path / "m", template))
-    with pytest.raises(StageError, match=rf"model family 'llama'.*{why}.*"
-                                         r"set model.training_chat_template") as err:
+    with pytest.raises(
+        StageError,
+        match=rf"model family 'llama'.*{why}.*"
+        r"set model.training_chat_template",
+    ) as err:
         base_model.main()
     assert "\n" not in str(err.value)
     assert not (project / "models/base").exists()
@@ -146,25 +159,31 @@ def test_shipped_markers_that_mark_the_header_are_rejected(project, tiny_model_d
     assert chosen["source"] == "derived"
     assert "<|im_start|>assistant" in chosen["rejected"]["shipped"]
     assert trained(project / "models/base", CONVERSATION) == [
-        '{"urgency": "high"}<|im_end|>', "Not yet.<|im_end|>"]
+        '{"urgency": "high"}<|im_end|>',
+        "Not yet.<|im_end|>",
+    ]
 
 
 def test_configured_training_template_is_used_and_checked(project, tmp_path):
     outside = tmp_path / "train.jinja"  # not a dependency of base_model: refused
     outside.write_text(CHATML_TRAINING)
     set_params(project, **{"model.training_chat_template": str(outside)})
-    with pytest.raises(StageError, match=r"model.training_chat_template=.*not a dependency of "
-                                         r"the base_model stage.*conf/chat_templates"):
+    with pytest.raises(
+        StageError,
+        match=r"model.training_chat_template=.*not a dependency of "
+        r"the base_model stage.*conf/chat_templates",
+    ):
         base_model.main()
     path = project / "conf/chat_templates/train.jinja"
     path.write_text(CHATML_TRAINING)
     set_params(project, **{"model.training_chat_template": "conf/chat_templates/train.jinja"})
     base_model.main()
-    assert report(project)["training_template"]["source"].startswith(
-        "model.training_chat_template")
+    assert report(project)["training_template"]["source"].startswith("model.training_chat_template")
     # one that marks the role header as well is refused, not trusted
-    wrong = CHATML_TRAINING.replace("{{ '<|im_start|>assistant\n' }}{% generation %}",
-                                    "{% generation %}{{ '<|im_start|>assistant\n' }}")
+    wrong = CHATML_TRAINING.replace(
+        "{{ '<|im_start|>assistant\n' }}{% generation %}",
+        "{% generation %}{{ '<|im_start|>assistant\n' }}",
+    )
     assert wrong != CHATML_TRAINING
     path.write_text(wrong)
     with pytest.raises(StageError, match=r"model.training_chat_template.*trains"):
@@ -182,7 +201,8 @@ def test_derived_template_refuses_a_record_it_cannot_prove(tiny_model_dir):
 
 
 def test_bf16_hub_snapshot_from_the_cache_is_copied_as_is_with_its_commit(
-        project, tiny_model_dir, tmp_path, monkeypatch):
+    project, tiny_model_dir, tmp_path, monkeypatch
+):
     import huggingface_hub
     import torch
     from transformers import AutoModelForCausalLM
@@ -203,12 +223,16 @@ def test_bf16_hub_snapshot_from_the_cache_is_copied_as_is_with_its_commit(
     assert r["resolved_commit"] == commit and r["dtype"] == "bfloat16"
     assert len(r["source_md5"]) == 32
     # the weights are the snapshot's bytes, not a re-save
-    assert (project / "models/base/model.safetensors").read_bytes() == \
-        (snapshot / "model.safetensors").read_bytes()
+    assert (project / "models/base/model.safetensors").read_bytes() == (
+        snapshot / "model.safetensors"
+    ).read_bytes()
 
     set_params(project, **{"model.revision": "v2"})
-    with pytest.raises(StageError, match=r"acme/tiny-chat@v2: not in the local Hugging Face "
-                                         r"cache; set model.allow_download: true"):
+    with pytest.raises(
+        StageError,
+        match=r"acme/tiny-chat@v2: not in the local Hugging Face "
+        r"cache; set model.allow_download: true",
+    ):
         base_model.main()
 
 

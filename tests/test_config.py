@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from stages.common import schema
 from stages.common.compose import compose
 from stages.common.schema import check
@@ -33,8 +33,16 @@ def test_committed_params_equal_composed_conf(tmp_path, monkeypatch):
 def test_interface_keys_exist(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     params = composed(tmp_path)
-    for dotted in ["model.name_or_path", "data.path", "data.kind", "train.learning_rate",
-                   "train.max_steps", "train.gradient_accumulation_steps", "seed", "method.name"]:
+    for dotted in [
+        "model.name_or_path",
+        "data.path",
+        "data.kind",
+        "train.learning_rate",
+        "train.max_steps",
+        "train.gradient_accumulation_steps",
+        "seed",
+        "method.name",
+    ]:
         node = params
         for key in dotted.split("."):
             assert key in node, f"{dotted} missing from params"
@@ -49,8 +57,10 @@ def test_group_switch_and_value_override(tmp_path, monkeypatch):
     assert params["train"]["max_steps"] == 7
     # the full method lowers the LoRA-sized learning rate; a command-line value still wins
     assert params["train"]["learning_rate"] < 1e-4
-    assert composed(tmp_path, ["method=full", "train.learning_rate=3e-4"])["train"][
-        "learning_rate"] == 3e-4
+    assert (
+        composed(tmp_path, ["method=full", "train.learning_rate=3e-4"])["train"]["learning_rate"]
+        == 3e-4
+    )
 
 
 def test_dvc_hydra_composition_is_enabled():
@@ -120,21 +130,29 @@ def test_gpu_presets_leave_the_demo_sizes(tmp_path, monkeypatch):
     assert eight_b["model"]["name_or_path"] == "meta-llama/Llama-3.1-8B-Instruct"
     assert eight_b["method"]["name"] == "qlora" and eight_b["train"]["gradient_checkpointing"]
     # a value on the command line still wins over the preset
-    assert composed(tmp_path, ["+experiment=gpu_1b", "train.learning_rate=1e-5"])["train"][
-        "learning_rate"] == 1e-5
+    assert (
+        composed(tmp_path, ["+experiment=gpu_1b", "train.learning_rate=1e-5"])["train"][
+            "learning_rate"
+        ]
+        == 1e-5
+    )
 
 
 # --- the typed schema (stages/common/schema.py) ---------------------------------------------
 
-GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml"))
-          for group in (ROOT / "conf").iterdir()
-          if group.is_dir() and group.name not in ("accelerate", "experiment")}
+GROUPS = {
+    group.name: sorted(p.stem for p in group.glob("*.yaml"))
+    for group in (ROOT / "conf").iterdir()
+    if group.is_dir() and group.name not in ("accelerate", "experiment")
+}
 
 
-@pytest.mark.parametrize("override", [f"{g}={o}" for g, opts in GROUPS.items() for o in opts]
-                         + [f"+experiment={p}" for p in PRESETS]
-                         + [f"method={m} objective={o}" for m in GROUPS["method"]
-                            for o in GROUPS["objective"]])
+@pytest.mark.parametrize(
+    "override",
+    [f"{g}={o}" for g, opts in GROUPS.items() for o in opts]
+    + [f"+experiment={p}" for p in PRESETS]
+    + [f"method={m} objective={o}" for m in GROUPS["method"] for o in GROUPS["objective"]],
+)
 def test_every_config_the_groups_compose_passes_the_schema(tmp_path, monkeypatch, override):
     monkeypatch.chdir(ROOT)
     params = composed(tmp_path, override.split())
@@ -213,8 +231,9 @@ def test_schema_refuses_a_wrong_value_in_one_line_naming_key_and_value(dotted, v
 
 def test_a_yaml_string_number_reads_as_the_number():
     # PyYAML (YAML 1.1) reads `1e-4` as a string; the schema turns it into the number it means
-    params = _with(yaml.safe_load((ROOT / "params.yaml").read_text()), "train.learning_rate",
-                   "1e-4")
+    params = _with(
+        yaml.safe_load((ROOT / "params.yaml").read_text()), "train.learning_rate", "1e-4"
+    )
     assert check(params)["train"]["learning_rate"] == 1e-4
 
 
@@ -235,21 +254,34 @@ def test_a_stage_refuses_bad_params_before_any_work(tmp_path, monkeypatch):
     params = _with(yaml.safe_load((ROOT / "params.yaml").read_text()), "train.precision", "bf61")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "stages.train"], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-m", "stages.train"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
     assert out.returncode == 2
-    assert out.stderr.strip() == ("error: params.yaml: train.precision='bf61': Input should be "
-                                  "'auto', 'fp32', 'bf16' or 'fp16'")
+    assert out.stderr.strip() == (
+        "error: params.yaml: train.precision='bf61': Input should be "
+        "'auto', 'fp32', 'bf16' or 'fp16'"
+    )
     assert not (tmp_path / "models").exists() and not (tmp_path / "wandb").exists()
 
 
 def test_a_stage_under_another_interpreter_says_so_in_one_line(tmp_path):
     """`.venv/bin/dvc exp run` without the venv activated runs `python -m stages.X` with
     whatever python is first on PATH; an empty virtualenv stands in for it."""
-    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(tmp_path / "env")],
-                   check=True)
-    out = subprocess.run([str(tmp_path / "env/bin/python"), "-m", "stages.train"], cwd=ROOT,
-                         capture_output=True, text=True)
+    subprocess.run(
+        [sys._base_executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True
+    )
+    out = subprocess.run(
+        [str(tmp_path / "env/bin/python"), "-m", "stages.train"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "lacks torch" in out.stderr, out.stderr
     assert "source .venv/bin/activate" in out.stderr
@@ -276,8 +308,11 @@ def test_files_params_name_are_dependencies_of_their_stage(key, monkeypatch):
     stage, example = PARAM_FILES[key]
     assert (ROOT / example).exists()
     assert require_dependency(stage, key, example) == Path(example)
-    with pytest.raises(StageError, match=rf"{re.escape(key)}=/tmp/elsewhere.jsonl: not a "
-                                         rf"dependency of the {stage} stage"):
+    with pytest.raises(
+        StageError,
+        match=rf"{re.escape(key)}=/tmp/elsewhere.jsonl: not a "
+        rf"dependency of the {stage} stage",
+    ):
         require_dependency(stage, key, "/tmp/elsewhere.jsonl")
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import set_params
+
 from stages import dedup
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.records import record_id
@@ -16,18 +16,23 @@ B = '{"urgency": "low", "category": "billing"}'
 
 
 def rec(line: int, user: str, answer: str) -> dict:
-    messages = [{"role": "system", "content": "Triage."}, {"role": "user", "content": user},
-                {"role": "assistant", "content": answer}]
+    messages = [
+        {"role": "system", "content": "Triage."},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": answer},
+    ]
     return {"id": record_id(messages), "source": "raw.jsonl", "line": line, "messages": messages}
 
 
 TICKET = "My card was charged twice for the Pro plan this month and I need a refund today please"
 ROWS = [
     rec(1, TICKET, A),
-    rec(2, TICKET.upper() + "  ", A),                               # exact after normalisation
-    rec(3, TICKET + " thanks in advance", A),                       # near duplicate, same answer
+    rec(2, TICKET.upper() + "  ", A),  # exact after normalisation
+    rec(3, TICKET + " thanks in advance", A),  # near duplicate, same answer
     rec(4, "The iOS app crashes whenever I open the reports screen after the update", A),
-    rec(5, "The iOS app crashes whenever I open the reports screen after the update!", B),  # conflict
+    rec(
+        5, "The iOS app crashes whenever I open the reports screen after the update!", B
+    ),  # conflict
     rec(6, "Please add a dark mode to the web app, no rush at all", B),
 ]
 
@@ -45,8 +50,12 @@ def run(project, policy="drop_all"):
 def test_duplicates_and_conflicts_drop_all(project):
     kept, removed, report = run(project)
     assert kept == [1, 6]
-    assert removed == {2: "exact_duplicate", 3: "near_duplicate",
-                       4: "conflicting_answers", 5: "conflicting_answers"}
+    assert removed == {
+        2: "exact_duplicate",
+        3: "near_duplicate",
+        4: "conflicting_answers",
+        5: "conflicting_answers",
+    }
     assert report["rows_in"] == report["rows_out"] + report["rows_removed"] == 6
 
 
@@ -68,11 +77,17 @@ def test_system_prompt_does_not_make_tickets_alike(project):
     """A long shared system prompt would push every pair over the threshold; it is ignored."""
     system = {"role": "system", "content": " ".join(f"rule{i}" for i in range(60))}
     rows = []
-    for i, user in enumerate(["the app crashes on start", "my parcel never arrived here",
-                              "please refund the double charge"]):
+    for i, user in enumerate(
+        [
+            "the app crashes on start",
+            "my parcel never arrived here",
+            "please refund the double charge",
+        ]
+    ):
         messages = [system, {"role": "user", "content": user}, {"role": "assistant", "content": A}]
-        rows.append({"id": record_id(messages), "source": "raw.jsonl", "line": i + 1,
-                     "messages": messages})
+        rows.append(
+            {"id": record_id(messages), "source": "raw.jsonl", "line": i + 1, "messages": messages}
+        )
     write_jsonl(project / "data/interim/valid.jsonl", rows)
     dedup.main()
     assert len(read_jsonl(project / "data/interim/dedup.jsonl")) == 3
@@ -80,23 +95,39 @@ def test_system_prompt_does_not_make_tickets_alike(project):
 
 def test_preference_and_text_kinds(project):
     def pref(line, prompt, chosen, rejected):
-        fields = {"prompt": [{"role": "user", "content": prompt}],
-                  "chosen": [{"role": "assistant", "content": chosen}],
-                  "rejected": [{"role": "assistant", "content": rejected}]}
-        return {"id": record_id(fields), "source": "p.jsonl", "line": line, "kind": "preference",
-                **fields}
+        fields = {
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+        return {
+            "id": record_id(fields),
+            "source": "p.jsonl",
+            "line": line,
+            "kind": "preference",
+            **fields,
+        }
 
-    write_jsonl(project / "data/interim/valid.jsonl", [
-        pref(1, TICKET, A, "no idea"), pref(2, TICKET + " thanks in advance", A, "no idea"),
-        pref(3, "The iOS app crashes on the reports screen", A, B),
-        pref(4, "The iOS app crashes on the reports screen", B, A)])  # preference flipped
+    write_jsonl(
+        project / "data/interim/valid.jsonl",
+        [
+            pref(1, TICKET, A, "no idea"),
+            pref(2, TICKET + " thanks in advance", A, "no idea"),
+            pref(3, "The iOS app crashes on the reports screen", A, B),
+            pref(4, "The iOS app crashes on the reports screen", B, A),
+        ],
+    )  # preference flipped
     _, removed, _ = run_rows(project)
     assert removed == {2: "near_duplicate", 3: "conflicting_answers", 4: "conflicting_answers"}
 
     text = "Refunds are issued within five business days of the request being approved by billing."
-    write_jsonl(project / "data/interim/valid.jsonl", [
-        {"id": record_id(t), "source": "t.jsonl", "line": i + 1, "kind": "text", "text": t}
-        for i, t in enumerate([text, text + " See the policy.", "Shipping takes two weeks."])])
+    write_jsonl(
+        project / "data/interim/valid.jsonl",
+        [
+            {"id": record_id(t), "source": "t.jsonl", "line": i + 1, "kind": "text", "text": t}
+            for i, t in enumerate([text, text + " See the policy.", "Shipping takes two weeks."])
+        ],
+    )
     kept, removed, _ = run_rows(project)
     assert kept == [1, 3] and removed == {2: "near_duplicate"}
 

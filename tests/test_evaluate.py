@@ -9,13 +9,13 @@ from pathlib import Path
 import evaluate
 import pytest
 import yaml
-
 from conftest import ROOT
-from stages import base_model, evaluate as evaluate_stage
+from test_train import prepared  # noqa: F401  (fixture)
+
+from stages import evaluate as evaluate_stage
 from stages.common.config import StageError
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.records import set_hash
-from test_train import prepared  # noqa: F401  (fixture)
 
 METRICS = Path(evaluate_stage.__file__).parent / "metrics"
 REGEX = r'\{"urgency": "(?P<urgency>[a-z_]+)", "category": "(?P<category>[a-z_]+)"\}'
@@ -27,18 +27,31 @@ def load(name):
 
 
 def test_metric_modules():
-    refs = ['{"urgency": "low", "category": "billing"}', '{"urgency": "high", "category": "account"}',
-            '{"urgency": "high", "category": "billing"}', '{"urgency": "low", "category": "account"}']
-    preds = [refs[0], '{"urgency": "low", "category": "account"}', "High urgency, billing.",
-             '{"urgency": "low", "category": "sales"}']
+    refs = [
+        '{"urgency": "low", "category": "billing"}',
+        '{"urgency": "high", "category": "account"}',
+        '{"urgency": "high", "category": "billing"}',
+        '{"urgency": "low", "category": "account"}',
+    ]
+    preds = [
+        refs[0],
+        '{"urgency": "low", "category": "account"}',
+        "High urgency, billing.",
+        '{"urgency": "low", "category": "sales"}',
+    ]
     # corpus values, and per-example scores for the metrics that are means over examples
     assert load("exact_match").compute(predictions=preds, references=refs) == {
-        "exact_match": 0.25, "per_example": {"exact_match": [1.0, 0.0, 0.0, 0.0]}}
+        "exact_match": 0.25,
+        "per_example": {"exact_match": [1.0, 0.0, 0.0, 0.0]},
+    }
     fmt = load("format_adherence").compute(predictions=preds, answer_regex=REGEX, labels=LABELS)
-    assert fmt == {"format_adherence": 0.5,  # prose fails the regex, "sales" is not a label
-                   "per_example": {"format_adherence": [1.0, 1.0, 0.0, 0.0]}}
-    fields = load("field_scores").compute(predictions=preds, references=refs, answer_regex=REGEX,
-                                          labels=LABELS)
+    assert fmt == {
+        "format_adherence": 0.5,  # prose fails the regex, "sales" is not a label
+        "per_example": {"format_adherence": [1.0, 1.0, 0.0, 0.0]},
+    }
+    fields = load("field_scores").compute(
+        predictions=preds, references=refs, answer_regex=REGEX, labels=LABELS
+    )
     assert fields["urgency_accuracy"] == 0.5 and fields["category_accuracy"] == 0.5
     assert fields["per_example"]["urgency_accuracy"] == [1.0, 0.0, 0.0, 1.0]
     assert "urgency_macro_f1" not in fields["per_example"]  # corpus-level
@@ -55,27 +68,41 @@ def test_stage_scores_base_and_tuned_on_same_prompts(prepared):  # noqa: F811
     export.main()
     evaluate_stage.main()
     metrics = json.loads((prepared / "reports/metrics.json").read_text())
-    assert set(metrics["base"]) == set(metrics["tuned"]) >= {
-        "format_adherence", "exact_match", "urgency_accuracy", "category_macro_f1",
-        "test_loss", "perplexity"}
+    assert (
+        set(metrics["base"])
+        == set(metrics["tuned"])
+        >= {
+            "format_adherence",
+            "exact_match",
+            "urgency_accuracy",
+            "category_macro_f1",
+            "test_loss",
+            "perplexity",
+        }
+    )
     for name in ("base", "tuned"):
         rates = {k: v for k, v in metrics[name].items() if k not in ("test_loss", "perplexity")}
         assert all(0 <= v <= 1 for v in rates.values())
         assert metrics[name]["perplexity"] == pytest.approx(
-            math.exp(metrics[name]["test_loss"]), rel=1e-3)
+            math.exp(metrics[name]["test_loss"]), rel=1e-3
+        )
     # training lowered the loss of the answers it was trained on (validation rows, reused)
     assert metrics["tuned"]["test_loss"] < metrics["base"]["test_loss"]
     forgetting = metrics["forgetting"]
     assert forgetting["examples"] == 40
     assert forgetting["loss_delta"] == pytest.approx(
-        forgetting["tuned_loss"] - forgetting["base_loss"], abs=1e-3)
+        forgetting["tuned_loss"] - forgetting["base_loss"], abs=1e-3
+    )
     # one confusion matrix per model and label field, one row per test example
     for name in ("base", "tuned"):
         for field in ("urgency", "category"):
-            lines = (prepared / f"reports/plots/confusion/{name}_{field}.csv").read_text().splitlines()
+            lines = (
+                (prepared / f"reports/plots/confusion/{name}_{field}.csv").read_text().splitlines()
+            )
             assert lines[0] == "actual,predicted" and len(lines) == 1 + 8
     assert metrics["delta"]["exact_match"] == pytest.approx(
-        metrics["tuned"]["exact_match"] - metrics["base"]["exact_match"], abs=1e-4)
+        metrics["tuned"]["exact_match"] - metrics["base"]["exact_match"], abs=1e-4
+    )
     predictions = read_jsonl(prepared / "reports/predictions.jsonl")
     assert len(predictions) == metrics["n_examples"] == 8
     assert {"input", "reference", "base", "tuned", "scores"} <= set(predictions[0])
@@ -84,11 +111,15 @@ def test_stage_scores_base_and_tuned_on_same_prompts(prepared):  # noqa: F811
         scores = [p["scores"][name] for p in predictions]
         for metric in ("exact_match", "format_adherence", "urgency_accuracy"):
             assert sum(s[metric] for s in scores) / len(scores) == pytest.approx(
-                metrics[name][metric], abs=1e-4)
+                metrics[name][metric], abs=1e-4
+            )
         assert sum(s["loss_sum"] for s in scores) / sum(s["loss_tokens"] for s in scores) == (
-            pytest.approx(metrics[name]["test_loss"], abs=1e-3))
-    assert metrics["test_set"] == {"examples": 8, "sha256": set_hash(
-        read_jsonl(prepared / "data/processed/test.jsonl"))}
+            pytest.approx(metrics[name]["test_loss"], abs=1e-3)
+        )
+    assert metrics["test_set"] == {
+        "examples": 8,
+        "sha256": set_hash(read_jsonl(prepared / "data/processed/test.jsonl")),
+    }
 
 
 def test_batched_generation_matches_one_at_a_time(prepared):  # noqa: F811
@@ -97,10 +128,15 @@ def test_batched_generation_matches_one_at_a_time(prepared):  # noqa: F811
     tokenizer = AutoTokenizer.from_pretrained(prepared / "models/base")
     model = AutoModelForCausalLM.from_pretrained(prepared / "models/base")
     rows = read_jsonl(prepared / "data/processed/validation.jsonl")
-    prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False,
-                                             add_generation_prompt=True) for r in rows]
-    batched, cut = evaluate_stage.generate(model, tokenizer, prompts, batch_size=4,
-                                           max_new_tokens=8)
+    prompts = [
+        tokenizer.apply_chat_template(
+            r["messages"][:-1], tokenize=False, add_generation_prompt=True
+        )
+        for r in rows
+    ]
+    batched, cut = evaluate_stage.generate(
+        model, tokenizer, prompts, batch_size=4, max_new_tokens=8
+    )
     single = [evaluate_stage.generate(model, tokenizer, [p], 1, 8)[0][0] for p in prompts]
     assert batched == single
     assert cut == len(prompts)  # a random model never reaches its stop token in 8 tokens
@@ -116,21 +152,28 @@ def test_free_text_metrics():
 
 
 def test_format_adherence_by_json_schema():
-    schema = {"type": "object", "required": ["label"],
-              "properties": {"label": {"enum": ["spam", "ham"]}}}
+    schema = {
+        "type": "object",
+        "required": ["label"],
+        "properties": {"label": {"enum": ["spam", "ham"]}},
+    }
     preds = ['{"label": "spam"}', '{"label": "eggs"}', "spam"]
     assert load("format_adherence").compute(predictions=preds, answer_schema=schema) == {
         "format_adherence": pytest.approx(1 / 3),
-        "per_example": {"format_adherence": [1.0, 0.0, 0.0]}}
+        "per_example": {"format_adherence": [1.0, 0.0, 0.0]},
+    }
 
 
 def test_forgetting_gate_fails_the_stage(prepared):  # noqa: F811
     from conftest import set_params
+
     from stages import export, train
 
     train.main()
-    write_jsonl(prepared / "data/processed/test.jsonl",
-                read_jsonl(prepared / "data/processed/validation.jsonl")[:2])
+    write_jsonl(
+        prepared / "data/processed/test.jsonl",
+        read_jsonl(prepared / "data/processed/validation.jsonl")[:2],
+    )
     export.main()
     set_params(prepared, **{"eval.max_forgetting": -100.0})  # no model can pass this
     with pytest.raises(StageError, match=r"forgetting gate: loss on the general set rose by"):
@@ -144,8 +187,9 @@ def test_the_task_config_chooses_the_metrics():
     conf = yaml.safe_load((ROOT / "conf/task/generic.yaml").read_text())
     generic = Task.from_params({"task": conf})
     assert generic.metrics == ["exact_match", "rouge_l", "bleu"]
-    scores, per_example = evaluate_stage.score(["a refund was issued today"],
-                                               ["a refund was issued today"], generic)
+    scores, per_example = evaluate_stage.score(
+        ["a refund was issued today"], ["a refund was issued today"], generic
+    )
     assert scores == {"exact_match": 1.0, "rouge_l": 1.0, "bleu": pytest.approx(1.0, abs=1e-4)}
     assert per_example == {"exact_match": [1.0], "rouge_l": [1.0]}  # BLEU is corpus-level
     chosen = Task.from_params({"task": conf | {"metrics": ["rouge_l"]}})
@@ -154,13 +198,17 @@ def test_the_task_config_chooses_the_metrics():
 
 def test_tool_call_metric_reads_calls_in_the_common_formats():
     reference = '[{"arguments": {"order_id": "42"}, "name": "get_order"}]'  # as validate writes it
-    preds = ['<tool_call>\n{"name": "get_order", "arguments": {"order_id": "42"}}\n</tool_call>',
-             '{"name": "get_order", "parameters": {"order_id": "42"}}',      # Llama 3.x
-             '<tool_call>{"name": "get_order", "arguments": {"order_id": "7"}}</tool_call>',
-             "Your order has shipped."]
+    preds = [
+        '<tool_call>\n{"name": "get_order", "arguments": {"order_id": "42"}}\n</tool_call>',
+        '{"name": "get_order", "parameters": {"order_id": "42"}}',  # Llama 3.x
+        '<tool_call>{"name": "get_order", "arguments": {"order_id": "7"}}</tool_call>',
+        "Your order has shipped.",
+    ]
     scores = load("tool_calls").compute(predictions=preds, references=[reference] * 4)
-    assert scores["per_example"] == {"tool_name_match": [1.0, 1.0, 1.0, 0.0],
-                                     "tool_call_match": [1.0, 1.0, 0.0, 0.0]}
+    assert scores["per_example"] == {
+        "tool_name_match": [1.0, 1.0, 1.0, 0.0],
+        "tool_call_match": [1.0, 1.0, 0.0, 0.0],
+    }
     # an answer in words matches a reference that calls nothing
     words = load("tool_calls").compute(predictions=["Shipped."], references=["It shipped."])
     assert words["tool_call_match"] == 1.0
@@ -176,8 +224,12 @@ def test_test_loss_is_the_same_in_memory_bounded_chunks(prepared, monkeypatch): 
     model = AutoModelForCausalLM.from_pretrained(prepared / "models/base")
     records = read_jsonl(prepared / "data/processed/validation.jsonl")
     examples = evaluate_stage.loss_examples(records, tokenizer)
-    examples.append({"input_ids": examples[0]["input_ids"] * 3,  # a long text, every token
-                     "labels": examples[0]["input_ids"] * 3})
+    examples.append(
+        {
+            "input_ids": examples[0]["input_ids"] * 3,  # a long text, every token
+            "labels": examples[0]["input_ids"] * 3,
+        }
+    )
     full = evaluate_stage.test_loss(model, examples, 64, tokenizer.pad_token_id)
 
     expected = []
@@ -185,8 +237,9 @@ def test_test_loss_is_the_same_in_memory_bounded_chunks(prepared, monkeypatch): 
         with torch.inference_mode():
             logits = model(input_ids=torch.tensor([e["input_ids"]])).logits[0].float()
         labels = torch.tensor(e["labels"])
-        nll = torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=-100,
-                                                reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits[:-1], labels[1:], ignore_index=-100, reduction="sum"
+        )
         expected.append(nll.item())
     assert full["sums"] == pytest.approx(expected, rel=1e-4)
 
@@ -195,8 +248,10 @@ def test_test_loss_is_the_same_in_memory_bounded_chunks(prepared, monkeypatch): 
     monkeypatch.setattr(evaluate_stage, "TOKEN_BUDGET", 16)
     chunked = evaluate_stage.test_loss(model, examples, 64, tokenizer.pad_token_id)
     assert chunked["sums"] == pytest.approx(full["sums"], rel=1e-4)
-    assert chunked["counts"] == full["counts"] and chunked["counts"][-1] == len(
-        examples[0]["input_ids"]) * 3 - 1
+    assert (
+        chunked["counts"] == full["counts"]
+        and chunked["counts"][-1] == len(examples[0]["input_ids"]) * 3 - 1
+    )
 
 
 def test_loss_batches_respect_every_bound():
@@ -205,9 +260,10 @@ def test_loss_batches_respect_every_bound():
     assert sorted(i for b in batches for i in b) == list(range(6))  # every example, once
     for batch in batches:
         assert len(batch) <= 3
-        assert len(batch) == 1 or (sum(scored[i] for i in batch) <= 20
-                                   and len(batch) * max(lengths[i] for i in batch)
-                                   <= evaluate_stage.TOKEN_BUDGET)
+        assert len(batch) == 1 or (
+            sum(scored[i] for i in batch) <= 20
+            and len(batch) * max(lengths[i] for i in batch) <= evaluate_stage.TOKEN_BUDGET
+        )
     assert [3] in batches and [1] in batches  # too long to share a pass
 
 
@@ -218,33 +274,46 @@ def test_memory_plan_counts_weights_cache_and_working_set(prepared, monkeypatch)
 
     config = AutoConfig.from_pretrained(prepared / "models/base")
     text = config.get_text_config()
-    kv_per_token = (2 * text.num_hidden_layers * text.num_key_value_heads
-                    * (getattr(text, "head_dim", None) or text.hidden_size
-                       // text.num_attention_heads) * 4)
-    plan = evaluate_stage.planned_memory(config, 1000, 4, batch_size=8, prompt_tokens=100,
-                                         max_new_tokens=28, loss_tokens=50)
+    kv_per_token = (
+        2
+        * text.num_hidden_layers
+        * text.num_key_value_heads
+        * (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+        * 4
+    )
+    plan = evaluate_stage.planned_memory(
+        config, 1000, 4, batch_size=8, prompt_tokens=100, max_new_tokens=28, loss_tokens=50
+    )
     assert plan["weights"] == 4000 and plan["kv cache"] == 8 * 128 * kv_per_token
     # the loss's logits are bounded whatever the text; a text past TOKEN_BUDGET adds activations
     assert plan["working set"] >= 3 * 4 * evaluate_stage.LOGITS_BUDGET
-    longer = evaluate_stage.planned_memory(config, 1000, 4, 8, 100, 28,
-                                           loss_tokens=4 * evaluate_stage.TOKEN_BUDGET)
+    longer = evaluate_stage.planned_memory(
+        config, 1000, 4, 8, 100, 28, loss_tokens=4 * evaluate_stage.TOKEN_BUDGET
+    )
     assert longer["working set"] > plan["working set"]
     assert evaluate_stage.planned_memory(config, 1000, 4, 16, 100, 28, 50)["kv cache"] == (
-        2 * plan["kv cache"])
+        2 * plan["kv cache"]
+    )
 
     # a plan that cannot fit stops the stage before any model loads, in one line
     from stages import export, train
 
     train.main()
-    write_jsonl(prepared / "data/processed/test.jsonl",
-                read_jsonl(prepared / "data/processed/validation.jsonl")[:2])
+    write_jsonl(
+        prepared / "data/processed/test.jsonl",
+        read_jsonl(prepared / "data/processed/validation.jsonl")[:2],
+    )
     export.main()
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 2**20)
     loaded = []
-    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained",
-                        lambda *a, **k: loaded.append(a))
-    with pytest.raises(StageError, match=r"^evaluate needs ~[\d.]+ GiB on cpu \(weights [\d.]+, "
-                                         r"kv cache [\d.]+, working set [\d.]+\) but 0.0 GiB is "
-                                         r"available; lower eval.batch_size"):
+    monkeypatch.setattr(
+        "transformers.AutoModelForCausalLM.from_pretrained", lambda *a, **k: loaded.append(a)
+    )
+    with pytest.raises(
+        StageError,
+        match=r"^evaluate needs ~[\d.]+ GiB on cpu \(weights [\d.]+, "
+        r"kv cache [\d.]+, working set [\d.]+\) but 0.0 GiB is "
+        r"available; lower eval.batch_size",
+    ):
         evaluate_stage.main()
     assert not loaded and not (prepared / "reports/metrics.json").exists()

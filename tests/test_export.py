@@ -6,20 +6,22 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import set_params, switch_method
+from test_train import prepared  # noqa: F401  (fixture)
+
 from stages import export, train
 from stages.common.config import StageError
 from stages.common.files import read_jsonl, write_jsonl
-from test_train import prepared  # noqa: F401  (fixture)
 
 
 @pytest.fixture
 def trained(prepared):  # noqa: F811
     set_params(prepared, **{"export.check_examples": 4, "export.max_new_tokens": 12})
     train.main()
-    write_jsonl(prepared / "data/processed/test.jsonl",
-                read_jsonl(prepared / "data/processed/validation.jsonl"))
+    write_jsonl(
+        prepared / "data/processed/test.jsonl",
+        read_jsonl(prepared / "data/processed/validation.jsonl"),
+    )
     return prepared
 
 
@@ -30,8 +32,12 @@ def test_merged_folder_round_trips(trained):
     assert not (merged / "adapter_config.json").exists()  # merged, not an adapter
     report = json.loads((trained / "reports/export.json").read_text())
     assert report["merged_from"] == "base + adapter"
-    assert report["round_trip"] == {**report["round_trip"], "examples": 4,
-                                    "prompt_tokens_match": True, "greedy_answers_match": True}
+    assert report["round_trip"] == {
+        **report["round_trip"],
+        "examples": 4,
+        "prompt_tokens_match": True,
+        "greedy_answers_match": True,
+    }
 
 
 def test_a_merge_that_answers_otherwise_fails(trained, monkeypatch):

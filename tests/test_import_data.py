@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -20,14 +19,26 @@ import import_data  # noqa: E402
 from stages.common.kinds import detect_kind  # noqa: E402
 from stages.common.records import read_file, resolve_paths  # noqa: E402
 
-TRAIN = [{"instruction": f"Sort ticket {i}", "input": "ça coûte 5 €" if i % 2 else "",
-          "output": f"{{\"urgency\": \"low\", \"n\": {i}}}"} for i in range(5)]
+TRAIN = [
+    {
+        "instruction": f"Sort ticket {i}",
+        "input": "ça coûte 5 €" if i % 2 else "",
+        "output": f'{{"urgency": "low", "n": {i}}}',
+    }
+    for i in range(5)
+]
 TEST = [{"instruction": "Reply", "input": "", "output": "ok"}]
 
 
 def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts/import_data.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts/import_data.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=False,
+    )
 
 
 def importing(*args: str) -> None:
@@ -43,7 +54,8 @@ def saved_dict(tmp_path: Path) -> Path:
     from datasets import Dataset, DatasetDict
 
     DatasetDict(train=Dataset.from_list(TRAIN), test=Dataset.from_list(TEST)).save_to_disk(
-        str(tmp_path / "saved"))
+        str(tmp_path / "saved")
+    )
     return tmp_path / "saved"
 
 
@@ -101,14 +113,29 @@ def test_hub_style_parquet_splits_and_values_made_json(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "hub/data").mkdir(parents=True)
-    rows = [{"text": "a", "day": dt.date(2024, 2, 29), "at": dt.datetime(2024, 1, 1, 12, 30),
-             "score": float("nan"), "tags": ["x"], "meta": {"n": 1}}]
+    rows = [
+        {
+            "text": "a",
+            "day": dt.date(2024, 2, 29),
+            "at": dt.datetime(2024, 1, 1, 12, 30),
+            "score": float("nan"),
+            "tags": ["x"],
+            "meta": {"n": 1},
+        }
+    ]
     pq.write_table(pa.Table.from_pylist(rows), "hub/data/train-00000-of-00001.parquet")
     pq.write_table(pa.Table.from_pylist([{"text": "t"}]), "hub/data/test-00000-of-00001.parquet")
     importing("hub", "--out", "a.jsonl")
-    assert jsonl(Path("a.jsonl")) == [{"text": "a", "day": "2024-02-29",
-                                       "at": "2024-01-01T12:30:00", "score": None,
-                                       "tags": ["x"], "meta": {"n": 1}}]
+    assert jsonl(Path("a.jsonl")) == [
+        {
+            "text": "a",
+            "day": "2024-02-29",
+            "at": "2024-01-01T12:30:00",
+            "score": None,
+            "tags": ["x"],
+            "meta": {"n": 1},
+        }
+    ]
     importing("hub", "--split", "test", "--out", "b.jsonl")
     assert jsonl(Path("b.jsonl")) == [{"text": "t"}]
 
@@ -121,8 +148,9 @@ def test_the_datasets_builder_path_streams_a_limit_or_prepares_all(tmp_path):
     (tmp_path / "pq").mkdir()
     pq.write_table(pa.Table.from_pylist(TRAIN), tmp_path / "pq/train.parquet")
     for limit in (2, None):
-        split, revision, batches = import_data.open_hub(str(tmp_path / "pq"), None, None, None,
-                                                        limit)
+        split, revision, batches = import_data.open_hub(
+            str(tmp_path / "pq"), None, None, None, limit
+        )
         got = [row for batch in batches for row in batch.to_pylist()]
         assert split == "train" and revision and got == TRAIN
 
@@ -131,7 +159,8 @@ def test_missing_split_names_the_available_ones(saved_dict, tmp_path):
     done = cli("saved", "--split", "validation", "--out", "raw/x.jsonl", cwd=tmp_path)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
-        "error: saved: no split 'validation'; available: train, test"]
+        "error: saved: no split 'validation'; available: train, test"
+    ]
     assert not (tmp_path / "raw/x.jsonl").exists()
 
 
@@ -144,14 +173,23 @@ def test_a_column_that_cannot_be_json_is_one_line_and_writes_nothing(tmp_path):
     done = cli("b.parquet", "--out", "raw/x.jsonl", cwd=tmp_path)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
-        "error: column 'blob' holds binary data (bytes), which cannot be written as JSON; "
-        "drop or convert that column first"]
+        (
+            "error: column 'blob' holds binary data (bytes), which cannot be written as JSON; "
+            "drop or convert that column first"
+        )
+    ]
     assert not list((tmp_path / "raw").iterdir())  # neither the file nor its .tmp
 
 
 def test_hub_unreachable_is_one_line_naming_the_id(tmp_path):
-    done = cli("no-such-org/no-such-set", "--out", "raw/x.jsonl", cwd=tmp_path,
-               HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    done = cli(
+        "no-such-org/no-such-set",
+        "--out",
+        "raw/x.jsonl",
+        cwd=tmp_path,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf"),
+    )
     assert done.returncode != 0 and "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "'no-such-org/no-such-set'" in lines[0]

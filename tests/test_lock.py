@@ -28,7 +28,9 @@ def read_lock(name: str) -> dict[str, tuple[str, list[str]]]:
             pin, *options = line.split()
             package, version = pin.split("==")
             entries[canonicalize_name(package)] = (
-                version, [o for o in options if o.startswith("--hash=sha256:")])
+                version,
+                [o for o in options if o.startswith("--hash=sha256:")],
+            )
     return entries
 
 
@@ -54,19 +56,26 @@ def test_torch_builds():
 
 def test_pyproject_pins_agree_with_the_locks():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    direct = [Requirement(r) for r in
-              project["dependencies"] + project["optional-dependencies"]["dev"]]
+    direct = [
+        Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]
+    ]
     for lock in LOCKS:
         versions = {package: version for package, (version, _) in read_lock(lock).items()}
         locked = {r.name: versions.get(canonicalize_name(r.name)) for r in direct}
         # `torch==2.13.0` admits the CPU lock's 2.13.0+cpu (a PEP 440 local version)
-        wrong = {r.name: locked[r.name] for r in direct if locked[r.name] is None
-                 or not r.specifier.contains(locked[r.name], prereleases=True)}
+        wrong = {
+            r.name: locked[r.name]
+            for r in direct
+            if locked[r.name] is None or not r.specifier.contains(locked[r.name], prereleases=True)
+        }
         assert wrong == {}, f"{lock} disagrees with pyproject.toml: run `make lock`"
 
 
-@pytest.mark.skipif(not installed_lock(), reason="this environment was not installed from a lock "
-                    f"({sys.prefix}/.installed names none): `make install` writes it")
+@pytest.mark.skipif(
+    not installed_lock(),
+    reason="this environment was not installed from a lock "
+    f"({sys.prefix}/.installed names none): `make install` writes it",
+)
 def test_environment_matches_the_lock():
     lock = installed_lock()
     wrong = {}

@@ -4,8 +4,8 @@
 
 from __future__ import annotations
 
-import json
 import hashlib
+import json
 import os
 import re
 import signal
@@ -16,18 +16,25 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, copy_template, declare_dependency
 from test_tracking import read_offline_run
 
 pytestmark = pytest.mark.slow
-GIT_ID = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "t@example.com",
-          "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "t@example.com"}
+GIT_ID = {
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
+}
 
 
 def sh(cwd: Path, *cmd: str, env: dict) -> str:
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    out = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert out.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    )
     return out.stdout + out.stderr
 
 
@@ -36,21 +43,25 @@ def make_repo(tmp_path: Path, tiny_model_dir: Path) -> Path:
     # a config group for the tiny model, selected in the defaults list like a user would
     (repo / "conf/model/tiny.yaml").write_text(
         f"name_or_path: {tiny_model_dir}\nrevision: null\nallow_download: false\n"
-        "training_chat_template: null\n")
+        "training_chat_template: null\n"
+    )
     declare_dependency(repo, "base_model", tiny_model_dir)  # a local model folder, as users do
     train = yaml.safe_load((repo / "conf/train/default.yaml").read_text())
     train.update(max_steps=4, eval_steps=2, logging_steps=1, per_device_train_batch_size=4)
     (repo / "conf/train/tiny.yaml").write_text(yaml.safe_dump(train))
     config = (repo / "conf/config.yaml").read_text()
     config = config.replace("model: smollm2_135m", "model: tiny").replace(
-        "train: default", "train: tiny")
+        "train: default", "train: tiny"
+    )
     (repo / "conf/config.yaml").write_text(config)
     evaluation = yaml.safe_load((repo / "conf/eval/default.yaml").read_text())
     evaluation.update(max_new_tokens=12, batch_size=8, max_examples=8)
     (repo / "conf/eval/default.yaml").write_text(yaml.safe_dump(evaluation))
     (repo / "conf/data/tickets.yaml").write_text(
-        (repo / "conf/data/tickets.yaml").read_text().replace(
-            "max_rejected_fraction: 0.2", "max_rejected_fraction: 0.5"))
+        (repo / "conf/data/tickets.yaml")
+        .read_text()
+        .replace("max_rejected_fraction: 0.2", "max_rejected_fraction: 0.5")
+    )
     return repo
 
 
@@ -58,8 +69,12 @@ def committed_repo(tmp_path: Path, tiny_model_dir: Path, wandb_mode: str) -> tup
     """make_repo's project with params composed, as the first commit of a fresh git repo; and
     the environment to run git, DVC and the stages there."""
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_DIR", "DVC_ROOT")}
-    env.update(GIT_ID, WANDB_MODE=wandb_mode, PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
-               DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site"))
+    env.update(
+        GIT_ID,
+        WANDB_MODE=wandb_mode,
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+        DVC_SITE_CACHE_DIR=str(tmp_path / "dvc-site"),
+    )
     repo = make_repo(tmp_path, tiny_model_dir)
     sh(repo, sys.executable, "-m", "stages.common.compose", env=env)
     sh(repo, "git", "init", "-q", "-b", "main", env=env)
@@ -97,15 +112,21 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
     assert "Running stage" not in again
 
     # a changed file that a param names makes the stage that reads it stale
-    for rel, stage in [("data/general/instructions.jsonl", "evaluate"),
-                       ("data/eval/tickets_test.jsonl", "split"),
-                       ("conf/accelerate/ddp.yaml", "train"),
-                       ("conf/chat_templates/README.md", "base_model")]:
+    for rel, stage in [
+        ("data/general/instructions.jsonl", "evaluate"),
+        ("data/eval/tickets_test.jsonl", "split"),
+        ("conf/accelerate/ddp.yaml", "train"),
+        ("conf/chat_templates/README.md", "base_model"),
+    ]:
         original = (repo / rel).read_bytes()
         (repo / rel).write_bytes(original + b"\n")
         status = sh(repo, py, "-m", "dvc", "status", stage, env=env)
-        assert re.search(rf"^{stage}:\n\s+changed deps:\n(\s+.*\n)*?\s+modified:\s+"
-                         rf"{rel.rsplit('/', 1)[0]}", status, re.M), (rel, status)
+        assert re.search(
+            rf"^{stage}:\n\s+changed deps:\n(\s+.*\n)*?\s+modified:\s+"
+            rf"{rel.rsplit('/', 1)[0]}",
+            status,
+            re.M,
+        ), (rel, status)
         (repo / rel).write_bytes(original)
     assert "up to date" in sh(repo, py, "-m", "dvc", "status", env=env)
 
@@ -119,8 +140,12 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
         assert f"vegaEmbed('#{plot}" in page or plot in page, plot
 
     manifest = json.loads((repo / "reports/manifest.json").read_text())
-    assert {"data_md5", "tokenizer_md5", "config_sha256", "git", "seed", "packages"} <= set(manifest)
-    assert manifest["data_md5"]["data/processed/test.jsonl"] == _md5(repo / "data/processed/test.jsonl")
+    assert {"data_md5", "tokenizer_md5", "config_sha256", "git", "seed", "packages"} <= set(
+        manifest
+    )
+    assert manifest["data_md5"]["data/processed/test.jsonl"] == _md5(
+        repo / "data/processed/test.jsonl"
+    )
     card = (repo / "reports/model_card.md").read_text()
     assert f"{metrics['tuned']['test_loss']:.4f}" in card and "## Data lineage" in card
 
@@ -149,7 +174,9 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
     out = sh(repo, py, "-m", "dvc", "repro", env=env)
     assert "Running stage 'train'" in out
     assert (repo / "data/processed/test.jsonl").read_bytes() == test_before
-    judged = subprocess.run(regression, cwd=repo, env=env, capture_output=True, text=True)
+    judged = subprocess.run(
+        regression, cwd=repo, env=env, capture_output=True, text=True, check=False
+    )
     assert judged.returncode in (0, 1), judged.stdout + judged.stderr  # judged, either way
     assert "(unchanged); intervals: paired bootstrap, 95%" in judged.stdout, judged.stdout
     assert re.search(r"tuned\.test_loss .* \[[-+]\d\.\d{4}, [-+]\d\.\d{4}\]", judged.stdout)
@@ -158,23 +185,39 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
     test_file = repo / "data/eval/tickets_test.jsonl"
     test_file.write_text("".join(test_file.read_text().splitlines(True)[1:]))  # one row less
     sh(repo, py, "-m", "dvc", "repro", env=env)
-    other = subprocess.run(regression, cwd=repo, env=env, capture_output=True, text=True)
+    other = subprocess.run(
+        regression, cwd=repo, env=env, capture_output=True, text=True, check=False
+    )
     assert other.returncode == 2 and "NOT COMPARABLE: the test set changed" in other.stdout, (
-        other.stdout + other.stderr)
+        other.stdout + other.stderr
+    )
     sh(repo, "git", "checkout", "data/eval", env=env)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["learning_rate"] = 1e-9  # as good as untrained
     params["regression"]["tolerance"]["test_loss"] = 0.0
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(repo, py, "-m", "dvc", "repro", env=env)
-    worse = subprocess.run(regression, cwd=repo, env=env, capture_output=True, text=True)
+    worse = subprocess.run(
+        regression, cwd=repo, env=env, capture_output=True, text=True, check=False
+    )
     assert worse.returncode == 1, worse.stdout + worse.stderr
     assert re.search(r"tuned\.test_loss .* REGRESSION", worse.stdout), worse.stdout
     assert "train.learning_rate: 0.001 -> 1e-09" in worse.stdout
     sh(repo, "git", "checkout", "params.yaml", env=env)
 
-    sh(repo, py, "-m", "dvc", "exp", "run", "-n", "lr-2e-3", "-S", "train.learning_rate=0.002",
-       env=env)
+    sh(
+        repo,
+        py,
+        "-m",
+        "dvc",
+        "exp",
+        "run",
+        "-n",
+        "lr-2e-3",
+        "-S",
+        "train.learning_rate=0.002",
+        env=env,
+    )
     shown = _json_part(sh(repo, py, "-m", "dvc", "exp", "show", "--json", env=env))
     experiments = [exp for rev in shown for exp in (rev.get("experiments") or [])]
     named = [e for e in experiments if e.get("name") == "lr-2e-3"]
@@ -186,8 +229,18 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
 
     # a queued sweep of two experiments: both finish, compare in `dvc exp show`, and leave
     # W&B runs grouped by experiment and tagged with the swept value
-    sh(repo, py, "-m", "dvc", "exp", "run", "--queue", "-S", "train.learning_rate=0.001,0.003",
-       env=env)
+    sh(
+        repo,
+        py,
+        "-m",
+        "dvc",
+        "exp",
+        "run",
+        "--queue",
+        "-S",
+        "train.learning_rate=0.001,0.003",
+        env=env,
+    )
     sh(repo, py, "-m", "dvc", "queue", "start", "-j", "1", env=env)
     deadline = time.time() + 600
     while True:
@@ -212,8 +265,15 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
         if not line.endswith("\\"):
             break
     command = recipe.replace("$(BIN)/dvc", f"{py} -m dvc").replace("$$", "$").replace("$(ARGS)", "")
-    table = subprocess.run(command, shell=True, cwd=repo, env={**env, "COLUMNS": "200"},
-                           capture_output=True, text=True)
+    table = subprocess.run(
+        command,
+        shell=True,
+        cwd=repo,
+        env={**env, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert table.returncode == 0, table.stderr
     assert max(map(len, table.stdout.splitlines())) <= 200, table.stdout
     assert "train.learning_rate" in table.stdout and "exact_match" in table.stdout, table.stdout
@@ -221,8 +281,11 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
     runs = [read_offline_run(d) for d in (repo / "wandb-runs" / "wandb").glob("offline-run-*")]
     for lr, name in swept.items():
         # the report run is the experiment's row in W&B: whole config, hashes, final metrics
-        [report] = [r for r in runs if r["config"]["dvc"]["exp_name"] == name
-                    and r["config"]["stage"] == "report"]
+        [report] = [
+            r
+            for r in runs
+            if r["config"]["dvc"]["exp_name"] == name and r["config"]["stage"] == "report"
+        ]
         assert report["config"]["params"]["train"]["learning_rate"] == lr
         assert {"data", "eval", "method", "split"} <= set(report["config"]["params"])
         assert report["config"]["manifest"]["model"]["merged_md5"]
@@ -239,8 +302,14 @@ def test_repro_then_nothing_reruns_then_experiment(tmp_path, tiny_model_dir):
     train.update(max_steps=40, eval_steps=4, per_device_train_batch_size=2)
     (repo / "conf/train/tiny.yaml").write_text(yaml.safe_dump(train))
     sh(repo, py, "-m", "stages.common.compose", env=env)
-    repro = subprocess.Popen([py, "-m", "dvc", "repro"], cwd=repo, env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    repro = subprocess.Popen(
+        [py, "-m", "dvc", "repro"],
+        cwd=repo,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = repo / "models/checkpoints/checkpoint-8/trainer_state.json"
     deadline = time.time() + 600
     while not checkpoint.exists():
@@ -260,25 +329,41 @@ def _md5(path: Path) -> str:
 
 
 def _json_part(text: str):
-    return json.loads(text[text.index("["):])
+    return json.loads(text[text.index("[") :])
 
 
 @pytest.mark.parametrize("method, objective", [("qlora", "sft"), ("dora", "dpo"), ("full", "cpt")])
-def test_method_and_objective_switch_with_one_flag_each(tmp_path, tiny_model_dir, method, objective):
+def test_method_and_objective_switch_with_one_flag_each(
+    tmp_path, tiny_model_dir, method, objective
+):
     repo, env = committed_repo(tmp_path, tiny_model_dir, wandb_mode="disabled")
     py = sys.executable
-    sh(repo, py, "-m", "dvc", "exp", "run", "-S", f"method={method}", "-S",
-       f"objective={objective}", env=env)
+    sh(
+        repo,
+        py,
+        "-m",
+        "dvc",
+        "exp",
+        "run",
+        "-S",
+        f"method={method}",
+        "-S",
+        f"objective={objective}",
+        env=env,
+    )
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["method"]["name"] == method and params["objective"]["name"] == objective
     report = json.loads((repo / "reports/train.json").read_text())
     assert (report["method"], report["objective"]) == (method, objective)
     validated = json.loads((repo / "reports/validate.json").read_text())
     assert set(validated["kinds"].values()) == {
-        {"sft": "messages", "dpo": "preference", "cpt": "text"}[objective]}
+        {"sft": "messages", "dpo": "preference", "cpt": "text"}[objective]
+    }
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert metrics["tuned"]["test_loss"] > 0 and "perplexity" in metrics["delta"]
-    assert json.loads((repo / "reports/export.json").read_text())["round_trip"]["greedy_answers_match"]
+    assert json.loads((repo / "reports/export.json").read_text())["round_trip"][
+        "greedy_answers_match"
+    ]
 
 
 def test_a_preset_switches_with_one_flag(tmp_path, tiny_model_dir):

@@ -8,33 +8,61 @@ import sys
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from regression import (bootstrap_interval, compare, lock_data_md5, not_comparable,  # noqa: E402
-                        paired_scores)
+from regression import (
+    bootstrap_interval,
+    compare,
+    lock_data_md5,
+    not_comparable,  # noqa: E402
+    paired_scores,
+)
 
-RULES = {"tolerance": {"default": 0.02, "test_loss": 0.10, "loss_delta": 0.05},
-         "relative": ["test_loss"], "lower_is_better": ["test_loss", "loss_delta"]}
+RULES = {
+    "tolerance": {"default": 0.02, "test_loss": 0.10, "loss_delta": 0.05},
+    "relative": ["test_loss"],
+    "lower_is_better": ["test_loss", "loss_delta"],
+}
 
 
 def diff(**changes):
-    return {"reports/metrics.json": {k.replace("__", "."): {"old": o, "new": n}
-                                     for k, (o, n) in changes.items()}}
+    return {
+        "reports/metrics.json": {
+            k.replace("__", "."): {"old": o, "new": n} for k, (o, n) in changes.items()
+        }
+    }
 
 
 def predictions(hits: list[int], losses: list[float] | None = None) -> list[dict]:
-    return [{"id": f"ex{i}", "scores": {"tuned": {"exact_match": float(h),
-                                                  "loss_sum": (losses or [1.0] * len(hits))[i],
-                                                  "loss_tokens": 10}}}
-            for i, h in enumerate(hits)]
+    return [
+        {
+            "id": f"ex{i}",
+            "scores": {
+                "tuned": {
+                    "exact_match": float(h),
+                    "loss_sum": (losses or [1.0] * len(hits))[i],
+                    "loss_tokens": 10,
+                }
+            },
+        }
+        for i, h in enumerate(hits)
+    ]
 
 
 def verdict(old_hits, new_hits, old_losses=None, new_losses=None) -> dict[str, str]:
     old, new = predictions(old_hits, old_losses), predictions(new_hits, new_losses)
-    intervals = {name: bootstrap_interval(*cols, 2000, 0.95, seed=0)
-                 for name, cols in paired_scores(old, new).items()}
+    intervals = {
+        name: bootstrap_interval(*cols, 2000, 0.95, seed=0)
+        for name, cols in paired_scores(old, new).items()
+    }
     mean = lambda hits: sum(hits) / len(hits)  # noqa: E731
     loss = lambda ls: sum(ls or [1.0] * len(old_hits)) / (10 * len(old_hits))  # noqa: E731
-    rows = compare(diff(tuned__exact_match=(mean(old_hits), mean(new_hits)),
-                        tuned__test_loss=(loss(old_losses), loss(new_losses))), RULES, intervals)
+    rows = compare(
+        diff(
+            tuned__exact_match=(mean(old_hits), mean(new_hits)),
+            tuned__test_loss=(loss(old_losses), loss(new_losses)),
+        ),
+        RULES,
+        intervals,
+    )
     return {r["metric"]: r["status"] for r in rows}
 
 
@@ -44,8 +72,8 @@ def test_an_unchanged_rerun_passes():
 
 
 def test_a_real_regression_fails():
-    old = [1] * 105 + [0] * 13                 # 0.89
-    new = [1] * 70 + [0] * 48                  # 0.59: 35 answers lost
+    old = [1] * 105 + [0] * 13  # 0.89
+    new = [1] * 70 + [0] * 48  # 0.59: 35 answers lost
     assert verdict(old, new)["tuned.exact_match"] == "REGRESSION"
     losses = [1.0] * 118
     assert verdict(old, old, losses, [1.5] * 118)["tuned.test_loss"] == "REGRESSION"
@@ -61,7 +89,7 @@ def test_a_noise_sized_change_passes():
 
 def test_a_small_but_consistent_drop_within_tolerance_passes():
     old = [1] * 1000 + [0] * 1000
-    new = [0] * 10 + [1] * 990 + [0] * 1000    # significant (every change is a loss), 0.5 points
+    new = [0] * 10 + [1] * 990 + [0] * 1000  # significant (every change is a loss), 0.5 points
     assert verdict(old, new)["tuned.exact_match"] == "ok"
 
 
@@ -81,16 +109,26 @@ def test_examples_pair_by_id_not_position():
 
 
 def test_corpus_metrics_fall_back_to_the_tolerance():
-    rows = {r["metric"]: r["status"] for r in compare(diff(
-        tuned__urgency_macro_f1=(0.80, 0.79), tuned__bleu=(0.5, 0.4)), RULES, {})}
+    rows = {
+        r["metric"]: r["status"]
+        for r in compare(
+            diff(tuned__urgency_macro_f1=(0.80, 0.79), tuned__bleu=(0.5, 0.4)), RULES, {}
+        )
+    }
     assert rows == {"tuned.urgency_macro_f1": "ok", "tuned.bleu": "REGRESSION"}
 
 
 def test_a_lost_or_non_finite_metric_fails():
-    rows = {r["metric"]: r["status"] for r in compare(diff(
-        tuned__exact_match=(0.8, None), tuned__test_loss=(0.5, float("nan"))), RULES, {})}
-    assert rows == {"tuned.exact_match": "REGRESSION (missing or not finite)",
-                    "tuned.test_loss": "REGRESSION (missing or not finite)"}
+    rows = {
+        r["metric"]: r["status"]
+        for r in compare(
+            diff(tuned__exact_match=(0.8, None), tuned__test_loss=(0.5, float("nan"))), RULES, {}
+        )
+    }
+    assert rows == {
+        "tuned.exact_match": "REGRESSION (missing or not finite)",
+        "tuned.test_loss": "REGRESSION (missing or not finite)",
+    }
 
 
 def test_base_metrics_are_context_not_checked_and_new_metrics_are_flagged():
@@ -110,7 +148,16 @@ stages:
 
 
 def test_forgetting_deltas_are_checked_absolutely():
-    rows = {r["metric"]: r["status"] for r in compare(diff(
-        forgetting__loss_delta=(0.01, 0.10), forgetting__rouge_l_delta=(0.0, -0.01),
-        forgetting__tuned_loss=(1.0, 9.0)), RULES, {})}
+    rows = {
+        r["metric"]: r["status"]
+        for r in compare(
+            diff(
+                forgetting__loss_delta=(0.01, 0.10),
+                forgetting__rouge_l_delta=(0.0, -0.01),
+                forgetting__tuned_loss=(1.0, 9.0),
+            ),
+            RULES,
+            {},
+        )
+    }
     assert rows == {"forgetting.loss_delta": "REGRESSION", "forgetting.rouge_l_delta": "ok"}

@@ -41,23 +41,35 @@ def free_port() -> int:
 
 
 def post(url: str, body: dict, timeout: float = 60, key: str | None = None) -> dict:
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"}
-                                                      if key else {})
+    headers = {"Content-Type": "application/json"} | (
+        {"Authorization": f"Bearer {key}"} if key else {}
+    )
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
 
 def settings(**changes) -> dict:
-    return {"host": "127.0.0.1", "port": 8000, "api_key_env": "SERVE_API_KEY",
-            "allowed_hosts": [], "add_system_prompt": True} | changes
+    return {
+        "host": "127.0.0.1",
+        "port": 8000,
+        "api_key_env": "SERVE_API_KEY",
+        "allowed_hosts": [],
+        "add_system_prompt": True,
+    } | changes
 
 
 def client(model_dir, key: str | None = None, system_prompt: str | None = None, **changes):
     from fastapi.testclient import TestClient
 
-    app = serve.build_app(model_dir, key=key, names=serve.host_names(settings(**changes)),
-                          port=8000, system_prompt=system_prompt, dtype="float32")
+    app = serve.build_app(
+        model_dir,
+        key=key,
+        names=serve.host_names(settings(**changes)),
+        port=8000,
+        system_prompt=system_prompt,
+        dtype="float32",
+    )
     return TestClient(app, base_url=BASE)
 
 
@@ -75,10 +87,11 @@ def no_uvicorn(monkeypatch):
     import uvicorn
 
     ran = []
+
     def run(self, sockets):
         ran.append(self.config.app)
         for sock in sockets:  # an unclosed socket warns at a later garbage collection, into
-            sock.close()      # whatever stderr capture is current then
+            sock.close()  # whatever stderr capture is current then
 
     monkeypatch.setattr(uvicorn.Server, "run", run)
     # uvicorn.Config binds its log handlers to the sys.stderr of the moment (this test's
@@ -88,6 +101,7 @@ def no_uvicorn(monkeypatch):
 
 
 # --- 1. the API key ---------------------------------------------------------------------------
+
 
 def test_requests_without_the_key_get_401(tiny_model_dir):
     api = client(tiny_model_dir, key=KEY)
@@ -132,8 +146,15 @@ def test_the_key_never_appears_in_output_or_params(served, no_uvicorn, capsys, m
 def test_a_non_loopback_host_without_a_key_refuses_to_start(served):
     set_params(served, **{"serve.host": "0.0.0.0"})
     env = {k: v for k, v in os.environ.items() if k != "SERVE_API_KEY"}
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/serve.py")], cwd=served, env=env,
-                         check=False, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/serve.py")],
+        cwd=served,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
     assert out.stderr.startswith("error: serve.host=0.0.0.0 is not loopback: set SERVE_API_KEY")
     assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr
@@ -141,34 +162,46 @@ def test_a_non_loopback_host_without_a_key_refuses_to_start(served):
 
 # --- 2. one pinned model ----------------------------------------------------------------------
 
+
 def test_only_the_pinned_model_is_served(tiny_model_dir):
     api = client(tiny_model_dir)
     for path in ("/load_model", "/reset"):
         answer = api.post(path, json={"model": "HuggingFaceTB/SmolLM2-135M-Instruct"})
         assert answer.status_code == 403 and answer.json()["error"]["code"] == "model_pinned"
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
-        answer = api.post(path, json={"model": "gpt2", "messages": TICKET, "prompt": "Hi",
-                                      "input": "Hi"})
+        answer = api.post(
+            path, json={"model": "gpt2", "messages": TICKET, "prompt": "Hi", "input": "Hi"}
+        )
         assert answer.status_code == 404, path
         assert answer.json()["error"]["code"] == "model_not_found"
     for path in ("/v1/systemone", "/v1/audio/transcriptions", "/docs", "/openapi.json"):
         assert api.post(path).status_code in (404, 405) and api.get(path).status_code == 404
     # the served name, or no name at all: the pinned model answers under its served name
     for body in ({"model": "models/merged"}, {}):
-        answer = api.post("/v1/chat/completions",
-                          json=body | {"messages": TICKET, "max_tokens": 2, "temperature": 0})
+        answer = api.post(
+            "/v1/chat/completions",
+            json=body | {"messages": TICKET, "max_tokens": 2, "temperature": 0},
+        )
         assert answer.status_code == 200, answer.text
         assert answer.json()["model"] == "models/merged"
 
 
 # --- 3. the Host and Origin headers -----------------------------------------------------------
 
+
 def test_the_host_header_must_name_this_server(tiny_model_dir):
     api = client(tiny_model_dir, host="0.0.0.0", allowed_hosts=["box.lan"])
     for host in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "BOX.lan:8000"):
         assert api.get("/v1/models", headers={"Host": host}).status_code == 200, host
-    for host in ("evil.example:8000", "127.0.0.1:9999", "localhost", "0.0.0.0:8000",
-                 "127.0.0.1:8000.evil.example", "", "[::1"):
+    for host in (
+        "evil.example:8000",
+        "127.0.0.1:9999",
+        "localhost",
+        "0.0.0.0:8000",
+        "127.0.0.1:8000.evil.example",
+        "",
+        "[::1",
+    ):
         answer = api.get("/v1/models", headers={"Host": host})
         assert answer.status_code == 400, host
         assert answer.json()["error"]["code"] == "host_not_allowed"
@@ -177,13 +210,15 @@ def test_the_host_header_must_name_this_server(tiny_model_dir):
 def test_a_web_page_of_another_site_is_refused(tiny_model_dir):
     api = client(tiny_model_dir)
     for origin in ("http://evil.example", "http://127.0.0.1:3000", "null"):
-        answer = api.post("/v1/chat/completions", headers={"Origin": origin},
-                          json={"messages": TICKET})
+        answer = api.post(
+            "/v1/chat/completions", headers={"Origin": origin}, json={"messages": TICKET}
+        )
         assert answer.status_code == 403, origin
     assert api.get("/v1/models", headers={"Origin": BASE}).status_code == 200
 
 
 # --- 4. /v1/models ----------------------------------------------------------------------------
+
 
 def test_models_lists_the_served_model(tiny_model_dir):
     api = client(tiny_model_dir)
@@ -196,6 +231,7 @@ def test_models_lists_the_served_model(tiny_model_dir):
 
 
 # --- 5. the training system prompt ------------------------------------------------------------
+
 
 def test_the_system_prompt_is_the_training_records_most_common(tmp_path):
     rows = ticket_rows(6)
@@ -233,8 +269,10 @@ def test_a_chat_without_a_system_message_gets_the_training_one(tiny_model_dir):
 
 def test_startup_names_the_system_prompt(served, no_uvicorn, capsys):
     serve.serve(free_port())
-    assert "system prompt for chats without one: 'You triage customer-support tickets. Reply " \
-           "with one line...' (8 of 8 training records)" in capsys.readouterr().out
+    assert (
+        "system prompt for chats without one: 'You triage customer-support tickets. Reply "
+        "with one line...' (8 of 8 training records)" in capsys.readouterr().out
+    )
     set_params(served, **{"serve.add_system_prompt": False})
     (served / "data/processed/train.jsonl").unlink()  # not read then
     serve.serve(free_port())
@@ -242,6 +280,7 @@ def test_startup_names_the_system_prompt(served, no_uvicorn, capsys):
 
 
 # --- 6. caches in the project; one-line errors ------------------------------------------------
+
 
 def test_caches_default_to_the_project(served, no_uvicorn, monkeypatch):
     monkeypatch.delenv("HF_HOME")
@@ -265,7 +304,8 @@ def test_a_busy_port_and_bad_settings_are_one_line_errors(served, capsys, monkey
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         assert error_of("--port", str(busy.getsockname()[1])).startswith(
-            "error: cannot listen on 127.0.0.1:")
+            "error: cannot listen on 127.0.0.1:"
+        )
     good = yaml.safe_load((served / "params.yaml").read_text())["serve"]
     for key, value in [("api_key_env", "sk-abc def"), ("port", 0), ("allowed_hosts", [""])]:
         set_params(served, serve=good | {key: value})
@@ -275,22 +315,39 @@ def test_a_busy_port_and_bad_settings_are_one_line_errors(served, capsys, monkey
 
 
 def test_serve_without_an_exported_model_says_what_to_do(project):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/serve.py")], cwd=project, check=False,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/serve.py")],
+        cwd=project,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2
-    assert out.stderr == "error: models/merged not found: run `make repro` (the export stage " \
-                         "writes it)\n"
+    assert (
+        out.stderr == "error: models/merged not found: run `make repro` (the export stage "
+        "writes it)\n"
+    )
 
 
 # --- end to end: the real server, on a model trained to the task's format ---------------------
 
+
 def test_served_model_answers_a_ticket_in_the_task_format(prepared, tmp_path):  # noqa: F811
     # full fine-tuning of the tiny model, long enough to learn the one-line JSON format
     write_jsonl(prepared / "data/processed/train.jsonl", ticket_rows(200)[:192])
-    set_params(prepared, **{"method": {"name": "full"}, "train.learning_rate": 1e-2,
-                            "train.max_steps": 150, "train.per_device_train_batch_size": 16,
-                            "train.eval_steps": 50, "train.warmup_ratio": 0.05,
-                            "export.check_examples": 2})
+    set_params(
+        prepared,
+        **{
+            "method": {"name": "full"},
+            "train.learning_rate": 1e-2,
+            "train.max_steps": 150,
+            "train.per_device_train_batch_size": 16,
+            "train.eval_steps": 50,
+            "train.warmup_ratio": 0.05,
+            "export.check_examples": 2,
+        },
+    )
     train.main()
     test = ticket_rows(200)[192:]
     write_jsonl(prepared / "data/processed/test.jsonl", test)
@@ -301,9 +358,14 @@ def test_served_model_answers_a_ticket_in_the_task_format(prepared, tmp_path):  
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "XDG_CACHE_HOME")}
     env |= {"HOME": str(home), "SERVE_API_KEY": KEY}
-    server = subprocess.Popen([sys.executable, str(ROOT / "scripts/serve.py"), "--port", str(port)],
-                              cwd=prepared, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts/serve.py"), "--port", str(port)],
+        cwd=prepared,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -318,9 +380,11 @@ def test_served_model_answers_a_ticket_in_the_task_format(prepared, tmp_path):  
                 assert time.time() < deadline, "server did not come up in 120 s"
                 time.sleep(0.5)
         ticket = test[0]["messages"][1:2]  # the ticket alone: the server adds the system prompt
-        reply = post(f"{url}/v1/chat/completions",
-                     {"model": "models/merged", "messages": ticket, "max_tokens": 24,
-                      "temperature": 0}, key=KEY)
+        reply = post(
+            f"{url}/v1/chat/completions",
+            {"model": "models/merged", "messages": ticket, "max_tokens": 24, "temperature": 0},
+            key=KEY,
+        )
         answer = reply["choices"][0]["message"]["content"]
         task = Task.from_params(yaml.safe_load((prepared / "params.yaml").read_text()))
         assert task.follows_format(answer), answer
@@ -330,6 +394,6 @@ def test_served_model_answers_a_ticket_in_the_task_format(prepared, tmp_path):  
         server.terminate()
         server.wait(timeout=30)
     output = server.stdout.read()
-    assert "POST /v1/chat/completions HTTP/1.1\" 200" in output
+    assert 'POST /v1/chat/completions HTTP/1.1" 200' in output
     assert KEY not in output
     assert list(home.iterdir()) == []

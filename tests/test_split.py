@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 from conftest import set_params
+
 from stages import split
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.records import record_id
@@ -17,17 +18,19 @@ def rows(n=240):
     out = []
     for i in range(n):
         answer = json.dumps({"urgency": URG[i % 4], "category": CAT[i % 3]})
-        messages = [{"role": "user", "content": f"ticket {i}"},
-                    {"role": "assistant", "content": answer}]
-        out.append({"id": record_id(messages), "source": "raw.jsonl", "line": i + 1,
-                    "messages": messages})
+        messages = [
+            {"role": "user", "content": f"ticket {i}"},
+            {"role": "assistant", "content": answer},
+        ]
+        out.append(
+            {"id": record_id(messages), "source": "raw.jsonl", "line": i + 1, "messages": messages}
+        )
     return out
 
 
 def run(project):
     split.main()
-    return {name: (project / f"data/processed/{name}.jsonl").read_bytes()
-            for name in split.SPLITS}
+    return {name: (project / f"data/processed/{name}.jsonl").read_bytes() for name in split.SPLITS}
 
 
 def test_sizes_strata_and_reconciliation(project):
@@ -40,8 +43,9 @@ def test_sizes_strata_and_reconciliation(project):
     # 12 strata of 20 rows: each gets exactly 2 test rows
     strata = Counter(r["messages"][-1]["content"] for r in test)
     assert len(strata) == 12 and set(strata.values()) == {2}
-    ids = [set(r["id"] for r in read_jsonl(project / f"data/processed/{n}.jsonl"))
-           for n in split.SPLITS]
+    ids = [
+        {r["id"] for r in read_jsonl(project / f"data/processed/{n}.jsonl")} for n in split.SPLITS
+    ]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
 
 
@@ -71,8 +75,10 @@ def paraphrases(n_groups=30, size=4):
     for g in range(n_groups):
         base = " ".join(f"word{rng.randrange(500)}" for _ in range(20))
         answer = json.dumps({"urgency": URG[g % 4], "category": CAT[g % 3]})
-        out += [chat_row(len(out) + 1, f"group{g} {base} {closing}", answer)
-                for closing in ["thanks", "cheers", "regards", "please help"][:size]]
+        out += [
+            chat_row(len(out) + 1, f"group{g} {base} {closing}", answer)
+            for closing in ["thanks", "cheers", "regards", "please help"][:size]
+        ]
     return out
 
 
@@ -96,8 +102,10 @@ def test_leakage_reported_then_removed(project):
     for pair in range(20):  # a ticket and its copy with one word added, free to split apart
         words = " ".join(f"word{rng.randrange(500)}" for _ in range(14))
         answer = records[pair]["messages"][1]["content"]
-        records += [chat_row(1000 + 2 * pair, words, answer),
-                    chat_row(1001 + 2 * pair, words + " ref", answer)]
+        records += [
+            chat_row(1000 + 2 * pair, words, answer),
+            chat_row(1001 + 2 * pair, words + " ref", answer),
+        ]
     write_jsonl(project / "data/interim/dedup.jsonl", records)
     set_params(project, **{"split.group_threshold": None})
     run(project)
@@ -125,8 +133,13 @@ def test_external_eval_set_is_kept_out(project):
     write_jsonl(project / "data/interim/dedup.jsonl", records)
     external = project / "data/eval/benchmark.jsonl"
     write_jsonl(external, [{"messages": records[5]["messages"]}, {"text": "unrelated words"}])
-    set_params(project, **{"split.leakage.external_eval": "data/eval/benchmark.jsonl",
-                           "split.leakage.policy": "remove"})
+    set_params(
+        project,
+        **{
+            "split.leakage.external_eval": "data/eval/benchmark.jsonl",
+            "split.leakage.policy": "remove",
+        },
+    )
     run(project)
     removed = read_jsonl(project / "data/interim/split_removed.jsonl")
     assert [(r["line"], r["reason"]) for r in removed] == [(6, "leak_external_eval")]
@@ -135,8 +148,10 @@ def test_external_eval_set_is_kept_out(project):
 def test_rebalance_cap_and_upsample(project):
     skewed = [r for r in rows(240) if "billing" in r["messages"][1]["content"]] + rows(240)[:24]
     write_jsonl(project / "data/interim/dedup.jsonl", skewed)
-    set_params(project, **{"task.stratify_by": ["category"], "split.rebalance": "cap",
-                           "split.rebalance_cap": 10})
+    set_params(
+        project,
+        **{"task.stratify_by": ["category"], "split.rebalance": "cap", "split.rebalance_cap": 10},
+    )
     run(project)
     report = json.loads((project / "reports/split.json").read_text())
     assert max(report["class_balance"]["train"].values()) == 10
@@ -154,12 +169,26 @@ def fixed_rows(n: int, start: int = 1000) -> list[dict]:
     """Rows of a fixed test file (tagged by validate), with requests long enough to paraphrase."""
     out = []
     for i in range(start, start + n):
-        messages = [{"role": "user", "content": f"Order {i} arrived broken and the box was soaked "
-                                                f"when the courier left it at the door on day {i}"},
-                    {"role": "assistant", "content": json.dumps({"urgency": URG[i % 4],
-                                                                 "category": CAT[i % 3]})}]
-        out.append({"id": record_id(messages), "source": "data/eval/test.jsonl",
-                    "line": i - start + 1, "messages": messages, "fixed_split": "test"})
+        messages = [
+            {
+                "role": "user",
+                "content": f"Order {i} arrived broken and the box was soaked "
+                f"when the courier left it at the door on day {i}",
+            },
+            {
+                "role": "assistant",
+                "content": json.dumps({"urgency": URG[i % 4], "category": CAT[i % 3]}),
+            },
+        ]
+        out.append(
+            {
+                "id": record_id(messages),
+                "source": "data/eval/test.jsonl",
+                "line": i - start + 1,
+                "messages": messages,
+                "fixed_split": "test",
+            }
+        )
     return out
 
 
@@ -176,8 +205,9 @@ def test_a_fixed_test_set_stays_whole_and_train_drops_what_is_close_to_it(projec
     assert report["sizes"]["test"] == 30 and report["fixed_sets"] == {"test": 30}
     test = read_jsonl(project / "data/processed/test.jsonl")
     assert [r["id"] for r in test] == [r["id"] for r in fixed]
-    removed = {r["line"]: r["reason"]
-               for r in read_jsonl(project / "data/interim/split_removed.jsonl")}
+    removed = {
+        r["line"]: r["reason"] for r in read_jsonl(project / "data/interim/split_removed.jsonl")
+    }
     assert removed == {901: "duplicate_of_test", 902: "near_duplicate_of_test"}
     # the carve shares what the fixed test leaves: validation 0.1 / (0.8 + 0.1) of the pool
     assert report["sizes"]["validation"] == 22 and report["rows_in"] == 232
@@ -187,15 +217,23 @@ def test_a_fixed_test_set_stays_whole_and_train_drops_what_is_close_to_it(projec
     write_jsonl(project / "data/interim/dedup.jsonl", rows(260) + [copy, paraphrase] + fixed)
     again = run(project)
     assert again["test"] == first["test"]
-    assert json.loads((project / "reports/split.json").read_text())["test_hash"] == (
-        report["test_hash"])
+    assert (
+        json.loads((project / "reports/split.json").read_text())["test_hash"]
+        == (report["test_hash"])
+    )
 
 
 def test_a_training_row_that_leaks_a_fixed_row_is_removed(project):
     fixed = fixed_rows(10)
-    leak = {"messages": [{"role": "user", "content": "Quoting my colleague: "
-                          + fixed[3]["messages"][0]["content"]},
-                         {"role": "assistant", "content": fixed[3]["messages"][1]["content"]}]}
+    leak = {
+        "messages": [
+            {
+                "role": "user",
+                "content": "Quoting my colleague: " + fixed[3]["messages"][0]["content"],
+            },
+            {"role": "assistant", "content": fixed[3]["messages"][1]["content"]},
+        ]
+    }
     leak.update(id=record_id(leak["messages"]), source="raw.jsonl", line=999)
     set_params(project, **{"split.group_threshold": None})  # only the n-gram check can see it
     write_jsonl(project / "data/interim/dedup.jsonl", rows(100) + [leak] + fixed)

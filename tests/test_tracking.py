@@ -8,16 +8,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_split import rows
 
 from stages import split
 from stages.common.files import md5_file, write_jsonl
-from test_split import rows
 
 
 def read_offline_run(run_dir: Path) -> dict:
     wandb_cli = Path(sys.executable).parent / "wandb"
-    out = subprocess.run([str(wandb_cli), "leet", "inspect", "--summary", "--json", str(run_dir)],
-                         capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run(
+        [str(wandb_cli), "leet", "inspect", "--summary", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return json.loads(out.stdout)
 
 
@@ -66,9 +71,8 @@ def test_wandb_failing_to_start_stops_the_stage_before_any_work(project, monkeyp
 
     monkeypatch.setattr(wandb, "init", broken_init)
     worked = []
-    with pytest.raises(StageError) as err:
-        with tracking.stage_run("split", _params(), ["split"], {}):
-            worked.append(True)
+    with pytest.raises(StageError) as err, tracking.stage_run("split", _params(), ["split"], {}):
+        worked.append(True)
     assert not worked
     assert "W&B could not start the split run" in str(err.value)
     assert "ConnectionError: api.wandb.ai unreachable" in str(err.value)
@@ -88,9 +92,8 @@ def test_wandb_failing_after_the_work_is_written_down_not_fatal(project, capsys)
     assert len(failures) == 1 and json.loads(failures[0])["stage"] == "split"
     assert "W&B failed while logging" in capsys.readouterr().err
     # a failure of the stage's own work still fails the stage
-    with pytest.raises(ZeroDivisionError):
-        with tracking.stage_run("split", _params(), ["split"], {}):
-            1 / 0  # noqa: B018
+    with pytest.raises(ZeroDivisionError), tracking.stage_run("split", _params(), ["split"], {}):
+        1 / 0  # noqa: B018
 
 
 def test_an_environment_override_of_the_mode_is_reported(project, monkeypatch, capsys):
@@ -99,12 +102,17 @@ def test_an_environment_override_of_the_mode_is_reported(project, monkeypatch, c
     params = _params()
     assert params["tracking"]["mode"] == "offline"
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert tracking.mode_in_effect(params) == {"configured": "offline", "effective": "disabled",
-                                               "from_environment": True}
+    assert tracking.mode_in_effect(params) == {
+        "configured": "offline",
+        "effective": "disabled",
+        "from_environment": True,
+    }
     with tracking.stage_run("split", params, ["split"], {}) as run:
         assert run.config["tracking_mode"]["from_environment"] is True
-    assert ("WANDB_MODE=disabled from the environment overrides tracking.mode=offline"
-            in capsys.readouterr().err)
+    assert (
+        "WANDB_MODE=disabled from the environment overrides tracking.mode=offline"
+        in capsys.readouterr().err
+    )
     monkeypatch.delenv("WANDB_MODE")
     assert tracking.mode_in_effect(params)["from_environment"] is False
 

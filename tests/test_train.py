@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT, set_params, switch_method
+
 from stages import base_model, train
 from stages.common.config import StageError
 from stages.common.examples import IGNORE, chat_examples, text_example
@@ -36,8 +36,15 @@ def ticket_rows(n: int = 48) -> list[dict]:
             continue
         roles = [m.get("role") for m in record.get("messages", [])]
         if roles == ["system", "user", "assistant"] and record["messages"][2]["content"]:
-            rows.append({"id": str(len(rows)), "source": "raw.jsonl", "line": len(rows) + 1,
-                         "kind": "messages", **record})
+            rows.append(
+                {
+                    "id": str(len(rows)),
+                    "source": "raw.jsonl",
+                    "line": len(rows) + 1,
+                    "kind": "messages",
+                    **record,
+                }
+            )
         if len(rows) == n:
             return rows
     return rows
@@ -64,31 +71,61 @@ def report_of(root) -> dict:
 
 
 def trained_text(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"])
-                             if label != IGNORE])
+    return tokenizer.decode(
+        [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE]
+    )
 
 
 # --- which tokens train ---------------------------------------------------------------------
 
 RAW = {  # kind -> (raw row, the text that must carry loss, the eos token appended)
-    "messages": ({"messages": [{"role": "system", "content": "Triage."},
-                               {"role": "user", "content": "Charged twice."},
-                               {"role": "assistant", "content": ANSWER}]}, [ANSWER]),
-    "sharegpt": ({"conversations": [{"from": "human", "value": "Charged twice."},
-                                    {"from": "gpt", "value": ANSWER}]}, [ANSWER]),
-    "alpaca": ({"instruction": "Triage this.", "input": "Charged twice.", "output": ANSWER},
-               [ANSWER]),
+    "messages": (
+        {
+            "messages": [
+                {"role": "system", "content": "Triage."},
+                {"role": "user", "content": "Charged twice."},
+                {"role": "assistant", "content": ANSWER},
+            ]
+        },
+        [ANSWER],
+    ),
+    "sharegpt": (
+        {
+            "conversations": [
+                {"from": "human", "value": "Charged twice."},
+                {"from": "gpt", "value": ANSWER},
+            ]
+        },
+        [ANSWER],
+    ),
+    "alpaca": (
+        {"instruction": "Triage this.", "input": "Charged twice.", "output": ANSWER},
+        [ANSWER],
+    ),
     "prompt_completion": ({"prompt": "Charged twice.", "completion": ANSWER}, [ANSWER]),
     # two answers: both train; an answer with weight 0 is context only
-    "multi_turn": ({"messages": [{"role": "user", "content": "Hi"},
-                                 {"role": "assistant", "content": "Hello, how can I help?"},
-                                 {"role": "user", "content": "Charged twice."},
-                                 {"role": "assistant", "content": ANSWER}]},
-                   ["Hello, how can I help?", ANSWER]),
-    "weighted": ({"messages": [{"role": "user", "content": "Hi"},
-                               {"role": "assistant", "content": "Hello!", "weight": 0},
-                               {"role": "user", "content": "Charged twice."},
-                               {"role": "assistant", "content": ANSWER, "weight": 1}]}, [ANSWER]),
+    "multi_turn": (
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello, how can I help?"},
+                {"role": "user", "content": "Charged twice."},
+                {"role": "assistant", "content": ANSWER},
+            ]
+        },
+        ["Hello, how can I help?", ANSWER],
+    ),
+    "weighted": (
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!", "weight": 0},
+                {"role": "user", "content": "Charged twice."},
+                {"role": "assistant", "content": ANSWER, "weight": 1},
+            ]
+        },
+        [ANSWER],
+    ),
 }
 
 
@@ -106,7 +143,8 @@ def test_loss_only_on_answers_for_every_chat_kind(prepared, name):
     assert trained_text(tokenizer, example) == "".join(a + eos for a in answers)
     # the rest is the prompt, exactly as the shipped template renders it
     rendered = tokenizer.apply_chat_template(
-        [{"role": m["role"], "content": m["content"]} for m in fields["messages"]], tokenize=False)
+        [{"role": m["role"], "content": m["content"]} for m in fields["messages"]], tokenize=False
+    )
     assert tokenizer.decode(example["input_ids"]) == rendered
     everything = chat_examples(tokenizer, [fields["messages"]], template, train_on="all")[0]
     assert trained_text(tokenizer, everything) == rendered
@@ -120,7 +158,7 @@ def test_raw_text_trains_every_token_and_preference_only_completions(prepared, t
     assert trained_text(tokenizer, example) == "Refunds take five days." + tokenizer.eos_token
 
     write_preference_splits(prepared)
-    set_params(prepared, **{"objective": {"name": "dpo", "beta": 0.1, "loss_type": "sigmoid"}})
+    set_params(prepared, objective={"name": "dpo", "beta": 0.1, "loss_type": "sigmoid"})
     trainer = train.build_trainer(params_of(prepared), "fp32", str(tmp_path / "out"))
     row = trainer.train_dataset[0]
     source = read_jsonl(prepared / "data/processed/train.jsonl")[0]
@@ -142,6 +180,7 @@ def test_every_training_row_has_trainable_tokens(prepared, tmp_path):
 
 
 # --- the stage, per method and objective ------------------------------------------------------
+
 
 def test_lora_run_writes_adapter_plan_report_and_curves(prepared):
     train.main()
@@ -186,10 +225,15 @@ def test_methods(prepared, method):
 
 def write_preference_splits(root):
     def pair(record, rejected):
-        return {"id": record["id"], "source": "pref.jsonl", "line": record["line"],
-                "kind": "preference", "prompt": record["messages"][:2],
-                "chosen": [record["messages"][2]],
-                "rejected": [{"role": "assistant", "content": rejected}]}
+        return {
+            "id": record["id"],
+            "source": "pref.jsonl",
+            "line": record["line"],
+            "kind": "preference",
+            "prompt": record["messages"][:2],
+            "chosen": [record["messages"][2]],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
 
     rows = [pair(r, "Sounds like a billing issue, high priority.") for r in ticket_rows()]
     write_jsonl(root / "data/processed/train.jsonl", rows[:40])
@@ -198,7 +242,7 @@ def write_preference_splits(root):
 
 def test_dpo_objective(prepared):
     write_preference_splits(prepared)
-    set_params(prepared, **{"objective": {"name": "dpo", "beta": 0.1, "loss_type": "sigmoid"}})
+    set_params(prepared, objective={"name": "dpo", "beta": 0.1, "loss_type": "sigmoid"})
     train.main()
     report = report_of(prepared)
     assert report["objective"] == "dpo" and report["optimizer_steps"] == 4
@@ -207,12 +251,21 @@ def test_dpo_objective(prepared):
 
 
 def test_cpt_objective_packs_raw_text(prepared):
-    texts = [{"id": str(i), "source": "t.jsonl", "line": i + 1, "kind": "text",
-              "text": r["messages"][1]["content"] * 3} for i, r in enumerate(ticket_rows())]
+    texts = [
+        {
+            "id": str(i),
+            "source": "t.jsonl",
+            "line": i + 1,
+            "kind": "text",
+            "text": r["messages"][1]["content"] * 3,
+        }
+        for i, r in enumerate(ticket_rows())
+    ]
     write_jsonl(prepared / "data/processed/train.jsonl", texts[:40])
     write_jsonl(prepared / "data/processed/validation.jsonl", texts[40:48])
-    set_params(prepared, **{"objective": {"name": "cpt"}, "train.packing": True,
-                            "train.max_length": 64})
+    set_params(
+        prepared, **{"objective": {"name": "cpt"}, "train.packing": True, "train.max_length": 64}
+    )
     train.main()
     report = report_of(prepared)
     assert report["objective"] == "cpt"
@@ -232,39 +285,61 @@ def text_example_ids(root, text):
 
 
 def test_objective_and_data_must_agree(prepared):
-    write_jsonl(prepared / "data/processed/train.jsonl",
-                [{"id": "x", "source": "raw.jsonl", "line": 3, "kind": "text", "text": "hello"}])
-    with pytest.raises(StageError, match=r"objective=sft trains on chat .* found a 'text' "
-                                         r"record \(line 3 of raw.jsonl\)"):
+    write_jsonl(
+        prepared / "data/processed/train.jsonl",
+        [{"id": "x", "source": "raw.jsonl", "line": 3, "kind": "text", "text": "hello"}],
+    )
+    with pytest.raises(
+        StageError,
+        match=r"objective=sft trains on chat .* found a 'text' "
+        r"record \(line 3 of raw.jsonl\)",
+    ):
         train.main()
 
 
 def relabel(rows, answer):
-    return [{**r, "messages": [*r["messages"][:2], {"role": "assistant", "content": answer}]}
-            for r in rows]
+    return [
+        {**r, "messages": [*r["messages"][:2], {"role": "assistant", "content": answer}]}
+        for r in rows
+    ]
 
 
 def test_early_stopping_keeps_the_best_checkpoint(prepared):
     # training teaches one answer, validation wants another: once the shared format is
     # learned, validation loss can only climb, and training must stop at its best point
     rows = ticket_rows()
-    write_jsonl(prepared / "data/processed/train.jsonl",
-                relabel(rows[:40], '{"urgency": "low", "category": "billing"}'))
-    write_jsonl(prepared / "data/processed/validation.jsonl",
-                relabel(rows[40:48], '{"urgency": "critical", "category": "product"}'))
-    set_params(prepared, **{"train.learning_rate": 1e-2, "train.max_steps": 40,
-                            "train.eval_steps": 2, "train.early_stopping_patience": 2,
-                            "train.warmup_ratio": 0.0, "train.lr_scheduler_type": "constant"})
+    write_jsonl(
+        prepared / "data/processed/train.jsonl",
+        relabel(rows[:40], '{"urgency": "low", "category": "billing"}'),
+    )
+    write_jsonl(
+        prepared / "data/processed/validation.jsonl",
+        relabel(rows[40:48], '{"urgency": "critical", "category": "product"}'),
+    )
+    set_params(
+        prepared,
+        **{
+            "train.learning_rate": 1e-2,
+            "train.max_steps": 40,
+            "train.eval_steps": 2,
+            "train.early_stopping_patience": 2,
+            "train.warmup_ratio": 0.0,
+            "train.lr_scheduler_type": "constant",
+        },
+    )
     train.main()
     report = report_of(prepared)
-    evals = [float(line.split(",")[1]) for line in
-             (prepared / "reports/plots/eval_loss.csv").read_text().splitlines()[1:]]
+    evals = [
+        float(line.split(",")[1])
+        for line in (prepared / "reports/plots/eval_loss.csv").read_text().splitlines()[1:]
+    ]
     assert report["stopped_early"] and report["optimizer_steps"] < 40
     assert report["eval_loss"] == pytest.approx(min(evals), abs=1e-4)
     assert report["best_step"] == 2 * (1 + evals.index(min(evals)))
 
 
 # --- equivalences: accumulation, DDP, resume ---------------------------------------------------
+
 
 def adapter_weights(root):
     from safetensors.torch import load_file
@@ -284,14 +359,24 @@ def assert_same_weights(a, b, atol):
 def test_gradient_accumulation_equals_a_bigger_batch(prepared):
     # the same rows in the same order: plain random sampling (length grouping forms its
     # groups per batch size)
-    common = {"train.max_steps": 3, "train.eval_steps": 100, "train.warmup_ratio": 0.0,
-              "train.group_by_length": False}
-    set_params(prepared, **common, **{"train.per_device_train_batch_size": 8,
-                                      "train.gradient_accumulation_steps": 1})
+    common = {
+        "train.max_steps": 3,
+        "train.eval_steps": 100,
+        "train.warmup_ratio": 0.0,
+        "train.group_by_length": False,
+    }
+    set_params(
+        prepared,
+        **common,
+        **{"train.per_device_train_batch_size": 8, "train.gradient_accumulation_steps": 1},
+    )
     train.main()
     big_batch, big_loss = adapter_weights(prepared), report_of(prepared)["train_loss"]
-    set_params(prepared, **common, **{"train.per_device_train_batch_size": 2,
-                                      "train.gradient_accumulation_steps": 4})
+    set_params(
+        prepared,
+        **common,
+        **{"train.per_device_train_batch_size": 2, "train.gradient_accumulation_steps": 4},
+    )
     train.main()
     assert report_of(prepared)["plan"]["effective_batch"] == 8
     assert report_of(prepared)["train_loss"] == pytest.approx(big_loss, rel=1e-4)
@@ -300,8 +385,14 @@ def test_gradient_accumulation_equals_a_bigger_batch(prepared):
 
 def run_stage_process(root, env_extra=None, wait=True):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stages.train"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if wait:
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out[-3000:]
@@ -309,14 +400,20 @@ def run_stage_process(root, env_extra=None, wait=True):
 
 
 def test_two_ddp_processes_match_one_with_the_same_global_batch(prepared):
-    common = {"train.max_steps": 4, "train.eval_steps": 100, "train.warmup_ratio": 0.0,
-              "train.gradient_accumulation_steps": 1, "train.group_by_length": False}
+    common = {
+        "train.max_steps": 4,
+        "train.eval_steps": 100,
+        "train.warmup_ratio": 0.0,
+        "train.gradient_accumulation_steps": 1,
+        "train.group_by_length": False,
+    }
     set_params(prepared, **common, **{"train.per_device_train_batch_size": 4})
     train.main()
     single = (prepared / "reports/plots/train_loss.csv").read_text().splitlines()[1:]
     single_weights = adapter_weights(prepared)
-    set_params(prepared, **common, **{"train.per_device_train_batch_size": 2,
-                                      "launch.num_processes": 2})
+    set_params(
+        prepared, **common, **{"train.per_device_train_batch_size": 2, "launch.num_processes": 2}
+    )
     run_stage_process(prepared)
     report = report_of(prepared)
     assert report["plan"]["processes"] == 2 and report["plan"]["effective_batch"] == 4
@@ -328,8 +425,10 @@ def test_two_ddp_processes_match_one_with_the_same_global_batch(prepared):
 
 
 def test_killed_run_resumes_to_the_same_weights(prepared):
-    set_params(prepared, **{"train.max_steps": 16, "train.eval_steps": 2,
-                            "train.per_device_train_batch_size": 4})
+    set_params(
+        prepared,
+        **{"train.max_steps": 16, "train.eval_steps": 2, "train.per_device_train_batch_size": 4},
+    )
     train.main()
     uninterrupted = adapter_weights(prepared)
     shutil.rmtree(prepared / "models/tuned")
@@ -364,8 +463,9 @@ def test_a_non_finite_loss_stops_training_with_one_line(prepared):
         with pytest.raises(StageError, match=f"training diverged: {key}=(nan|inf) at step 7"):
             callback.on_log(args, state, None, logs={key: float("nan" if key != "loss" else "inf")})
     trainer = train.build_trainer(params_of(prepared), "fp32", str(prepared / "out"))
-    assert any(type(c).__name__ == "StopOnNonFiniteLoss"
-               for c in trainer.callback_handler.callbacks)
+    assert any(
+        type(c).__name__ == "StopOnNonFiniteLoss" for c in trainer.callback_handler.callbacks
+    )
 
 
 def test_checkpoint_fingerprint_covers_params_inputs_code_and_packages(prepared, monkeypatch):
@@ -377,18 +477,21 @@ def test_checkpoint_fingerprint_covers_params_inputs_code_and_packages(prepared,
     assert train.run_fingerprint({**params, "seed": 1}, inputs) != before
     assert train.run_fingerprint(params, {**inputs, "train": "z"}) != before
     real_version = metadata.version
-    monkeypatch.setattr(metadata, "version",
-                        lambda name: "9.9" if name == "peft" else real_version(name))
+    monkeypatch.setattr(
+        metadata, "version", lambda name: "9.9" if name == "peft" else real_version(name)
+    )
     assert train.run_fingerprint(params, inputs) != before  # an upgrade: no resume
     monkeypatch.undo()
     real_md5 = train.md5_path
-    monkeypatch.setattr(train, "md5_path", lambda p: "fixed" if Path(p).name == "train.py"
-                        else real_md5(p))
+    monkeypatch.setattr(
+        train, "md5_path", lambda p: "fixed" if Path(p).name == "train.py" else real_md5(p)
+    )
     assert train.run_fingerprint(params, inputs) != before  # a code change: no resume
 
 
-def test_preflight_measures_the_longest_batch_and_stops_a_run_that_cannot_fit(prepared,
-                                                                               monkeypatch):
+def test_preflight_measures_the_longest_batch_and_stops_a_run_that_cannot_fit(
+    prepared, monkeypatch
+):
     from stages.common import memory
 
     rows = ticket_rows(40)
@@ -400,8 +503,13 @@ def test_preflight_measures_the_longest_batch_and_stops_a_run_that_cannot_fit(pr
     longest = max(len(ids) for ids in trainer.train_dataset["input_ids"])
     widths = []
     compute_loss = trainer.compute_loss
-    monkeypatch.setattr(trainer, "compute_loss", lambda model, inputs, **kw: (
-        widths.append(inputs["input_ids"].shape[1]) or compute_loss(model, inputs, **kw)))
+    monkeypatch.setattr(
+        trainer,
+        "compute_loss",
+        lambda model, inputs, **kw: (
+            widths.append(inputs["input_ids"].shape[1]) or compute_loss(model, inputs, **kw)
+        ),
+    )
     plan = train.preflight(trainer, 1)
     # the warm-up batches for time, then a batch of the longest rows for memory
     assert len(widths) == train.WARMUP_BATCHES + 1 and widths[-1] == longest
@@ -410,8 +518,11 @@ def test_preflight_measures_the_longest_batch_and_stops_a_run_that_cannot_fit(pr
     # the same plan on a machine with 1 MiB free: one line before the first step, no output
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 2**20)
     monkeypatch.setattr(memory, "held_bytes", lambda device="cpu": 0)
-    with pytest.raises(StageError, match=r"^train needs ~[\d.]+ GiB on cpu \(model and longest "
-                                         r"batch \(measured\) [\d.]+, optimizer state [\d.]+\) "
-                                         r"but 0.0 GiB is available; lower train\.per_device"):
+    with pytest.raises(
+        StageError,
+        match=r"^train needs ~[\d.]+ GiB on cpu \(model and longest "
+        r"batch \(measured\) [\d.]+, optimizer state [\d.]+\) "
+        r"but 0.0 GiB is available; lower train\.per_device",
+    ):
         train.main()
     assert not (prepared / "models/tuned").exists()

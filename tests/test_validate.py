@@ -32,8 +32,15 @@ DEFECTS = {
         ("null_value", {"messages": [SYSTEM, {"role": "user", "content": None}]}),
         ("null_value", {"messages": [SYSTEM, None]}),
         ("message_missing_key", {"messages": [{"role": "user"}]}),
-        ("message_unrecognized_key", {"messages": [{"role": "user", "content": "hi", "mood": "x"},
-                                                   {"role": "assistant", "content": GOOD}]}),
+        (
+            "message_unrecognized_key",
+            {
+                "messages": [
+                    {"role": "user", "content": "hi", "mood": "x"},
+                    {"role": "assistant", "content": GOOD},
+                ]
+            },
+        ),
         ("unknown_role", msgs(("customer", "Hi"), ("assistant", GOOD))),
         ("no_assistant", msgs(("system", "Triage."), ("user", "Hi"))),
         ("bad_role_order", msgs(("user", "a"), ("system", "Triage."), ("assistant", GOOD))),
@@ -47,10 +54,24 @@ DEFECTS = {
         ("too_long", chat(user="x" * 200_000)),  # a huge record
         ("answer_format", chat(answer=GOOD + " Hope that helps!")),
         ("label_outside_set", chat(answer='{"urgency": "high", "category": "sales"}')),
-        ("bad_weight", {"messages": [{"role": "user", "content": "hi"},
-                                     {"role": "assistant", "content": GOOD, "weight": 2}]}),
-        ("zero_trainable_tokens", {"messages": [{"role": "user", "content": "hi"},
-                                                {"role": "assistant", "content": GOOD, "weight": 0}]}),
+        (
+            "bad_weight",
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": GOOD, "weight": 2},
+                ]
+            },
+        ),
+        (
+            "zero_trainable_tokens",
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": GOOD, "weight": 0},
+                ]
+            },
+        ),
         ("kind_mismatch", GOOD_ROWS["alpaca"]),
         # last: the assertions below index the earlier ones by position
         ("nesting_too_deep", '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"),
@@ -59,8 +80,15 @@ DEFECTS = {
         ("lone_surrogate", '{"messages": [{"role": "user", "content": "hi \\ud83d"}]}'),
     ],
     "sharegpt": [
-        ("unknown_role", {"conversations": [{"from": "human", "value": "hi"},
-                                            {"from": "narrator", "value": GOOD}]}),
+        (
+            "unknown_role",
+            {
+                "conversations": [
+                    {"from": "human", "value": "hi"},
+                    {"from": "narrator", "value": GOOD},
+                ]
+            },
+        ),
         ("message_missing_key", {"conversations": [{"from": "human"}]}),
         ("wrong_type", {"conversations": {"from": "human", "value": "hi"}}),
     ],
@@ -77,8 +105,13 @@ DEFECTS = {
     "preference": [
         ("chosen_equals_rejected", {"prompt": "hi", "chosen": GOOD, "rejected": GOOD}),
         ("empty_assistant", {"prompt": "hi", "chosen": GOOD, "rejected": " "}),
-        ("missing_field", {"chosen": [{"role": "user", "content": "a"}],
-                           "rejected": [{"role": "user", "content": "b"}]}),
+        (
+            "missing_field",
+            {
+                "chosen": [{"role": "user", "content": "a"}],
+                "rejected": [{"role": "user", "content": "b"}],
+            },
+        ),
     ],
     "text": [
         ("empty_content", {"text": "  \n "}),
@@ -87,8 +120,14 @@ DEFECTS = {
     ],
 }
 # which file format carries each kind's corpus (every format gets at least one kind)
-FORMATS = {"messages": ".jsonl", "sharegpt": ".json", "alpaca": ".json",
-           "prompt_completion": ".csv", "preference": ".jsonl", "text": ".parquet"}
+FORMATS = {
+    "messages": ".jsonl",
+    "sharegpt": ".json",
+    "alpaca": ".json",
+    "prompt_completion": ".csv",
+    "preference": ".jsonl",
+    "text": ".parquet",
+}
 
 
 def write_data(path, records: list, suffix: str) -> list[int]:
@@ -96,8 +135,11 @@ def write_data(path, records: list, suffix: str) -> list[int]:
     if suffix == ".jsonl":
         lines = [r if isinstance(r, (str, bytes)) else json.dumps(r) for r in records]
         # a BOM on the first line and CRLF endings must not cost a record
-        data = b"\xef\xbb\xbf" + b"\r\n".join(x if isinstance(x, bytes) else x.encode()
-                                              for x in lines) + b"\r\n"
+        data = (
+            b"\xef\xbb\xbf"
+            + b"\r\n".join(x if isinstance(x, bytes) else x.encode() for x in lines)
+            + b"\r\n"
+        )
         path.write_bytes(data)
         return list(range(1, len(records) + 1))
     if suffix == ".json":
@@ -111,8 +153,9 @@ def write_data(path, records: list, suffix: str) -> list[int]:
             writer = csv.writer(f)
             writer.writerow(columns)
             for r in records:
-                writer.writerow([v if isinstance(v := r.get(c, ""), str) else json.dumps(v)
-                                 for c in columns])
+                writer.writerow(
+                    [v if isinstance(v := r.get(c, ""), str) else json.dumps(v) for c in columns]
+                )
         return list(range(2, len(records) + 2))
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -126,8 +169,10 @@ def write_data(path, records: list, suffix: str) -> list[int]:
 def base(project):
     base_model.main()
     (project / "data/raw/tickets.jsonl").unlink()
-    set_params(project, **{"data.max_rejected_fraction": 0.95, "train.max_length": 128,
-                           "data.test_path": None})
+    set_params(
+        project,
+        **{"data.max_rejected_fraction": 0.95, "train.max_length": 128, "data.test_path": None},
+    )
     return project
 
 
@@ -175,9 +220,13 @@ def test_each_defect_gets_its_reason_and_line(base, kind):
 
 
 def test_canonical_shapes(base):
-    for kind, shape in [("sharegpt", "messages"), ("alpaca", "messages"),
-                        ("prompt_completion", "messages"), ("preference", "chosen"),
-                        ("text", "text")]:
+    for kind, shape in [
+        ("sharegpt", "messages"),
+        ("alpaca", "messages"),
+        ("prompt_completion", "messages"),
+        ("preference", "chosen"),
+        ("text", "text"),
+    ]:
         run(base, kind, {f"{kind}{FORMATS[kind]}": [GOOD_ROWS[kind]]})
         (record,) = read_jsonl(base / "data/interim/valid.jsonl")
         assert shape in record and {"id", "source", "line", "kind"} <= set(record), record
@@ -198,19 +247,30 @@ def test_auto_detects_kind_per_file_and_reports_drift(base, capsys):
     assert "detected kind 'alpaca'" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("files, message", [
-    ({"bin.jsonl": b"\x00\x01\x02\x03" * 100}, r"bin.jsonl: looks like a binary file"),
-    ({"obj.json": b'{"messages": []}'}, r"obj.json: a .json data file must hold an array"),
-    ({"cut.json": b'[{"text": "a"},\n{"text": '}, r"cut.json:2:\d+: not a valid JSON document"),
-    ({"notes.txt": b"hello"}, r"notes.txt: unsupported file type"),
-    ({"bad.parquet": b"PAR1 not really"}, r"bad.parquet: not a readable Parquet file"),
-    ({"dup.csv": b"text,text\na,b\n"}, r"dup.csv:1: CSV header needs unique"),
-    ({"latin1.csv": "text\ncaf\xe9\n".encode("latin-1")}, r"latin1.csv: not UTF-8"),
-    ({"a.jsonl": json.dumps(GOOD_ROWS["text"]).encode(),
-      "b.jsonl": json.dumps(GOOD_ROWS["alpaca"]).encode()}, r"mixes record kinds.*a.jsonl: text"),
-    ({"odd.jsonl": b'{"question": "a", "answer": "b"}'}, r"odd.jsonl: cannot tell the record kind"),
-    ({"empty.jsonl": b""}, r"no records"),
-])
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"bin.jsonl": b"\x00\x01\x02\x03" * 100}, r"bin.jsonl: looks like a binary file"),
+        ({"obj.json": b'{"messages": []}'}, r"obj.json: a .json data file must hold an array"),
+        ({"cut.json": b'[{"text": "a"},\n{"text": '}, r"cut.json:2:\d+: not a valid JSON document"),
+        ({"notes.txt": b"hello"}, r"notes.txt: unsupported file type"),
+        ({"bad.parquet": b"PAR1 not really"}, r"bad.parquet: not a readable Parquet file"),
+        ({"dup.csv": b"text,text\na,b\n"}, r"dup.csv:1: CSV header needs unique"),
+        ({"latin1.csv": "text\ncaf\xe9\n".encode("latin-1")}, r"latin1.csv: not UTF-8"),
+        (
+            {
+                "a.jsonl": json.dumps(GOOD_ROWS["text"]).encode(),
+                "b.jsonl": json.dumps(GOOD_ROWS["alpaca"]).encode(),
+            },
+            r"mixes record kinds.*a.jsonl: text",
+        ),
+        (
+            {"odd.jsonl": b'{"question": "a", "answer": "b"}'},
+            r"odd.jsonl: cannot tell the record kind",
+        ),
+        ({"empty.jsonl": b""}, r"no records"),
+    ],
+)
 def test_unreadable_files_are_one_line_errors(base, files, message):
     for name, data in files.items():
         (base / "data/raw" / name).write_bytes(data)
@@ -232,8 +292,9 @@ def test_empty_file_beside_others_is_reported(base):
 def test_length_policies(base):
     long_answer_last = chat(user="log line " * 100)
     # an earlier answer survives truncation, which keeps the start of a conversation
-    long_multi_turn = msgs(("user", "hi"), ("assistant", GOOD), ("user", "log line " * 100),
-                           ("assistant", OTHER))
+    long_multi_turn = msgs(
+        ("user", "hi"), ("assistant", GOOD), ("user", "log line " * 100), ("assistant", OTHER)
+    )
     rows = [chat(), long_answer_last, long_multi_turn]
     _, rejected = run(base, "messages", {"a.jsonl": rows})
     assert rejected["quarantined_by_reason"] == {"too_long": 2}
@@ -287,37 +348,63 @@ def test_token_counts_are_what_training_trains(base):
 
     tokenizer = AutoTokenizer.from_pretrained(base / "models/base")
     template = (base / "models/base/chat_template_training.jinja").read_text()
-    records = [{"messages": [SYSTEM, {"role": "user", "content": f"ticket {i} " * (i % 7 + 1)},
-                             {"role": "assistant", "content": GOOD if i % 2 else OTHER}]}
-               for i in range(30)]
-    records.append(msgs(("user", "hi"), ("assistant", GOOD), ("user", "and?"), ("assistant", OTHER)))
-    records.append({"messages": [{"role": "user", "content": "hi"},
-                                 {"role": "assistant", "content": GOOD, "weight": 0},
-                                 {"role": "user", "content": "and?"},
-                                 {"role": "assistant", "content": OTHER}]})
-    records.append({"prompt": [{"role": "user", "content": "hi"}],
-                    "chosen": [{"role": "assistant", "content": GOOD}],
-                    "rejected": [{"role": "assistant", "content": OTHER}]})
+    records = [
+        {
+            "messages": [
+                SYSTEM,
+                {"role": "user", "content": f"ticket {i} " * (i % 7 + 1)},
+                {"role": "assistant", "content": GOOD if i % 2 else OTHER},
+            ]
+        }
+        for i in range(30)
+    ]
+    records.append(
+        msgs(("user", "hi"), ("assistant", GOOD), ("user", "and?"), ("assistant", OTHER))
+    )
+    records.append(
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": GOOD, "weight": 0},
+                {"role": "user", "content": "and?"},
+                {"role": "assistant", "content": OTHER},
+            ]
+        }
+    )
+    records.append(
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "chosen": [{"role": "assistant", "content": GOOD}],
+            "rejected": [{"role": "assistant", "content": OTHER}],
+        }
+    )
     records.append({"text": "Refunds take five days. " * 20})
     for train_on in ("assistant", "all"):
         for limit in (None, 40):
-            facts = [{"unknown_role": None, "role_order": None, "n_assistant": 1}
-                     for _ in records]
+            facts = [{"unknown_role": None, "role_order": None, "n_assistant": 1} for _ in records]
             validate.measure_tokens(facts, records, tokenizer, template, train_on, limit)
             whole = train.tokenized_rows(records, tokenizer, train_on, None, packing=False)
             assert [f["n_tokens"] for f in facts] == [len(r["input_ids"]) for r in whole]
             # rows are cut at the limit when training cuts them; raw text is packed, never cut
-            expected = [sum(label != IGNORE for label in
-                            (w["labels"] if "text" in rec else w["labels"][:limit]))
-                        for rec, w in zip(records, whole)]
+            expected = [
+                sum(
+                    label != IGNORE
+                    for label in (w["labels"] if "text" in rec else w["labels"][:limit])
+                )
+                for rec, w in zip(records, whole)
+            ]
             assert [f["trainable_tokens"] for f in facts] == expected, (train_on, limit)
 
 
 def test_sets_in_the_wild(base):
     """Shapes of well-known public sets: Dolly (renamed columns), UltraFeedback (the prompt
     repeated inside chosen/rejected, extra score fields), ShareGPT-style preference."""
-    dolly = {"instruction": "Triage this.", "context": "I was charged twice.", "response": GOOD,
-             "category": "classification"}
+    dolly = {
+        "instruction": "Triage this.",
+        "context": "I was charged twice.",
+        "response": GOOD,
+        "category": "classification",
+    }
     set_params(base, **{"data.columns": {"input": "context", "output": "response"}})
     _, report = run(base, "alpaca", {"dolly.jsonl": [dolly]}, declared="auto")
     (record,) = read_jsonl(base / "data/interim/valid.jsonl")
@@ -326,14 +413,21 @@ def test_sets_in_the_wild(base):
     set_params(base, **{"data.columns": {}})
 
     user = {"role": "user", "content": "I was charged twice."}
-    ultrafeedback = {"prompt": "I was charged twice.", "score_chosen": 9.0, "score_rejected": 2.0,
-                     "chosen": [user, {"role": "assistant", "content": GOOD}],
-                     "rejected": [user, {"role": "assistant", "content": "sales"}]}
-    sharegpt_pref = {"conversations": [{"from": "human", "value": "I was charged twice."}],
-                     "chosen": {"from": "gpt", "value": GOOD},
-                     "rejected": {"from": "gpt", "value": "sales"}}
-    _, report = run(base, "preference", {"uf.jsonl": [ultrafeedback, sharegpt_pref]},
-                    declared="auto")
+    ultrafeedback = {
+        "prompt": "I was charged twice.",
+        "score_chosen": 9.0,
+        "score_rejected": 2.0,
+        "chosen": [user, {"role": "assistant", "content": GOOD}],
+        "rejected": [user, {"role": "assistant", "content": "sales"}],
+    }
+    sharegpt_pref = {
+        "conversations": [{"from": "human", "value": "I was charged twice."}],
+        "chosen": {"from": "gpt", "value": GOOD},
+        "rejected": {"from": "gpt", "value": "sales"},
+    }
+    _, report = run(
+        base, "preference", {"uf.jsonl": [ultrafeedback, sharegpt_pref]}, declared="auto"
+    )
     assert report["rows_out"] == 2, read_jsonl(base / "data/interim/quarantine.jsonl")
     for record in read_jsonl(base / "data/interim/valid.jsonl"):
         assert [m["role"] for m in record["prompt"]] == ["user"]
@@ -345,14 +439,37 @@ def test_foreign_data_under_the_ticket_task_says_which_task_to_pick(base):
     foreign = {"instruction": "Summarise.", "output": "A short summary."}
     with pytest.raises(StageError, match="task=generic"):
         run(base, "alpaca", {"a.jsonl": [foreign] * 3})
-    set_params(base, task={"name": "generic", "answer_regex": None, "labels": {},
-                           "stratify_by": [], "metrics": ["exact_match", "rouge_l", "bleu"]})
+    set_params(
+        base,
+        task={
+            "name": "generic",
+            "answer_regex": None,
+            "labels": {},
+            "stratify_by": [],
+            "metrics": ["exact_match", "rouge_l", "bleu"],
+        },
+    )
     _, report = run(base, "alpaca", {"a.jsonl": [foreign] * 3})
     assert report["rows_out"] == 3
 
 
-WORDS = ("refund invoice login password parcel courier screen crash export report upgrade "
-         "discount warranty battery address").split()
+WORDS = [
+    "refund",
+    "invoice",
+    "login",
+    "password",
+    "parcel",
+    "courier",
+    "screen",
+    "crash",
+    "export",
+    "report",
+    "upgrade",
+    "discount",
+    "warranty",
+    "battery",
+    "address",
+]
 
 
 def distinct_rows(kind: str, n: int = 40) -> list[dict]:
@@ -361,17 +478,24 @@ def distinct_rows(kind: str, n: int = 40) -> list[dict]:
     for i in range(n):
         words = [f"{WORDS[(i + j * 4) % len(WORDS)]}{i}" for j in range(6)]
         user = "Ticket " + " ".join(words)
-        answer = json.dumps({"urgency": ["low", "high"][i % 2],
-                             "category": ["billing", "account"][i // 2 % 2]})
-        rows.append({
-            "messages": chat(user=user, answer=answer),
-            "sharegpt": {"conversations": [{"from": "human", "value": user},
-                                           {"from": "gpt", "value": answer}]},
-            "alpaca": {"instruction": "Triage this ticket.", "input": user, "output": answer},
-            "prompt_completion": {"prompt": user, "completion": answer},
-            "preference": {"prompt": user, "chosen": answer, "rejected": "no idea, sorry"},
-            "text": {"text": f"Handbook section {i}: " + " ".join(words) + "."},
-        }[kind])
+        answer = json.dumps(
+            {"urgency": ["low", "high"][i % 2], "category": ["billing", "account"][i // 2 % 2]}
+        )
+        rows.append(
+            {
+                "messages": chat(user=user, answer=answer),
+                "sharegpt": {
+                    "conversations": [
+                        {"from": "human", "value": user},
+                        {"from": "gpt", "value": answer},
+                    ]
+                },
+                "alpaca": {"instruction": "Triage this ticket.", "input": user, "output": answer},
+                "prompt_completion": {"prompt": user, "completion": answer},
+                "preference": {"prompt": user, "chosen": answer, "rejected": "no idea, sorry"},
+                "text": {"text": f"Handbook section {i}: " + " ".join(words) + "."},
+            }[kind]
+        )
     return rows
 
 
@@ -390,36 +514,49 @@ def test_every_kind_from_every_format_through_the_data_stages(base, suffix):
         dedup_report = json.loads((base / "reports/dedup.json").read_text())
         split_report = json.loads((base / "reports/split.json").read_text())
         assert dedup_report["rows_in"] == 40 == dedup_report["rows_out"], (kind, dedup_report)
-        sizes = {name: len(read_jsonl(base / f"data/processed/{name}.jsonl"))
-                 for name in ("train", "validation", "test")}
+        sizes = {
+            name: len(read_jsonl(base / f"data/processed/{name}.jsonl"))
+            for name in ("train", "validation", "test")
+        }
         assert sum(sizes.values()) == split_report["rows_out"] == 40 and min(sizes.values()) > 0
         assert all(r["kind"] == kind for r in read_jsonl(base / "data/processed/train.jsonl"))
 
 
 def test_fixed_evaluation_sets_are_validated_and_tagged(base):
     (base / "data/eval").mkdir(exist_ok=True)
-    write_data(base / "data/eval/test.jsonl", [chat("My parcel never came."), chat(answer="")],
-               ".jsonl")
+    write_data(
+        base / "data/eval/test.jsonl", [chat("My parcel never came."), chat(answer="")], ".jsonl"
+    )
     set_params(base, **{"data.test_path": "data/eval/test.jsonl"})
     _, report = run(base, "messages", {"pool.jsonl": [chat(), chat("Refund please.")]})
     valid = read_jsonl(base / "data/interim/valid.jsonl")
     assert [r.get("fixed_split") for r in valid] == [None, None, "test"]
     # the same suite: the empty answer of the test file is quarantined with its file and line
-    assert report["fixed_sets"] == {"test": {"files": ["data/eval/test.jsonl"],
-                                             "rows_in": 2, "rows_out": 1}}
+    assert report["fixed_sets"] == {
+        "test": {"files": ["data/eval/test.jsonl"], "rows_in": 2, "rows_out": 1}
+    }
     quarantined = read_jsonl(base / "data/interim/quarantine.jsonl")
     assert [(q["source"], q["line"], q["reasons"]) for q in quarantined] == [
-        ("data/eval/test.jsonl", 2, ["empty_assistant"])]
+        ("data/eval/test.jsonl", 2, ["empty_assistant"])
+    ]
 
 
-@pytest.mark.parametrize("test_path, message", [
-    ("data/raw/pool.jsonl", "data.test_path: data/raw/pool.jsonl is also in data.path"),
-    ("/tmp", "data.test_path: /tmp is a folder: name its files"),
-    ("data/eval/missing.jsonl", "data.test_path: data/eval/missing.jsonl: no such file"),
-    ("elsewhere.jsonl", "data.test_path=elsewhere.jsonl: not a dependency of the validate stage"
-                        ", so `dvc repro` would not rerun it when the file changes; put it under "
-                        "data/raw or data/eval"),
-])
+@pytest.mark.parametrize(
+    "test_path, message",
+    [
+        ("data/raw/pool.jsonl", "data.test_path: data/raw/pool.jsonl is also in data.path"),
+        ("/tmp", "data.test_path: /tmp is a folder: name its files"),
+        ("data/eval/missing.jsonl", "data.test_path: data/eval/missing.jsonl: no such file"),
+        (
+            "elsewhere.jsonl",
+            (
+                "data.test_path=elsewhere.jsonl: not a dependency of the validate stage"
+                ", so `dvc repro` would not rerun it when the file changes; put it under "
+                "data/raw or data/eval"
+            ),
+        ),
+    ],
+)
 def test_fixed_set_paths_are_checked(base, test_path, message):
     for path in ("data/raw/pool.jsonl", "elsewhere.jsonl"):
         write_data(base / path, [chat()], ".jsonl")
@@ -448,26 +585,42 @@ def test_what_exports_write_is_read_as_meant(base):
     folder = base / "data/raw/exports"
     folder.mkdir()
     # a key present as null is absent: Parquet and `datasets` exports write every key
-    nulls = {"messages": [{"role": "user", "content": "Charged twice.", "weight": None,
-                           "tool_calls": None, "mood": None},
-                          {"role": "assistant", "content": GOOD, "weight": None}],
-             "extra": None}
+    nulls = {
+        "messages": [
+            {
+                "role": "user",
+                "content": "Charged twice.",
+                "weight": None,
+                "tool_calls": None,
+                "mood": None,
+            },
+            {"role": "assistant", "content": GOOD, "weight": None},
+        ],
+        "extra": None,
+    }
     (folder / "nulls.jsonl").write_text(json.dumps(nulls) + "\n")
     # UTF-16 with its byte order mark (Windows' "Unicode" text); CR-only line ends
     (folder / "utf16.jsonl").write_bytes(
-        ("\n".join(json.dumps(chat(f"Ticket {i}")) for i in range(3)) + "\n").encode("utf-16"))
+        ("\n".join(json.dumps(chat(f"Ticket {i}")) for i in range(3)) + "\n").encode("utf-16")
+    )
     (folder / "cr.jsonl").write_bytes(
-        "\r".join(json.dumps(chat(f"Old Mac ticket {i}")) for i in range(3)).encode())
+        "\r".join(json.dumps(chat(f"Old Mac ticket {i}")) for i in range(3)).encode()
+    )
     # a CSV cell over csv's default 128 KB field limit is data, not a malformed row
-    (folder / "long.csv").write_text('messages\n"' + json.dumps(
-        chat("word " * 30_000)["messages"]).replace('"', '""') + '"\n')
+    (folder / "long.csv").write_text(
+        'messages\n"' + json.dumps(chat("word " * 30_000)["messages"]).replace('"', '""') + '"\n'
+    )
     (folder / "a_folder.jsonl").mkdir()  # a glob's folder is skipped, not read
-    set_params(base, **{"data.path": "data/raw/exports/*", "data.kind": "messages",
-                        "train.max_length": None})
+    set_params(
+        base,
+        **{"data.path": "data/raw/exports/*", "data.kind": "messages", "train.max_length": None},
+    )
     validate.main()
     report = json.loads((base / "reports/validate.json").read_text())
-    assert report["files"] == {f"data/raw/exports/{name}": n for name, n in (
-        ("cr.jsonl", 3), ("long.csv", 1), ("nulls.jsonl", 1), ("utf16.jsonl", 3))}
+    assert report["files"] == {
+        f"data/raw/exports/{name}": n
+        for name, n in (("cr.jsonl", 3), ("long.csv", 1), ("nulls.jsonl", 1), ("utf16.jsonl", 3))
+    }
     assert report["rows_out"] == 8, read_jsonl(base / "data/interim/quarantine.jsonl")
     valid = read_jsonl(base / "data/interim/valid.jsonl")
     assert "meta" not in valid[4] and "weight" not in valid[4]["messages"][0]

@@ -24,21 +24,48 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # special tokens, its plain added tokens, the tokens generation stops at (generation_config),
 # and what the template writes before the answer of a final turn (Qwen 3's empty reasoning).
 FAMILIES = {
-    "llama3_1": dict(template="llama3_1.jinja", bos="<|begin_of_text|>", eos="<|eot_id|>",
-                     pad="<|finetune_right_pad_id|>",
-                     special=["<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>",
-                              "<|eom_id|>"],
-                     stops=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]),
-    "qwen2_5": dict(template="qwen2_5.jinja", bos=None, eos="<|im_end|>", pad="<|endoftext|>",
-                    special=["<|im_start|>"], stops=["<|im_end|>", "<|endoftext|>"]),
-    "qwen3": dict(template="qwen3.jinja", bos=None, eos="<|im_end|>", pad="<|endoftext|>",
-                  special=["<|im_start|>"], added=["<think>", "</think>"],
-                  stops=["<|im_end|>", "<|endoftext|>"], final_turn_prefix="<think>\n\n</think>\n\n"),
-    "gemma3": dict(template="gemma3.jinja", bos="<bos>", eos="<eos>", pad="<pad>",
-                   special=["<start_of_turn>", "<end_of_turn>"], stops=["<eos>", "<end_of_turn>"]),
-    "phi3": dict(template="phi3.jinja", bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>",
-                 special=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
-                 stops=["<|endoftext|>", "<|assistant|>", "<|end|>"]),
+    "llama3_1": {
+        "template": "llama3_1.jinja",
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "pad": "<|finetune_right_pad_id|>",
+        "special": ["<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>", "<|eom_id|>"],
+        "stops": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+    },
+    "qwen2_5": {
+        "template": "qwen2_5.jinja",
+        "bos": None,
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
+        "special": ["<|im_start|>"],
+        "stops": ["<|im_end|>", "<|endoftext|>"],
+    },
+    "qwen3": {
+        "template": "qwen3.jinja",
+        "bos": None,
+        "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
+        "special": ["<|im_start|>"],
+        "added": ["<think>", "</think>"],
+        "stops": ["<|im_end|>", "<|endoftext|>"],
+        "final_turn_prefix": "<think>\n\n</think>\n\n",
+    },
+    "gemma3": {
+        "template": "gemma3.jinja",
+        "bos": "<bos>",
+        "eos": "<eos>",
+        "pad": "<pad>",
+        "special": ["<start_of_turn>", "<end_of_turn>"],
+        "stops": ["<eos>", "<end_of_turn>"],
+    },
+    "phi3": {
+        "template": "phi3.jinja",
+        "bos": "<s>",
+        "eos": "<|endoftext|>",
+        "pad": "<|endoftext|>",
+        "special": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        "stops": ["<|endoftext|>", "<|assistant|>", "<|end|>"],
+    },
 }
 
 
@@ -48,8 +75,9 @@ def _bpe(corpus: list[str], special: list[str]):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(corpus, trainer)
     return bpe
 
@@ -59,12 +87,19 @@ def _save_llama(folder: Path, tokenizer, dtype=None, eos_ids=None) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=eos_ids or tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos_ids or tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = LlamaForCausalLM(config)
     if dtype is not None:
         model = model.to(dtype)
@@ -78,8 +113,12 @@ def build_tiny_model(folder: Path, corpus: list[str]) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_bpe(corpus, SPECIAL), bos_token="<|im_start|>", eos_token="<|im_end|>",
-        unk_token="<|endoftext|>", pad_token="<|im_end|>")
+        tokenizer_object=_bpe(corpus, SPECIAL),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
     tokenizer.chat_template = CHATML_TEMPLATE
     return _save_llama(folder, tokenizer)
 
@@ -93,11 +132,15 @@ def build_family_model(folder: Path, corpus: list[str], family: str) -> Path:
     spec = FAMILIES[family]
     special = [t for t in (spec["bos"], spec["eos"], spec["pad"], *spec["special"]) if t]
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_bpe(corpus, list(dict.fromkeys(special))), bos_token=spec["bos"],
-        eos_token=spec["eos"], pad_token=spec["pad"])
+        tokenizer_object=_bpe(corpus, list(dict.fromkeys(special))),
+        bos_token=spec["bos"],
+        eos_token=spec["eos"],
+        pad_token=spec["pad"],
+    )
     tokenizer.add_tokens(spec.get("added", []))
-    tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" /
-                               spec["template"]).read_text(encoding="utf-8")
+    tokenizer.chat_template = (
+        Path(trl.__file__).parent / "chat_templates" / spec["template"]
+    ).read_text(encoding="utf-8")
     stop_ids = tokenizer.convert_tokens_to_ids(spec["stops"])
     return _save_llama(folder, tokenizer, torch.bfloat16, stop_ids)
 

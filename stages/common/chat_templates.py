@@ -128,18 +128,26 @@ def trl_template(tokenizer) -> tuple[str, str] | None:
     if template is None:  # TRL finds it training-ready as it is: the shipped candidate covers it
         return None
     folder = Path(trl.__file__).parent / "chat_templates"
-    name = next((p.name for p in sorted(folder.glob("*_training.jinja"))
-                 if p.read_text(encoding="utf-8") == template), "trl")
+    name = next(
+        (
+            p.name
+            for p in sorted(folder.glob("*_training.jinja"))
+            if p.read_text(encoding="utf-8") == template
+        ),
+        "trl",
+    )
     return template, name
 
 
 def _render(tokenizer, template: str, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+    )
 
 
-def inference_spans(tokenizer, shipped: str, messages: list[dict],
-                    stops: list[str]) -> list[tuple[int, int]] | str:
+def inference_spans(
+    tokenizer, shipped: str, messages: list[dict], stops: list[str]
+) -> list[tuple[int, int]] | str:
     """Character spans of what the model generates for each assistant turn (see the module
     docstring), or a sentence saying why there are none."""
     from jinja2 import TemplateError
@@ -154,15 +162,17 @@ def inference_spans(tokenizer, shipped: str, messages: list[dict],
         except TemplateError as err:
             return f"unable to render the prompt of message {i} ({str(err).splitlines()[0]})"
         if not rendered.startswith(prompt):
-            return (f"not prefix-preserving: message {i} follows another text than its prompt "
-                    f"{prompt[-40:]!r}")
+            return (
+                f"not prefix-preserving: message {i} follows another text than its prompt "
+                f"{prompt[-40:]!r}"
+            )
         if spans and len(prompt) < spans[-1][1]:
             return f"the answer before message {i} runs into it: no stop token {stops} ends it"
         ends = [at + len(stop) for stop in stops if (at := rendered.find(stop, len(prompt))) >= 0]
         if not ends:
             return f"assistant message {i} is not followed by any stop token {stops}"
         span = (len(prompt), min(ends))
-        if message["content"].strip() not in rendered[span[0]:span[1]]:
+        if message["content"].strip() not in rendered[span[0] : span[1]]:
             return f"assistant message {i} is not where its turn is rendered"
         spans.append(span)
     return spans
@@ -192,8 +202,9 @@ def _expected_mask(tokenizer, text: str, spans: list[tuple[int, int]]) -> list[i
     return mask
 
 
-def verify(tokenizer, shipped: str, training: str, stops: list[str],
-           strict: bool = True) -> tuple[list[str], bool]:
+def verify(
+    tokenizer, shipped: str, training: str, stops: list[str], strict: bool = True
+) -> tuple[list[str], bool]:
     """(problems, exact) of a training template on the probes: it must render what the shipped
     template renders, and its loss spans must be the inference spans (`exact`). Where those are
     undefined (a template that is not prefix-preserving) a strict check fails; otherwise weaker
@@ -214,29 +225,36 @@ def verify(tokenizer, shipped: str, training: str, stops: list[str],
             continue
         if a != b:
             at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-            problems.append(f"probe {n}: renders {b[at:at + 30]!r} where the model's template "
-                            f"renders {a[at:at + 30]!r}")
+            problems.append(
+                f"probe {n}: renders {b[at : at + 30]!r} where the model's template "
+                f"renders {a[at : at + 30]!r}"
+            )
             continue
         if prompt_only:
             continue
         checked += 1
-        encoded = tokenizer.apply_chat_template(messages, chat_template=training, return_dict=True,
-                                                return_assistant_tokens_mask=True)
+        encoded = tokenizer.apply_chat_template(
+            messages, chat_template=training, return_dict=True, return_assistant_tokens_mask=True
+        )
         ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
         trained = [tokenizer.decode(run) for run in _token_runs(ids, mask)]
         spans = inference_spans(tokenizer, shipped, messages, stops)
         if isinstance(spans, str):
             exact = False
             if strict:
-                problems.append(f"probe {n}: which tokens the model generates cannot be "
-                                f"checked: the template is {spans}")
+                problems.append(
+                    f"probe {n}: which tokens the model generates cannot be "
+                    f"checked: the template is {spans}"
+                )
                 continue
             answers = [m["content"] for m in messages if m["role"] == "assistant"]
             if len(trained) != len(answers) or any(
-                    answer.strip() not in text or not text.endswith(tuple(stops))
-                    for answer, text in zip(answers, trained)):
-                problems.append(f"probe {n}: trains {trained}, not each answer through a stop "
-                                f"token {stops}")
+                answer.strip() not in text or not text.endswith(tuple(stops))
+                for answer, text in zip(answers, trained)
+            ):
+                problems.append(
+                    f"probe {n}: trains {trained}, not each answer through a stop token {stops}"
+                )
             continue
         expected_mask = _expected_mask(tokenizer, a, spans)
         if mask != expected_mask:
@@ -247,15 +265,17 @@ def verify(tokenizer, shipped: str, training: str, stops: list[str],
     return problems, exact
 
 
-def choose(tokenizer, shipped: str, configured: str | None, stops: list[str],
-           family: str) -> tuple[str, dict]:
+def choose(
+    tokenizer, shipped: str, configured: str | None, stops: list[str], family: str
+) -> tuple[str, dict]:
     """The training template and a report of how it was chosen (see the module docstring)."""
     if configured:
         path = Path(configured)
         if not path.is_file():
             raise StageError(f"model.training_chat_template={configured}: file not found")
-        candidates = [(f"model.training_chat_template ({configured})",
-                       path.read_text(encoding="utf-8"))]
+        candidates = [
+            (f"model.training_chat_template ({configured})", path.read_text(encoding="utf-8"))
+        ]
     else:
         candidates = []
         if has_markers(shipped):
@@ -273,12 +293,17 @@ def choose(tokenizer, shipped: str, configured: str | None, stops: list[str],
         # an automatic choice must be provably right; the user's own file is trusted further
         problems, exact = verify(tokenizer, shipped, template, stops, strict=not configured)
         if not problems:
-            return template, {"source": source, "exact_check": exact,
-                              "probes": len(PROBES), "stop_tokens": stops,
-                              "rejected": rejected}
+            return template, {
+                "source": source,
+                "exact_check": exact,
+                "probes": len(PROBES),
+                "stop_tokens": stops,
+                "rejected": rejected,
+            }
         rejected[source] = problems[0]
     reasons = "; ".join(f"{source}: {why}" for source, why in rejected.items())
     raise StageError(
         f"model family '{family}': no training chat template puts loss on exactly the answers "
         f"({reasons}); write one with {{% generation %}} markers around each assistant answer "
-        f"and its stop token, and set model.training_chat_template to its path")
+        f"and its stop token, and set model.training_chat_template to its path"
+    )

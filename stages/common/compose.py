@@ -19,8 +19,9 @@ CONF_DIR = Path("conf")
 def compose(output: Path, overrides: list[str] | None = None) -> None:
     from dvc.utils.hydra import compose_and_dump
 
-    compose_and_dump(output, str(CONF_DIR.resolve()), None, "config", str(Path.cwd()),
-                     overrides or [])
+    compose_and_dump(
+        output, str(CONF_DIR.resolve()), None, "config", str(Path.cwd()), overrides or []
+    )
 
 
 if __name__ == "__main__":

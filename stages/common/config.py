@@ -51,10 +51,12 @@ def require_dependency(stage: str, key: str, path: str | Path) -> Path:
         if target == declared or declared in target.parents:
             return path
     folders = [d for d in deps if not str(d).startswith("stages/") and Path(d).is_dir()]
-    raise StageError(f"{key}={path}: not a dependency of the {stage} stage, so `dvc repro` would "
-                     f"not rerun it when the file changes; put it under "
-                     f"{' or '.join(folders) or 'a declared folder'}, or add it to the "
-                     f"{stage} stage's deps in dvc.yaml")
+    raise StageError(
+        f"{key}={path}: not a dependency of the {stage} stage, so `dvc repro` would "
+        f"not rerun it when the file changes; put it under "
+        f"{' or '.join(folders) or 'a declared folder'}, or add it to the "
+        f"{stage} stage's deps in dvc.yaml"
+    )
 
 
 def project_root() -> Path:

@@ -60,8 +60,10 @@ def _labels(ids: list[int], mask: list[int], messages: list[dict], train_on: str
     weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
     runs = _runs(mask)
     if len(runs) != len(weights):
-        raise ExampleError(f"the training template marked {len(runs)} answers in a "
-                           f"conversation with {len(weights)} assistant messages")
+        raise ExampleError(
+            f"the training template marked {len(runs)} answers in a "
+            f"conversation with {len(weights)} assistant messages"
+        )
     labels = [t if bit else IGNORE for t, bit in zip(ids, mask)]
     for (start, end), weight in zip(runs, weights):
         if not weight:
@@ -69,13 +71,19 @@ def _labels(ids: list[int], mask: list[int], messages: list[dict], train_on: str
     return labels
 
 
-def _encode(tokenizer, conversations: list[list[dict]], template: str,
-            tools: list[dict] | None = None) -> list[tuple[list[int], list[int]]]:
+def _encode(
+    tokenizer, conversations: list[list[dict]], template: str, tools: list[dict] | None = None
+) -> list[tuple[list[int], list[int]]]:
     """(input ids, assistant mask) of each conversation; tools go to the template, which
     renders them its own way (into the system prompt, a tools block, ...)."""
     encoded = tokenizer.apply_chat_template(
-        [_plain(c) for c in conversations], tools=tools, chat_template=template, tokenize=True,
-        return_dict=True, return_assistant_tokens_mask=True)
+        [_plain(c) for c in conversations],
+        tools=tools,
+        chat_template=template,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
     return list(zip(encoded["input_ids"], encoded["assistant_masks"]))
 
 
@@ -90,12 +98,18 @@ def _check_calls_rendered(tokenizer, ids: list[int], mask: list[int], messages: 
                 raise ExampleError(
                     f"the chat template does not render tool calls (the turn calling "
                     f"{call['function']['name']!r} renders as {turn[:60]!r}): use a model whose "
-                    f"template supports tools, or set model.training_chat_template")
+                    f"template supports tools, or set model.training_chat_template"
+                )
 
 
-def chat_examples(tokenizer, conversations: list[list[dict]], template: str,
-                  train_on: str = "assistant", collect_errors: bool = False,
-                  tools: list[list[dict] | None] | None = None) -> list:
+def chat_examples(
+    tokenizer,
+    conversations: list[list[dict]],
+    template: str,
+    train_on: str = "assistant",
+    collect_errors: bool = False,
+    tools: list[list[dict] | None] | None = None,
+) -> list:
     """input_ids and labels of each conversation, whole (callers cut at max_length); `tools`:
     each conversation's declared tools, if any. A conversation the template refuses raises
     ExampleError, or with `collect_errors` takes the ExampleError's place in the list."""
@@ -113,8 +127,9 @@ def chat_examples(tokenizer, conversations: list[list[dict]], template: str,
         pairs: dict[int, tuple | ExampleError] = {}
         try:
             if batched:
-                pairs |= dict(zip(batched, _encode(tokenizer, [conversations[i] for i in batched],
-                                                   template)))
+                pairs |= dict(
+                    zip(batched, _encode(tokenizer, [conversations[i] for i in batched], template))
+                )
         except TemplateError:
             pairs = {}
         for i in (i for i in chunk if i not in pairs):
@@ -129,8 +144,9 @@ def chat_examples(tokenizer, conversations: list[list[dict]], template: str,
                 ids, mask = list(pairs[i][0]), list(pairs[i][1])
                 if tools[i] or any(m.get("tool_calls") for m in conversations[i]):
                     _check_calls_rendered(tokenizer, ids, mask, conversations[i])
-                out.append({"input_ids": ids,
-                            "labels": _labels(ids, mask, conversations[i], train_on)})
+                out.append(
+                    {"input_ids": ids, "labels": _labels(ids, mask, conversations[i], train_on)}
+                )
             except ExampleError as err:
                 if not collect_errors:
                     raise
@@ -144,12 +160,23 @@ def text_example(tokenizer, text: str) -> dict:
     return {"input_ids": ids, "labels": list(ids)}
 
 
-def record_examples(tokenizer, records: list[dict], template: str, train_on: str = "assistant",
-                    collect_errors: bool = False) -> list:
+def record_examples(
+    tokenizer,
+    records: list[dict],
+    template: str,
+    train_on: str = "assistant",
+    collect_errors: bool = False,
+) -> list:
     """The example of each canonical record, whatever its kind (see the module docstring)."""
     chats = [i for i, r in enumerate(records) if "text" not in r]
-    built = chat_examples(tokenizer, [conversation(records[i]) for i in chats], template,
-                          train_on, collect_errors, [records[i].get("tools") for i in chats])
+    built = chat_examples(
+        tokenizer,
+        [conversation(records[i]) for i in chats],
+        template,
+        train_on,
+        collect_errors,
+        [records[i].get("tools") for i in chats],
+    )
     out: list = [None] * len(records)
     for i, example in zip(chats, built):
         out[i] = example
@@ -163,8 +190,10 @@ def truncate(example: dict, max_length: int | None) -> dict:
     """The example cut to max_length tokens, keeping the start (as validate counted it)."""
     if not max_length:
         return example
-    return {"input_ids": example["input_ids"][:max_length],
-            "labels": example["labels"][:max_length]}
+    return {
+        "input_ids": example["input_ids"][:max_length],
+        "labels": example["labels"][:max_length],
+    }
 
 
 def trainable_tokens(example: dict) -> int:
@@ -174,12 +203,19 @@ def trainable_tokens(example: dict) -> int:
 def prompt_text(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
     """A conversation's prompt as generation sees it: the shipped template, generation prompt
     added (the training template renders the same text: base_model proved it)."""
-    return tokenizer.apply_chat_template(_plain(messages), tools=tools or None, tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        _plain(messages), tools=tools or None, tokenize=False, add_generation_prompt=True
+    )
 
 
 def prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Token ids of prompt_text, as the served model tokenizes it."""
-    return list(tokenizer.apply_chat_template(_plain(messages), tools=tools or None,
-                                              tokenize=True, return_dict=True,
-                                              add_generation_prompt=True)["input_ids"])
+    return list(
+        tokenizer.apply_chat_template(
+            _plain(messages),
+            tools=tools or None,
+            tokenize=True,
+            return_dict=True,
+            add_generation_prompt=True,
+        )["input_ids"]
+    )

@@ -32,13 +32,27 @@ from stages.common.records import normalize_text, parse_json
 from stages.common.schema import RecordKind
 
 KINDS = get_args(RecordKind)  # data.kind's values (the schema is their one home)
-SHAPE = {"messages": "chat", "sharegpt": "chat", "alpaca": "chat", "prompt_completion": "chat",
-         "preference": "preference", "text": "text"}
+SHAPE = {
+    "messages": "chat",
+    "sharegpt": "chat",
+    "alpaca": "chat",
+    "prompt_completion": "chat",
+    "preference": "preference",
+    "text": "text",
+}
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = {"role", "content", "weight", "tool_calls", "tool_call_id", "name"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant", "chatgpt": "assistant", "model": "assistant",
-                  "bard": "assistant", "bing": "assistant"}
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+}
 # the fields a kind reads; anything else at the top level goes to `meta`
 FIELDS = {
     "messages": {"messages", "tools"},
@@ -64,9 +78,13 @@ def kind_of(obj: Any) -> str | None:
     keys = obj.keys()
     if "chosen" in keys and "rejected" in keys:
         return "preference"
-    for kind, required in (("messages", {"messages"}), ("sharegpt", {"conversations"}),
-                           ("alpaca", {"instruction", "output"}),
-                           ("prompt_completion", {"prompt", "completion"}), ("text", {"text"})):
+    for kind, required in (
+        ("messages", {"messages"}),
+        ("sharegpt", {"conversations"}),
+        ("alpaca", {"instruction", "output"}),
+        ("prompt_completion", {"prompt", "completion"}),
+        ("text", {"text"}),
+    ):
         if required <= keys:
             return kind
     return None
@@ -123,9 +141,10 @@ def chat_messages(value: Any, where: str = "messages") -> list[dict]:
             content = ""
         message = {"role": role, "content": _string(content, f"{where}[{i}].content")}
         if m.get("tool_calls") not in (None, []):  # false, "" or {} is a mistake, not "none"
-            message["tool_calls"] = [tool_call(c, f"{where}[{i}].tool_calls[{k}]")
-                                     for k, c in enumerate(_conversation(m["tool_calls"],
-                                                                         f"{where}[{i}].tool_calls"))]
+            message["tool_calls"] = [
+                tool_call(c, f"{where}[{i}].tool_calls[{k}]")
+                for k, c in enumerate(_conversation(m["tool_calls"], f"{where}[{i}].tool_calls"))
+            ]
         for key in ("tool_call_id", "name"):
             if m.get(key) is not None:
                 message[key] = _string(m[key], f"{where}[{i}].{key}")
@@ -142,8 +161,9 @@ def sharegpt_messages(value: Any, where: str = "conversations") -> list[dict]:
     out = []
     for i, turn in enumerate(_conversation(value, where)):
         if not isinstance(turn, dict):
-            raise RowError("wrong_type" if turn is not None else "null_value",
-                           f"{where}[{i}] is not an object")
+            raise RowError(
+                "wrong_type" if turn is not None else "null_value", f"{where}[{i}] is not an object"
+            )
         missing = [k for k in ("from", "value") if k not in turn]
         if missing:
             raise RowError("message_missing_key", f"{where}[{i}] has no {missing[0]!r}")
@@ -154,9 +174,14 @@ def sharegpt_messages(value: Any, where: str = "conversations") -> list[dict]:
         value = _string(turn["value"], f"{where}[{i}].value")
         if source.lower() == "function_call":  # the assistant calls: a JSON call or a list
             calls = _json(value, f"{where}[{i}].value")
-            message = {"role": "assistant", "content": "", "tool_calls": [
-                tool_call(c, f"{where}[{i}].value") for c in (calls if isinstance(calls, list)
-                                                             else [calls])]}
+            message = {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    tool_call(c, f"{where}[{i}].value")
+                    for c in (calls if isinstance(calls, list) else [calls])
+                ],
+            }
         elif source.lower() == "observation":  # what the tool returned
             message = {"role": "tool", "content": value}
         else:
@@ -188,8 +213,9 @@ def tool_call(call: Any, where: str) -> dict:
     function = call.get("function", call)
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise RowError("message_missing_key", f"{where} has no function name")
-    arguments = _json(function.get("arguments", function.get("parameters", {})),
-                      f"{where}.arguments")
+    arguments = _json(
+        function.get("arguments", function.get("parameters", {})), f"{where}.arguments"
+    )
     if not isinstance(arguments, dict):
         raise RowError("tool_arguments_invalid", f"{where}.arguments is not a JSON object")
     out = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
@@ -222,9 +248,12 @@ def with_tools(obj: dict, fields: dict) -> dict:
     for i, m in enumerate(fields["messages"]):
         for call in m.get("tool_calls", []):
             if call["function"]["name"] not in declared:
-                raise RowError("tool_undeclared", f"messages[{i}] calls "
-                               f"{call['function']['name']!r}, not among the declared tools "
-                               f"{sorted(declared)}")
+                raise RowError(
+                    "tool_undeclared",
+                    f"messages[{i}] calls "
+                    f"{call['function']['name']!r}, not among the declared tools "
+                    f"{sorted(declared)}",
+                )
     return fields | ({"tools": tools} if tools else {})
 
 
@@ -239,7 +268,9 @@ def _turns(value: Any, role: str, where: str) -> list[dict]:
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if isinstance(value, dict):  # a single message object (ShareGPT-style preference)
-        return sharegpt_messages([value], where) if "from" in value else chat_messages([value], where)
+        return (
+            sharegpt_messages([value], where) if "from" in value else chat_messages([value], where)
+        )
     return chat_messages(value, where)
 
 
@@ -247,24 +278,38 @@ def to_chat(kind: str, obj: dict) -> dict:
     if kind == "messages":
         return with_tools(obj, {"messages": chat_messages(_required(obj, "messages"))})
     if kind == "sharegpt":
-        return with_tools(obj, {"messages": _with_system(
-            obj, sharegpt_messages(_required(obj, "conversations")))})
+        return with_tools(
+            obj, {"messages": _with_system(obj, sharegpt_messages(_required(obj, "conversations")))}
+        )
     if kind == "alpaca":
         instruction = _string(_required(obj, "instruction"), "instruction")
         extra_input = "" if obj.get("input") is None else _string(obj["input"], "input")
         output = _string(_required(obj, "output"), "output")
         if not isinstance(obj.get("history", []), (list, type(None))):
-            raise RowError("wrong_type", f"history is {type(obj['history']).__name__}, "
-                           f"not a list of [question, answer] pairs")
+            raise RowError(
+                "wrong_type",
+                f"history is {type(obj['history']).__name__}, "
+                f"not a list of [question, answer] pairs",
+            )
         history = []
         for i, pair in enumerate(obj.get("history") or []):
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise RowError("wrong_type", f"history[{i}] is not a [question, answer] pair")
-            history += [{"role": "user", "content": _string(pair[0], f"history[{i}][0]")},
-                        {"role": "assistant", "content": _string(pair[1], f"history[{i}][1]")}]
+            history += [
+                {"role": "user", "content": _string(pair[0], f"history[{i}][0]")},
+                {"role": "assistant", "content": _string(pair[1], f"history[{i}][1]")},
+            ]
         user = instruction + ("\n\n" + extra_input if extra_input.strip() else "")
-        return {"messages": _with_system(obj, [*history, {"role": "user", "content": user},
-                                               {"role": "assistant", "content": output}])}
+        return {
+            "messages": _with_system(
+                obj,
+                [
+                    *history,
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": output},
+                ],
+            )
+        }
     if kind == "prompt_completion":
         prompt = _turns(_required(obj, "prompt"), "user", "prompt")
         completion = _turns(_required(obj, "completion"), "assistant", "completion")
@@ -282,8 +327,9 @@ def to_preference(obj: dict) -> dict:
         # some sets (UltraFeedback) repeat the prompt, with or without its system message,
         # at the start of both conversations: strip it
         for name, reply in (("chosen", chosen), ("rejected", rejected)):
-            shared = next((n for n in (len(prompt), len(prompt) - 1)
-                           if n > 0 and reply[:n] == prompt[-n:]), 0)
+            shared = next(
+                (n for n in (len(prompt), len(prompt) - 1) if n > 0 and reply[:n] == prompt[-n:]), 0
+            )
             if shared == len(reply):
                 raise RowError("empty_conversation", f"{name} repeats the prompt, with no answer")
             del reply[:shared]
@@ -333,8 +379,10 @@ def answer_of(record: dict) -> str:
     {"name", "arguments"} (what the tool_calls metric compares)."""
     if "messages" in record:
         last = record["messages"][-1]
-        calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
-                 for c in last.get("tool_calls", [])]
+        calls = [
+            {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+            for c in last.get("tool_calls", [])
+        ]
         return last["content"] + (json.dumps(calls, sort_keys=True) if calls else "")
     if "chosen" in record:
         return "\n".join(m["content"] for m in record["chosen"])
@@ -347,8 +395,9 @@ def request_text(record: dict) -> str:
     whole text of a raw-text record."""
     if "text" in record:
         return normalize_text(record["text"])
-    return normalize_text(" \n".join(m["content"] for m in prompt_of(record)
-                                      if m["role"] != "system"))
+    return normalize_text(
+        " \n".join(m["content"] for m in prompt_of(record) if m["role"] != "system")
+    )
 
 
 def answer_key(record: dict) -> str:
@@ -358,7 +407,6 @@ def answer_key(record: dict) -> str:
     if "chosen" in record:
         return normalize_text(json.dumps([record["chosen"], record["rejected"]]))
     return normalize_text(answer_of(record))
-
 
 
 def rename_fields(obj: Any, columns: dict[str, str]) -> Any:

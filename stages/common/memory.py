@@ -41,13 +41,16 @@ def held_bytes(device: str = "cpu") -> int:
     return 0
 
 
-def require(stage: str, need: int, parts: dict[str, int], device: str, advice: str,
-            already_used: int = 0) -> None:
+def require(
+    stage: str, need: int, parts: dict[str, int], device: str, advice: str, already_used: int = 0
+) -> None:
     """Stop `stage` when `need` bytes (broken down in `parts`) exceed what `device` has free
     plus `already_used` (memory the plan counts that the process holds already)."""
     free = available_bytes(device)
     if free is None or need <= free + already_used:
         return
     breakdown = ", ".join(f"{name} {size / GIB:.1f}" for name, size in parts.items())
-    raise StageError(f"{stage} needs ~{need / GIB:.1f} GiB on {device} ({breakdown}) but "
-                     f"{(free + already_used) / GIB:.1f} GiB is available; {advice}")
+    raise StageError(
+        f"{stage} needs ~{need / GIB:.1f} GiB on {device} ({breakdown}) but "
+        f"{(free + already_used) / GIB:.1f} GiB is available; {advice}"
+    )

@@ -41,20 +41,26 @@ def resolve_paths(spec: str | list[str], key: str = "data.path") -> list[Path]:
         if Path(item).is_dir():
             raise StageError(f"{key}: {item} is a folder: name its files, e.g. {item}/*.jsonl")
         # a glob's folders (a sub-folder of data/raw, say) are not data files
-        matches = ([m for m in sorted(glob.glob(item)) if Path(m).is_file()]
-                   if glob.has_magic(item) else [item])
+        matches = (
+            [m for m in sorted(glob.glob(item)) if Path(m).is_file()]
+            if glob.has_magic(item)
+            else [item]
+        )
         if not matches or not Path(matches[0]).is_file():
             raise StageError(f"{key}: {item}: no such file")
         paths += [Path(m) for m in matches if Path(m) not in paths]
     for path in paths:
         if path.suffix.lower() not in READABLE_SUFFIXES:
-            raise StageError(f"{path}: unsupported file type {path.suffix!r} "
-                             f"(use {', '.join(READABLE_SUFFIXES)})")
+            raise StageError(
+                f"{path}: unsupported file type {path.suffix!r} "
+                f"(use {', '.join(READABLE_SUFFIXES)})"
+            )
     return paths
 
 
-def _row(source: Path, line: int, obj: Any = None, error: str | None = None,
-         raw: bytes | str = b"") -> dict:
+def _row(
+    source: Path, line: int, obj: Any = None, error: str | None = None, raw: bytes | str = b""
+) -> dict:
     row = {"source": str(source), "line": line, "obj": obj, "parse_error": error}
     if error:  # keep the unreadable line itself, so the quarantine loses nothing
         row["raw"] = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
@@ -76,6 +82,7 @@ def parse_json(text: str) -> tuple[Any, str | None]:
     nesting_too_deep (over MAX_DEPTH levels), number_too_long (over Python's 4300 digits),
     duplicate_key (a second value of one key would silently win), lone_surrogate (an unpaired
     \\ud83d escape)."""
+
     def unique(pairs):
         keys = [k for k, _ in pairs]
         if len(set(keys)) != len(keys):
@@ -158,14 +165,17 @@ def read_json_array(path: Path, data: bytes) -> list[dict]:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as err:
-        raise StageError(f"{path}:{err.lineno}:{err.colno}: not a valid JSON document "
-                         f"({err.msg})") from err
+        raise StageError(
+            f"{path}:{err.lineno}:{err.colno}: not a valid JSON document ({err.msg})"
+        ) from err
     except (RecursionError, ValueError) as err:
         why = "nested too deep" if isinstance(err, RecursionError) else str(err).split(";")[0]
         raise StageError(f"{path}: not a readable JSON document ({why})") from err
     if isinstance(items, dict):
-        raise StageError(f"{path}: a .json data file must hold an array of records, "
-                         f"found an object (JSON Lines go in .jsonl)")
+        raise StageError(
+            f"{path}: a .json data file must hold an array of records, "
+            f"found an object (JSON Lines go in .jsonl)"
+        )
     if not isinstance(items, list):
         raise StageError(f"{path}: a .json data file must hold an array of records")
     # walk the array with raw_decode: the line each element starts on, and the defects of each
@@ -186,8 +196,11 @@ def read_json_array(path: Path, data: bytes) -> list[dict]:
         duplicated.clear()
         obj, end = decoder.raw_decode(text, pos)
         error = "duplicate_key" if any(duplicated) else value_defect(obj, text[pos:end])
-        rows.append(_row(path, line, error=error, raw=SURROGATE.sub("\ufffd", text[pos:end]))
-                    if error else _row(path, line, obj))
+        rows.append(
+            _row(path, line, error=error, raw=SURROGATE.sub("\ufffd", text[pos:end]))
+            if error
+            else _row(path, line, obj)
+        )
         pos = end
     return rows
 
@@ -205,8 +218,9 @@ def _cell(value: str) -> tuple[Any, str | None]:
     parsed, error = parse_json(stripped)
     if error:
         return value, (error if stripped[0] == "[" and error != "malformed_json" else None)
-    if isinstance(parsed, list) or (isinstance(parsed, dict) and parsed
-                                    and set(parsed) <= MESSAGE_FIELDS):
+    if isinstance(parsed, list) or (
+        isinstance(parsed, dict) and parsed and set(parsed) <= MESSAGE_FIELDS
+    ):
         return parsed, None
     return value, None
 
@@ -215,7 +229,9 @@ def read_csv(path: Path, data: bytes) -> list[dict]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise StageError(f"{path}: not UTF-8 text (byte {err.start}); save the CSV as UTF-8") from err
+        raise StageError(
+            f"{path}: not UTF-8 text (byte {err.start}); save the CSV as UTF-8"
+        ) from err
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
@@ -241,13 +257,22 @@ def read_csv(path: Path, data: bytes) -> list[dict]:
         if "\x00" in "".join(cells):
             rows.append(_row(path, line, error="nul_byte", raw=",".join(cells).replace("\x00", "")))
         elif len(cells) != len(header):
-            rows.append(_row(path, line, error="malformed_csv",
-                             raw=f"{len(cells)} fields, header has {len(header)}: " + ",".join(cells)))
+            rows.append(
+                _row(
+                    path,
+                    line,
+                    error="malformed_csv",
+                    raw=f"{len(cells)} fields, header has {len(header)}: " + ",".join(cells),
+                )
+            )
         else:
             parsed = [_cell(c) for c in cells]
             error = next((e for _, e in parsed if e), None)
-            rows.append(_row(path, line, error=error, raw=SURROGATE.sub("\ufffd", ",".join(cells)))
-                        if error else _row(path, line, {h: v for h, (v, _) in zip(header, parsed)}))
+            rows.append(
+                _row(path, line, error=error, raw=SURROGATE.sub("\ufffd", ",".join(cells)))
+                if error
+                else _row(path, line, {h: v for h, (v, _) in zip(header, parsed)})
+            )
     return rows
 
 
@@ -257,7 +282,9 @@ def read_parquet(path: Path) -> list[dict]:
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for a damaged file
-        raise StageError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from err
+        raise StageError(
+            f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})"
+        ) from err
     try:
         objects = table.to_pylist()
     except Exception:  # noqa: BLE001  (a value Python cannot hold: find its rows one by one)
@@ -272,8 +299,14 @@ def read_parquet(path: Path) -> list[dict]:
         except UnicodeDecodeError as err:  # a string column holding bytes that are not UTF-8
             rows.append(_row(path, i + 1, error="invalid_utf8", raw=str(err)))
         except Exception as err:  # noqa: BLE001  (a date past year 9999, ...: pyarrow's error)
-            rows.append(_row(path, i + 1, error="unreadable_value",
-                             raw=f"{type(err).__name__}: {err}".splitlines()[0]))
+            rows.append(
+                _row(
+                    path,
+                    i + 1,
+                    error="unreadable_value",
+                    raw=f"{type(err).__name__}: {err}".splitlines()[0],
+                )
+            )
     return rows
 
 
@@ -314,8 +347,9 @@ def read_file(path: Path) -> list[dict]:
     if looks_binary(data):
         head = data[:8192]
         if max(head[0::2].count(0), head[1::2].count(0)) > len(head) * 2 // 5:  # every other byte
-            raise StageError(f"{path}: looks like UTF-16 text without a byte order mark; "
-                             f"save it as UTF-8")
+            raise StageError(
+                f"{path}: looks like UTF-16 text without a byte order mark; save it as UTF-8"
+            )
         raise StageError(f"{path}: looks like a binary file, not {suffix[1:].upper()} text")
     if suffix == ".json":
         return read_json_array(path, data)
@@ -332,6 +366,7 @@ def normalize_text(text: str) -> str:
 def record_id(content: Any) -> str:
     """Stable id: hash of the normalised content (same content -> same id), whatever the kind.
     Only text is normalised (message contents, raw text); roles and keys are taken as they are."""
+
     def norm(value: Any, key: str = "") -> Any:
         if isinstance(value, str):
             return normalize_text(value) if key in ("", "content", "text") else value
@@ -350,6 +385,12 @@ LOCATION_FIELDS = ("id", "source", "line", "fixed_split")
 def set_hash(records: list[dict]) -> str:
     """Content hash of a set of records (an evaluation set): sha256 over each record's exact
     content, sorted, so file names, line numbers and row order do not change it."""
-    rows = sorted(json.dumps({k: v for k, v in r.items() if k not in LOCATION_FIELDS},
-                             sort_keys=True, ensure_ascii=False) for r in records)
+    rows = sorted(
+        json.dumps(
+            {k: v for k, v in r.items() if k not in LOCATION_FIELDS},
+            sort_keys=True,
+            ensure_ascii=False,
+        )
+        for r in records
+    )
     return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()

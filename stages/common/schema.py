@@ -30,14 +30,38 @@ ConflictPolicy = Literal["drop_all", "majority", "first"]
 LeakagePolicy = Literal["report", "remove"]
 LengthPolicy = Literal["reject", "truncate", "drop"]
 # transformers' SchedulerType values (tests/test_config.py fails when transformers changes them)
-Scheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-                    "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau",
-                    "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
-                    "greedy"]
+Scheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+]
 # TRL's DPOConfig.loss_type values (listed in its help text)
-DpoLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
-                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
-                  "sigmoid_norm"]
+DpoLoss = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
 
 Number = int | float  # an int stays an int (alpha: 32 is not rewritten as 32.0)
 Positive = Annotated[int, Field(gt=0)]
@@ -123,8 +147,9 @@ class Split(Section):
     @model_validator(mode="after")
     def _sums_to_one(self):
         if abs(self.train + self.validation + self.test - 1) > 1e-6:
-            raise ValueError(f"train + validation + test = "
-                             f"{self.train + self.validation + self.test:g}, not 1")
+            raise ValueError(
+                f"train + validation + test = {self.train + self.validation + self.test:g}, not 1"
+            )
         return self
 
 
@@ -153,8 +178,10 @@ class Train(Section):
     @model_validator(mode="after")
     def _steps(self):
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"max_steps={self.max_steps}: use a positive number of steps, "
-                             f"or -1 for whole epochs (num_train_epochs)")
+            raise ValueError(
+                f"max_steps={self.max_steps}: use a positive number of steps, "
+                f"or -1 for whole epochs (num_train_epochs)"
+            )
         return self
 
 
@@ -290,8 +317,9 @@ def _allowed_keys(loc: tuple) -> list[str]:
         model = field.annotation
         options = [a for a in get_args(model) if isinstance(a, type) and issubclass(a, Section)]
         model = options[0] if options else model
-    return list(model.model_fields) if isinstance(model, type) and issubclass(model, Section) \
-        else []
+    return (
+        list(model.model_fields) if isinstance(model, type) and issubclass(model, Section) else []
+    )
 
 
 def describe(err: ValidationError, params: dict) -> str:
@@ -304,16 +332,17 @@ def describe(err: ValidationError, params: dict) -> str:
             hint = f" (did you mean {close[0]}?)" if close else " (not in the schema)"
             problems.setdefault(f"{where}: unknown key{hint}", [])
         elif e["type"] == "missing":
-            problems.setdefault(f"{where}: missing (compose params.yaml from conf/: "
-                                f"`make params`)", [])
+            problems.setdefault(
+                f"{where}: missing (compose params.yaml from conf/: `make params`)", []
+            )
         elif e["type"] == "union_tag_invalid":
             tag = e["ctx"]["tag"]
-            problems.setdefault(f"{where}.name={tag!r}: use one of "
-                                f"{e['ctx']['expected_tags']}", [])
+            problems.setdefault(f"{where}.name={tag!r}: use one of {e['ctx']['expected_tags']}", [])
         else:
             shown = "" if isinstance(e["input"], dict) else f"={e['input']!r}"
             problems.setdefault(f"{where or 'params'}{shown}", []).append(
-                e["msg"].removeprefix("Value error, "))
+                e["msg"].removeprefix("Value error, ")
+            )
     lines = []
     for head, msgs in problems.items():
         msgs = list(dict.fromkeys(msgs))

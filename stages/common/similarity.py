@@ -16,8 +16,9 @@ def shingles(text: str, size: int) -> set[bytes]:
     return {" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)}
 
 
-def near_duplicate_pairs(texts: list[str], size: int, num_perm: int, threshold: float,
-                         seed: int) -> list[tuple[int, int]]:
+def near_duplicate_pairs(
+    texts: list[str], size: int, num_perm: int, threshold: float, seed: int
+) -> list[tuple[int, int]]:
     """Index pairs (i < j) whose estimated Jaccard similarity of shingles is >= threshold.
 
     Signatures are datasketch MinHashes; the banding is datasketch's choice of (bands, rows)
@@ -35,14 +36,16 @@ def near_duplicate_pairs(texts: list[str], size: int, num_perm: int, threshold: 
     b, r = bands.b, bands.r
     # crc32 as the base hash: deterministic, in C, twice as fast as datasketch's sha1 here;
     # the seeded permutations on top of it make the signature
-    minhashes = MinHash.bulk((list(shingles(t, size)) for t in texts), num_perm=num_perm,
-                             seed=seed, hashfunc=zlib.crc32)
+    minhashes = MinHash.bulk(
+        (list(shingles(t, size)) for t in texts), num_perm=num_perm, seed=seed, hashfunc=zlib.crc32
+    )
     signatures = np.stack([m.hashvalues for m in minhashes])
     firsts, seconds = [], []
     for band in range(b):
         keys = np.ascontiguousarray(signatures[:, band * r : (band + 1) * r])
-        _, bucket = np.unique(keys.view(np.dtype((np.void, keys.dtype.itemsize * r))).ravel(),
-                              return_inverse=True)
+        _, bucket = np.unique(
+            keys.view(np.dtype((np.void, keys.dtype.itemsize * r))).ravel(), return_inverse=True
+        )
         # pair every row of a bucket with the bucket's first row: a star instead of all pairs,
         # linear in the bucket size; union-find joins the cluster through that first row
         order = np.argsort(bucket, kind="stable")

@@ -40,7 +40,10 @@ def git_revision() -> dict[str, Any]:
         out = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
         return out.stdout.strip() if out.returncode == 0 else ""
 
-    return {"rev": git("rev-parse", "HEAD") or "unknown", "dirty": bool(git("status", "--porcelain"))}
+    return {
+        "rev": git("rev-parse", "HEAD") or "unknown",
+        "dirty": bool(git("status", "--porcelain")),
+    }
 
 
 def experiment_group() -> str:
@@ -64,8 +67,9 @@ def swept_params(params: dict) -> list[str]:
         return []
     import yaml
 
-    shown = subprocess.run(["git", "show", f"{baseline}:params.yaml"], capture_output=True,
-                           text=True, check=False)
+    shown = subprocess.run(
+        ["git", "show", f"{baseline}:params.yaml"], capture_output=True, text=True, check=False
+    )
     if shown.returncode:
         return []
     before, now = _leaves(yaml.safe_load(shown.stdout) or {}), _leaves(params)
@@ -81,8 +85,11 @@ def mode_in_effect(params: dict) -> dict[str, Any]:
     """The W&B mode this process runs with, and where it came from."""
     configured = params["tracking"]["mode"]
     env = os.environ.get("WANDB_MODE")
-    return {"configured": configured, "effective": env or configured,
-            "from_environment": bool(env) and env != configured}
+    return {
+        "configured": configured,
+        "effective": env or configured,
+        "from_environment": bool(env) and env != configured,
+    }
 
 
 def _from_wandb(err: BaseException) -> bool:
@@ -96,12 +103,25 @@ def _from_wandb(err: BaseException) -> bool:
 
 def _write_down(stage: str, what: str, err: BaseException) -> None:
     line = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    print(f"{stage}: warning: W&B failed {what} ({line}); the stage's outputs stand, see "
-          f"{RUNS_DIR}/failures.jsonl", file=sys.stderr)
+    print(
+        f"{stage}: warning: W&B failed {what} ({line}); the stage's outputs stand, see "
+        f"{RUNS_DIR}/failures.jsonl",
+        file=sys.stderr,
+    )
     try:
         with (runs_dir() / "failures.jsonl").open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stage": stage,
-                                "group": experiment_group(), "what": what, "error": line}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "stage": stage,
+                        "group": experiment_group(),
+                        "what": what,
+                        "error": line,
+                    }
+                )
+                + "\n"
+            )
     except OSError:
         pass
 
@@ -115,8 +135,11 @@ def stage_run(stage: str, params: dict, sections: list[str], inputs_md5: dict[st
     tracking = params["tracking"]
     mode = mode_in_effect(params)
     if mode["from_environment"]:
-        print(f"{stage}: WANDB_MODE={mode['effective']} from the environment overrides "
-              f"tracking.mode={mode['configured']}", file=sys.stderr)
+        print(
+            f"{stage}: WANDB_MODE={mode['effective']} from the environment overrides "
+            f"tracking.mode={mode['configured']}",
+            file=sys.stderr,
+        )
     os.environ["WANDB_MODE"] = mode["effective"]
     root = runs_dir()
     os.environ.setdefault("WANDB_DIR", str(root))
@@ -146,13 +169,16 @@ def stage_run(stage: str, params: dict, sections: list[str], inputs_md5: dict[st
             tags=list(tracking["tags"]) + swept_params(params),
             config=config,
             dir=os.environ["WANDB_DIR"],
-            settings=wandb.Settings(console="off", silent=True,
-                                    x_disable_stats=not tracking["system_metrics"]),
+            settings=wandb.Settings(
+                console="off", silent=True, x_disable_stats=not tracking["system_metrics"]
+            ),
         )
     except Exception as err:  # noqa: BLE001  (any W&B failure: stop before the work)
-        raise StageError(f"W&B could not start the {stage} run in mode {mode['effective']} "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                         f"); run without tracking with tracking.mode=disabled") from None
+        raise StageError(
+            f"W&B could not start the {stage} run in mode {mode['effective']} "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            f"); run without tracking with tracking.mode=disabled"
+        ) from None
     try:
         yield run
     except BaseException as err:

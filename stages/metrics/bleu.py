@@ -10,8 +10,9 @@ class Bleu(evaluate.Metric):
             description="Corpus-level BLEU of predictions against one reference each, / 100.",
             citation="Post, A Call for Clarity in Reporting BLEU Scores, 2018",
             inputs_description="predictions: list of str; references: list of str",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):

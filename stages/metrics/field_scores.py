@@ -28,8 +28,9 @@ class FieldScores(evaluate.Metric):
             citation="",
             inputs_description="predictions, references: list of str; answer_regex: str with "
             "named groups; labels: dict field -> allowed values (the classes of macro-F1)",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references, answer_regex, labels):

@@ -37,5 +37,7 @@ class FormatAdherence(evaluate.Metric):
             return all(fields.get(name) in allowed for name, allowed in labels.items())
 
         hits = [follows(p) for p in predictions]
-        return {"format_adherence": sum(hits) / len(hits) if hits else 0.0,
-                "per_example": {"format_adherence": [float(h) for h in hits]}}
+        return {
+            "format_adherence": sum(hits) / len(hits) if hits else 0.0,
+            "per_example": {"format_adherence": [float(h) for h in hits]},
+        }

@@ -10,8 +10,9 @@ class RougeL(evaluate.Metric):
             description="Mean ROUGE-L F-measure of predictions against their references.",
             citation="Lin, ROUGE: A Package for Automatic Evaluation of Summaries, 2004",
             inputs_description="predictions: list of str; references: list of str",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):
@@ -19,5 +20,7 @@ class RougeL(evaluate.Metric):
 
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
         scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
-        return {"rouge_l": sum(scores) / len(scores) if scores else 0.0,
-                "per_example": {"rouge_l": scores}}
+        return {
+            "rouge_l": sum(scores) / len(scores) if scores else 0.0,
+            "per_example": {"rouge_l": scores},
+        }

@@ -9,6 +9,7 @@ names with equal arguments, compared as parsed JSON). An answer that should call
 matches when it calls nothing.
 """
 
+import contextlib
 import json
 
 import datasets
@@ -18,7 +19,7 @@ import evaluate
 def calls_in(text: str) -> list[tuple[str, str]]:
     """(name, arguments as canonical JSON) of each call written in the text, sorted."""
     decoder, found, at = json.JSONDecoder(), [], 0
-    while (starts := [i for i in (text.find("{", at), text.find("[", at)) if i >= 0]):
+    while starts := [i for i in (text.find("{", at), text.find("[", at)) if i >= 0]:
         start = min(starts)
         try:
             value, end = decoder.raw_decode(text, start)
@@ -26,14 +27,15 @@ def calls_in(text: str) -> list[tuple[str, str]]:
             at = start + 1
             continue
         for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, dict) and "name" in item and ("arguments" in item
-                                                              or "parameters" in item):
+            if (
+                isinstance(item, dict)
+                and "name" in item
+                and ("arguments" in item or "parameters" in item)
+            ):
                 arguments = item.get("arguments", item.get("parameters"))
                 if isinstance(arguments, str):
-                    try:
+                    with contextlib.suppress(json.JSONDecodeError):
                         arguments = json.loads(arguments)
-                    except json.JSONDecodeError:
-                        pass
                 found.append((str(item["name"]), json.dumps(arguments, sort_keys=True)))
         at = end
     return sorted(found)
@@ -43,11 +45,12 @@ class ToolCalls(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description="Share of answers calling the reference's tools (by name; by name and "
-                        "arguments).",
+            "arguments).",
             citation="",
             inputs_description="predictions: list of str; references: list of str",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references):
@@ -55,5 +58,8 @@ class ToolCalls(evaluate.Metric):
         names = [float(sorted(n for n, _ in p) == sorted(n for n, _ in r)) for p, r in pairs]
         calls = [float(p == r) for p, r in pairs]
         mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-        return {"tool_name_match": mean(names), "tool_call_match": mean(calls),
-                "per_example": {"tool_name_match": names, "tool_call_match": calls}}
+        return {
+            "tool_name_match": mean(names),
+            "tool_call_match": mean(calls),
+            "per_example": {"tool_name_match": names, "tool_call_match": calls},
+        }
