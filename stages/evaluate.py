@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from stages.common import memory, paths, tracking
@@ -140,18 +141,13 @@ def planned_memory(
     }
 
 
-def require_memory(
-    tokenizer,
-    device: str,
-    dtype,
-    batch_size: int,
-    prompts: list[str],
-    max_new_tokens: int,
-    examples: list[dict],
-) -> None:
-    """Print the memory plan; stop with one line when it cannot fit on `device`."""
+def require_memory(tokenizer, device: str, dtype, batch_size: int, sets) -> None:
+    """Print the memory plan of running `sets` (EvalSets); stop with one line when it cannot
+    fit on `device`."""
     from transformers import AutoConfig
 
+    sets = list(sets)
+    prompts = [p for s in sets for p in s.prompts]
     n_params, _ = safetensors_summary(BASE)
     longest_prompt = (
         max(map(len, tokenizer(prompts, add_special_tokens=False)["input_ids"])) if prompts else 0
@@ -162,8 +158,8 @@ def require_memory(
         dtype.itemsize,
         batch_size,
         longest_prompt,
-        max_new_tokens,
-        max((len(e["input_ids"]) for e in examples), default=0),
+        max(s.max_new_tokens for s in sets),
+        max((len(e["input_ids"]) for s in sets for e in s.examples), default=0),
     )
     need = sum(parts.values())
     print(
@@ -319,6 +315,193 @@ def forgetting(general: list[dict], answers: dict, losses: dict) -> dict:
     return out
 
 
+@dataclass
+class EvalSet:
+    """One set both models run on: the records, the prompts of those that have one (raw text
+    has nothing to answer) with their reference answers, and every record's loss example."""
+
+    rows: list[dict]
+    prompts: list[str]
+    references: list[str]
+    examples: list[dict]
+    max_new_tokens: int = 0
+
+
+def eval_set(rows: list[dict], tokenizer) -> EvalSet:
+    answered = [r for r in rows if prompt_of(r)]
+    return EvalSet(
+        rows,
+        prompt_texts(tokenizer, answered),
+        [answer_of(r) for r in answered],
+        loss_examples(rows, tokenizer),
+    )
+
+
+def run_model(
+    folder: Path, sets: dict[str, EvalSet], tokenizer, device: str, dtype, batch_size: int
+) -> dict[str, dict]:
+    """Load one model and run every set: greedy answers, how many the budget cut, generation
+    seconds, and the test loss."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    out = {}
+    for name, s in sets.items():
+        start = time.perf_counter()
+        answers, cut = (
+            generate(model, tokenizer, s.prompts, batch_size, s.max_new_tokens)
+            if s.prompts
+            else ([], 0)
+        )
+        seconds = round(time.perf_counter() - start, 1)
+        loss = test_loss(model, s.examples, batch_size, tokenizer.pad_token_id)
+        out[name] = {"answers": answers, "cut": cut, "seconds": seconds, "loss": loss}
+    return out
+
+
+def build_metrics(test: EvalSet, runs: dict, scored: dict, general: EvalSet | None) -> dict:
+    """reports/metrics.json: each model's scores, test loss and perplexity, the deltas, the
+    forgetting probe, and what was scored with which budget."""
+    metrics = {
+        name: scored[name][0]
+        | {
+            "test_loss": round(runs[name]["test"]["loss"]["loss"], 4),
+            "perplexity": perplexity(runs[name]["test"]["loss"]["loss"]),
+        }
+        for name in runs
+    }
+    metrics["delta"] = {
+        k: round(metrics["tuned"][k] - metrics["base"][k], 4) for k in metrics["base"]
+    }
+    if general:
+        metrics["forgetting"] = forgetting(
+            general.rows,
+            {name: runs[name]["general"]["answers"] for name in runs},
+            {name: runs[name]["general"]["loss"]["loss"] for name in runs},
+        )
+    # the metrics with a score per example (test loss too): the ones `make regression`
+    # compares with intervals, and the ones reports/summary.json shows
+    metrics["per_example"] = sorted(scored["tuned"][1]) + ["test_loss"]
+    metrics["n_examples"] = len(test.rows)
+    # what was scored: `make regression` compares only runs on the same test set
+    metrics["test_set"] = {"examples": len(test.rows), "sha256": set_hash(test.rows)}
+    metrics["generation"] = {
+        "max_new_tokens": test.max_new_tokens,
+        "cut_answers": {name: runs[name]["test"]["cut"] for name in runs},
+    }
+    metrics["generation_seconds"] = {name: runs[name]["test"]["seconds"] for name in runs}
+    return metrics
+
+
+def prediction_rows(test: EvalSet, runs: dict, scored: dict) -> list[dict]:
+    """Per-example answers and scores of both models, paired by id: what `make regression`
+    resamples for its intervals."""
+    answered = [r for r in test.rows if prompt_of(r)]
+    row_of = [i for i, r in enumerate(test.rows) if prompt_of(r)]  # answer k -> its row's loss
+    predictions = []
+    for k, (r, reference, i) in enumerate(zip(answered, test.references, row_of)):
+        user = next((m["content"] for m in reversed(prompt_of(r)) if m["role"] == "user"), "")
+        predictions.append(
+            {
+                "id": r["id"],
+                "source": r["source"],
+                "line": r["line"],
+                "input": user,
+                "reference": reference,
+                "base": runs["base"]["test"]["answers"][k],
+                "tuned": runs["tuned"]["test"]["answers"][k],
+                "scores": {
+                    name: {
+                        **{m: round(v[k], 4) for m, v in scored[name][1].items()},
+                        "loss_sum": round(runs[name]["test"]["loss"]["sums"][i], 4),
+                        "loss_tokens": runs[name]["test"]["loss"]["counts"][i],
+                    }
+                    for name in ("base", "tuned")
+                },
+            }
+        )
+    return predictions
+
+
+def write_plots(metrics: dict, predictions: list[dict], task: Task) -> None:
+    """One confusion matrix per model and label field (dvc plots: template confusion), and
+    the base-vs-tuned bars, which share one 0..1 axis: rates only (loss is in the json)."""
+    with atomic_dir(CONFUSION) as folder:
+        for name in ("base", "tuned"):
+            for field in task.labels:
+                pairs = [
+                    (
+                        (task.parse(p["reference"]) or {}).get(field),
+                        (task.parse(p[name]) or {}).get(field) or "off_format",
+                    )
+                    for p in predictions
+                ]
+                write_text(
+                    folder / f"{name}_{field}.csv",
+                    "actual,predicted\n"
+                    + "".join(f"{actual},{predicted}\n" for actual, predicted in pairs),
+                )
+    bars = ["metric,model,value"] + [
+        f"{k},{name},{v}"
+        for name in ("base", "tuned")
+        for k, v in metrics[name].items()
+        if k not in ("test_loss", "perplexity")
+    ]
+    write_text(PLOT, "\n".join(bars) + "\n")
+
+
+def log_to_wandb(run, metrics: dict, predictions: list[dict]) -> None:
+    """The scores in the run summary, every answer of both models in a W&B Table."""
+    import wandb
+
+    run.summary.update(
+        {
+            f"eval/{name}/{k}": v
+            for name in ("base", "tuned", "delta")
+            for k, v in metrics[name].items()
+        }
+    )
+    columns = ["input", "reference", "base", "tuned"]
+    scores = sorted({m for p in predictions for m in p["scores"]["tuned"]})
+    run.log(
+        {
+            "eval/predictions": wandb.Table(
+                columns=columns + [f"{name}_{m}" for name in ("base", "tuned") for m in scores],
+                data=[
+                    [p[c] for c in columns]
+                    + [p["scores"][name].get(m) for name in ("base", "tuned") for m in scores]
+                    for p in predictions
+                ],
+            )
+        }
+    )
+
+
+def summarize_and_gate(metrics: dict, cfg: dict) -> None:
+    """Print base -> tuned; fail the stage when tuning cost more general ability than
+    eval.max_forgetting allows."""
+    summary = ", ".join(
+        f"{k} {metrics['base'][k]:.2f} -> {metrics['tuned'][k]:.2f}"
+        for k in ("format_adherence", "exact_match", "rouge_l", "test_loss")
+        if k in metrics["base"]
+    )
+    print(f"evaluate: {metrics['n_examples']} test examples; {summary}")
+    if "forgetting" not in metrics:
+        return
+    f = metrics["forgetting"]
+    print(
+        f"evaluate: general set ({f['examples']} prompts): loss {f['base_loss']} -> "
+        f"{f['tuned_loss']}, ROUGE-L {f['base_rouge_l']} -> {f['tuned_rouge_l']}"
+    )
+    limit = cfg["max_forgetting"]
+    if limit is not None and f["loss_delta"] > float(limit):
+        raise StageError(
+            f"forgetting gate: loss on the general set rose by "
+            f"{f['loss_delta']} > eval.max_forgetting={limit}; "
+            f"see reports/metrics.json"
+        )
+
+
 def main() -> None:
     params = load_params()
     cfg, task = params["eval"], Task.from_params(params)
@@ -332,180 +515,52 @@ def main() -> None:
 
     with tracking.stage_run("evaluate", params, ["eval", "task"], inputs) as run:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        rows = read_jsonl(TEST)
-        if cfg.get("max_examples"):
-            rows = rows[: int(cfg["max_examples"])]
+        # 1. the sets: the test split (and the general set), as prompts and loss examples
         tokenizer = AutoTokenizer.from_pretrained(BASE)
-        rows_with_prompts = [r for r in rows if prompt_of(r)]  # raw text has nothing to answer
-        prompts = prompt_texts(tokenizer, rows_with_prompts)
-        references = [answer_of(r) for r in rows_with_prompts]
-        examples = loss_examples(rows, tokenizer)
+        test = eval_set(read_jsonl(TEST)[: cfg["max_examples"]], tokenizer)
+        test.max_new_tokens = answer_budget(cfg["max_new_tokens"], tokenizer, test.references)
+        sets = {"test": test}
+        if cfg["general_path"]:
+            sets["general"] = eval_set(read_jsonl(Path(cfg["general_path"])), tokenizer)
+            sets["general"].max_new_tokens = int(cfg["general_max_new_tokens"])
+
+        # 2. a plan that cannot fit stops here, before a model loads, not in the OOM killer
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = (
-            torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-        )
-
-        general = read_jsonl(Path(cfg["general_path"])) if cfg.get("general_path") else []
-        general_prompts = prompt_texts(tokenizer, general)
-        general_examples = loss_examples(general, tokenizer)
-
-        answers, cut, seconds, losses, scored = {}, {}, {}, {}, {}
-        general_answers, general_losses = {}, {}
+        bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16 else torch.float32
         batch = int(cfg["batch_size"])
-        max_new = answer_budget(cfg["max_new_tokens"], tokenizer, references)
+        require_memory(tokenizer, device, dtype, batch, sets.values())
 
-        # a plan that cannot fit stops here, before a model loads, not in the kernel's OOM killer
-        require_memory(
-            tokenizer,
-            device,
-            dtype,
-            batch,
-            prompts + general_prompts,
-            max(max_new, int(cfg["general_max_new_tokens"]) if general else 0),
-            examples + general_examples,
-        )
-        for name, folder in (("base", BASE), ("tuned", TUNED)):
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
-            start = time.perf_counter()
-            answers[name], cut[name] = (
-                generate(model, tokenizer, prompts, batch, max_new) if prompts else ([], 0)
-            )
-            seconds[name] = round(time.perf_counter() - start, 1)
-            losses[name] = test_loss(model, examples, batch, tokenizer.pad_token_id)
-            if general:
-                general_answers[name], _ = generate(
-                    model, tokenizer, general_prompts, batch, int(cfg["general_max_new_tokens"])
-                )
-                general_losses[name] = test_loss(
-                    model, general_examples, batch, tokenizer.pad_token_id
-                )["loss"]
-            del model
-        if cut["tuned"]:
+        # 3. both models answer the same prompts and are scored alike
+        runs = {
+            name: run_model(folder, sets, tokenizer, device, dtype, batch)
+            for name, folder in (("base", BASE), ("tuned", TUNED))
+        }
+        if cut := runs["tuned"]["test"]["cut"]:
             print(
-                f"evaluate: warning: {cut['tuned']} of {len(prompts)} tuned answers were cut "
-                f"at eval.max_new_tokens={max_new} before their stop token; raise it, or set "
-                f"it to auto (sized from the longest reference answer)"
+                f"evaluate: warning: {cut} of {len(test.prompts)} tuned answers were cut "
+                f"at eval.max_new_tokens={test.max_new_tokens} before their stop token; raise "
+                f"it, or set it to auto (sized from the longest reference answer)"
             )
+        scored = {
+            name: score(runs[name]["test"]["answers"], test.references, task)
+            if test.prompts
+            else ({}, {})
+            for name in runs
+        }
 
-        for name in answers:
-            scored[name] = score(answers[name], references, task) if prompts else ({}, {})
-        metrics = {
-            name: scored[name][0]
-            | {
-                "test_loss": round(losses[name]["loss"], 4),
-                "perplexity": perplexity(losses[name]["loss"]),
-            }
-            for name in answers
-        }
-        metrics["delta"] = {
-            k: round(metrics["tuned"][k] - metrics["base"][k], 4) for k in metrics["base"]
-        }
-        if general:
-            metrics["forgetting"] = forgetting(general, general_answers, general_losses)
-        # the metrics with a score per example (test loss too): the ones `make regression`
-        # compares with intervals, and the ones reports/summary.json shows
-        metrics["per_example"] = sorted(scored["tuned"][1]) + ["test_loss"]
-        metrics["n_examples"] = len(rows)
-        # what was scored: `make regression` compares only runs on the same test set
-        metrics["test_set"] = {"examples": len(rows), "sha256": set_hash(rows)}
-        metrics["generation"] = {"max_new_tokens": max_new, "cut_answers": cut}
-        metrics["generation_seconds"] = seconds
+        # 4. the outputs: metrics, per-example predictions, plots, the W&B run
+        metrics = build_metrics(test, runs, scored, sets.get("general"))
         write_json(METRICS, metrics)
-
-        # per-example scores, paired by id: what `make regression` resamples for its intervals
-        predictions = []
-        row_of = [i for i, r in enumerate(rows) if prompt_of(r)]  # answer k -> its row's losses
-        for k, (r, reference, i) in enumerate(zip(rows_with_prompts, references, row_of)):
-            user = next((m["content"] for m in reversed(prompt_of(r)) if m["role"] == "user"), "")
-            predictions.append(
-                {
-                    "id": r["id"],
-                    "source": r["source"],
-                    "line": r["line"],
-                    "input": user,
-                    "reference": reference,
-                    "base": answers["base"][k],
-                    "tuned": answers["tuned"][k],
-                    "scores": {
-                        name: {
-                            **{m: round(v[k], 4) for m, v in scored[name][1].items()},
-                            "loss_sum": round(losses[name]["sums"][i], 4),
-                            "loss_tokens": losses[name]["counts"][i],
-                        }
-                        for name in ("base", "tuned")
-                    },
-                }
-            )
+        predictions = prediction_rows(test, runs, scored)
         write_jsonl(PREDICTIONS, predictions)
-        # one confusion matrix per model and label field (dvc plots: template confusion)
-        with atomic_dir(CONFUSION) as folder:
-            for name in ("base", "tuned"):
-                for field in task.labels:
-                    pairs = [
-                        (
-                            (task.parse(p["reference"]) or {}).get(field),
-                            (task.parse(p[name]) or {}).get(field) or "off_format",
-                        )
-                        for p in predictions
-                    ]
-                    write_text(
-                        folder / f"{name}_{field}.csv",
-                        "actual,predicted\n"
-                        + "".join(f"{actual},{predicted}\n" for actual, predicted in pairs),
-                    )
-        # the bars share one 0..1 axis: rates only (loss and perplexity are in the json)
-        bars = ["metric,model,value"] + [
-            f"{k},{name},{v}"
-            for name in ("base", "tuned")
-            for k, v in metrics[name].items()
-            if k not in ("test_loss", "perplexity")
-        ]
-        write_text(PLOT, "\n".join(bars) + "\n")
+        write_plots(metrics, predictions, task)
+        log_to_wandb(run, metrics, predictions)
 
-        import wandb
-
-        run.summary.update(
-            {
-                f"eval/{name}/{k}": v
-                for name in ("base", "tuned", "delta")
-                for k, v in metrics[name].items()
-            }
-        )
-        columns = ["input", "reference", "base", "tuned"]
-        scores = sorted({m for p in predictions for m in p["scores"]["tuned"]})
-        run.log(
-            {
-                "eval/predictions": wandb.Table(
-                    columns=columns + [f"{name}_{m}" for name in ("base", "tuned") for m in scores],
-                    data=[
-                        [p[c] for c in columns]
-                        + [p["scores"][name].get(m) for name in ("base", "tuned") for m in scores]
-                        for p in predictions
-                    ],
-                )
-            }
-        )
-        summary = ", ".join(
-            f"{k} {metrics['base'][k]:.2f} -> {metrics['tuned'][k]:.2f}"
-            for k in ("format_adherence", "exact_match", "rouge_l", "test_loss")
-            if k in metrics["base"]
-        )
-        print(f"evaluate: {len(rows)} test examples; {summary}")
-        if general:
-            f = metrics["forgetting"]
-            print(
-                f"evaluate: general set ({f['examples']} prompts): loss {f['base_loss']} -> "
-                f"{f['tuned_loss']}, ROUGE-L {f['base_rouge_l']} -> {f['tuned_rouge_l']}"
-            )
-            limit = cfg.get("max_forgetting")
-            if limit is not None and f["loss_delta"] > float(limit):
-                raise StageError(
-                    f"forgetting gate: loss on the general set rose by "
-                    f"{f['loss_delta']} > eval.max_forgetting={limit}; "
-                    f"see reports/metrics.json"
-                )
+        # 5. base -> tuned, and the forgetting gate
+        summarize_and_gate(metrics, cfg)
 
 
 if __name__ == "__main__":
