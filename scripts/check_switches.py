@@ -7,9 +7,11 @@ Runs in a throwaway clone of HEAD, so your workspace, params.yaml and dvc.lock a
 (commit what you want checked). Each stage runs as `dvc repro --single-item` under GNU time;
 the peak is the largest resident set of the stage (DVC's own process included).
 
-    python scripts/check_switches.py                           # 12 pairs (~1 h on 2 CPU cores)
+    python scripts/check_switches.py             # 12 pairs: hours on 2 CPU cores (DPO ~30 min)
     python scripts/check_switches.py --pairs lora:cpt full:dpo --steps 2
-    python scripts/check_switches.py --json switches.json -- model=qwen2_5_1_5b
+    python scripts/check_switches.py --json switches.json -- export.check_examples=2
+
+`--json` rewrites the file after every stage, so a check stopped midway keeps its figures.
 
 Exit 1 when a stage fails or is killed (the table says which).
 """
@@ -60,9 +62,12 @@ def run_stage(project: Path, stage: str, env: dict) -> dict:
         for line in (done.stdout + done.stderr).splitlines()
         if "error" in line.lower() or "killed" in line.lower()
     ]
+    # the stage's own memory plan, to compare with what it used
+    plan = [line for line in done.stdout.splitlines() if line.startswith(f"{stage}: plan:")]
     return {
         "stage": stage,
         "ran": "Running stage" in done.stdout,
+        "plan": plan[-1] if plan else None,
         "peak_gib": round(int(lines[-1]) / 2**20, 2) if lines and lines[-1].isdigit() else None,
         "seconds": round(time.perf_counter() - start, 1),
         "status": "killed" if killed else "failed" if failed else "ok",
@@ -123,10 +128,13 @@ def main() -> None:
                     **run_stage(project, stage, env),
                 }
                 results.append(result)
+                if args.json:  # after every stage: a long check stopped midway keeps its figures
+                    args.json.write_text(json.dumps(results, indent=1) + "\n")
                 if result["ran"] or result["status"] != "ok":
                     print(
                         f"{method:>6} {objective:<4} {stage:<10} {result['status']:<7} "
                         f"peak {result['peak_gib'] or 0:5.2f} GiB {result['seconds']:7.1f} s"
+                        + (f"  {result['plan']}" if result["plan"] else "")
                         + (f"  {result['error']}" if result["error"] else ""),
                         flush=True,
                     )
@@ -143,8 +151,6 @@ def main() -> None:
             f"{'':<{20 - len(top['stage'])}}"
             f"{sum(r['seconds'] for r in rows) / 60:>7.1f}  {status}"
         )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
     sys.exit(any(r["status"] != "ok" for r in results))
 
 
