@@ -115,9 +115,9 @@ def planned_memory(
 ) -> dict[str, int]:
     """What evaluate holds at its peak, in bytes per part: one model's weights (base and tuned
     take turns), the KV cache of the longest generation batch, and the larger working set of
-    generation (one layer's activations over a batch of prompts) and test loss (LOGITS_BUDGET
-    logits, with their float copy and log-softmax, beside one layer's activations over the
-    tokens of one loss batch). An estimate: other buffers add a few hundred MiB."""
+    generation (one layer's activations over a batch of prompts) and test loss (the logits of
+    one loss batch, at most LOGITS_BUDGET values, with their float copy and log-softmax, beside
+    one layer's activations over its tokens). An estimate: other buffers add a few hundred MiB."""
     text = config.get_text_config()  # multimodal checkpoints keep the language model's shapes here
     hidden, heads = text.hidden_size, text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
@@ -133,7 +133,10 @@ def planned_memory(
         * dtype_bytes
     )
     generation = batch_size * prompt_tokens * layer_width * dtype_bytes
-    loss = 3 * 4 * LOGITS_BUDGET + max(TOKEN_BUDGET, loss_tokens) * layer_width * dtype_bytes
+    # a loss batch: up to batch_size texts within TOKEN_BUDGET tokens (a longer text alone)
+    tokens = min(batch_size * loss_tokens, max(TOKEN_BUDGET, loss_tokens))
+    logits = min(LOGITS_BUDGET, tokens * text.vocab_size)
+    loss = 3 * 4 * logits + tokens * layer_width * dtype_bytes
     return {
         "weights": n_params * dtype_bytes,
         "kv cache": kv_cache,
