@@ -390,13 +390,24 @@ OFFLINE_STYLE = """<style>body{font-family:sans-serif;margin:1em}table{border-co
 td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}</style>"""
 
 
+# what makes GX's pages differ from run to run: timestamps (on asset URLs, the batch's load
+# time; the run's own is fixed in run_suite) and random element ids
+CACHE_BUSTER = re.compile(r"\?d=\d{8}T\d{6}\.\d+Z")
+LOAD_TIME = re.compile(r"(?!20000101T000000\.000000Z)\d{8}T\d{6}\.\d+Z")
+RANDOM_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def style_data_docs(docs_dir: Path) -> None:
     """Data Docs load their CSS from CDNs; a small inline stylesheet keeps tables readable
-    offline (the CDN styles still win when online)."""
+    offline (the CDN styles still win when online). Timestamps and random ids become stable,
+    so the same data gives the same pages, byte for byte (a DVC output)."""
     for page in docs_dir.rglob("*.html"):
-        html = page.read_text(encoding="utf-8")
+        html = LOAD_TIME.sub("not kept", CACHE_BUSTER.sub("", page.read_text(encoding="utf-8")))
+        ids: dict[str, str] = {}
+        html = RANDOM_ID.sub(lambda m: ids.setdefault(m[0], f"id-{len(ids)}"), html)
         if OFFLINE_STYLE not in html:
-            page.write_text(html.replace("<head>", "<head>" + OFFLINE_STYLE, 1), encoding="utf-8")
+            html = html.replace("<head>", "<head>" + OFFLINE_STYLE, 1)
+        page.write_text(html, encoding="utf-8")
 
 
 def percentiles(values: list[int], qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> dict:

@@ -13,7 +13,7 @@ from helpers import GOOD, GOOD_ROWS, SYSTEM, chat, msgs
 from stages import base_model, validate
 from stages.common.config import StageError
 from stages.common.examples import IGNORE
-from stages.common.files import read_jsonl
+from stages.common.files import md5_path, read_jsonl
 
 OTHER = '{"urgency": "low", "category": "account"}'
 
@@ -331,6 +331,13 @@ def test_bundled_data_defects_all_caught(project):
     assert report["rows_in"] == report["rows_out"] + report["rows_quarantined"]
     assert report["rows_quarantined"] > 0 and report["token_length"]["max"] <= report["max_length"]
     assert (project / "reports/data_docs/index.html").exists()
+    # Data Docs are a DVC output: the same data gives the same pages, byte for byte (GX's
+    # own pages carry a timestamp and random element ids)
+    first = md5_path(project / "reports/data_docs")
+    validate.main()
+    assert md5_path(project / "reports/data_docs") == first
+    pages = [p.read_text() for p in (project / "reports/data_docs").rglob("*.html")]
+    assert len(pages) == 3 and not any("?d=20" in page for page in pages)
 
 
 def test_missing_data_file_is_one_line_error(project):
