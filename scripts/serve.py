@@ -65,7 +65,6 @@ from stages.common.config import StageError, load_params
 MERGED = paths.MERGED
 SERVED_NAME = str(paths.MERGED)  # the model's name in requests, answers and /v1/models
 TRAIN = paths.TRAIN  # where the training system prompt is read
-SETTINGS = ("host", "port", "api_key_env", "allowed_hosts", "add_system_prompt")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
@@ -79,12 +78,7 @@ class ServeError(Exception):
 
 def serve_settings(params: dict) -> dict:
     """params.yaml's `serve` section; load_params checked its types (stages/common/schema.py)."""
-    serve = params.get("serve") or {}
-    for key in SETTINGS:
-        if key not in serve:
-            raise ServeError(
-                f"params.yaml: serve.{key}: missing (compose params.yaml from conf/: `make params`)"
-            )
+    serve = params["serve"]  # every key is there: load_params refused a params.yaml without one
     if not all(serve["allowed_hosts"]):
         raise ServeError(
             f"params.yaml: serve.allowed_hosts={serve['allowed_hosts']!r}: an empty host name"
