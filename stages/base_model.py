@@ -143,6 +143,9 @@ def load_tokenizer(folder: Path, gguf_file: str | None):
 
 
 def main() -> None:
+    """1. resolve the model (local folder, hub id at a pinned revision, or GGUF); 2. its
+    tokenizer and shipped chat template; 3. copy the weights into models/base; 4. choose the
+    training chat template and prove it renders the shipped one; 5. the report."""
     params = load_params()
     cfg = params["model"]
     name = str(cfg["name_or_path"])
@@ -158,33 +161,9 @@ def main() -> None:
     source_md5 = md5_path(folder / gguf_file) if gguf_file else md5_path(folder)
 
     with tracking.stage_run("base_model", params, ["model"], {"source": source_md5}) as run:
-        from transformers import AutoConfig, GenerationConfig
-
-        tokenizer = load_tokenizer(folder, gguf_file)
-        shipped = tokenizer.chat_template
-        if isinstance(shipped, dict):  # named variants: the default one renders plain chats
-            shipped = shipped.get("default")
-        if not shipped:
-            raise StageError(
-                f"model {name}: its tokenizer has no chat template (a base model, "
-                "not an instruct one?); pick an instruct model"
-            )
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-
+        tokenizer, shipped = tokenizer_and_template(folder, gguf_file, name)
         with atomic_dir(OUT_DIR) as tmp:
-            if gguf_file:
-                model = gguf_model(folder, gguf_file)
-                model.save_pretrained(tmp, safe_serialization=True)
-                generation = model.generation_config
-                del model
-            else:
-                copy_weights(folder, tmp)
-                try:
-                    generation = GenerationConfig.from_pretrained(tmp)
-                except OSError:  # no generation_config.json: the model config's ids
-                    generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(tmp))
-            config = AutoConfig.from_pretrained(tmp)
+            config, generation = write_weights(folder, gguf_file, tmp)
             family = getattr(config, "model_type", None) or "unknown"
             stops = chat_templates.stop_tokens(tokenizer, generation.eos_token_id)
             training, chosen = chat_templates.choose(
@@ -192,32 +171,23 @@ def main() -> None:
             )
             tokenizer.save_pretrained(tmp)
             write_text(tmp / TRAINING_TEMPLATE, training)
-            n_params, dtype = safetensors_summary(tmp)
 
         if "strftime_now" in shipped:
             print(
                 "base_model: warning: the chat template writes today's date into every "
                 "prompt, so token counts can change from day to day"
             )
-        report = {
-            "name_or_path": name,
+        source = {
             "revision": cfg["revision"],
-            "resolved_commit": commit,  # hub models: the commit the files came from
-            "source_md5": source_md5,
-            "family": family,
-            "architecture": (config.architectures or [None])[0],
-            "parameters": n_params,
-            "dtype": dtype + (" (de-quantized from GGUF)" if gguf_file else ""),
-            "size_bytes": sum(p.stat().st_size for p in OUT_DIR.glob("*.safetensors")),
-            "vocab_size": len(tokenizer),
-            "eos_token": tokenizer.eos_token,
-            "pad_token": tokenizer.pad_token,
-            "training_template": chosen,
+            "commit": commit,
+            "md5": source_md5,
+            "gguf": gguf_file,
         }
+        report = build_report(name, source, config, tokenizer, chosen)
         write_json(REPORT, report)
         run.summary.update(
             {
-                "model/parameters": n_params,
+                "model/parameters": report["parameters"],
                 "model/vocab_size": len(tokenizer),
                 "model/training_template": chosen["source"],
             }
@@ -228,10 +198,69 @@ def main() -> None:
                 f"pin the model"
             )
         print(
-            f"base_model: {name} -> {OUT_DIR} ({n_params / 1e6:.1f} M params, {dtype}); "
+            f"base_model: {name} -> {OUT_DIR} ({report['parameters'] / 1e6:.1f} M params, "
+            f"{report['dtype']}); "
             f"training template: {chosen['source']}"
             + (f" (rejected: {', '.join(chosen['rejected'])})" if chosen["rejected"] else "")
         )
+
+
+# --- the steps of main ---------------------------------------------------------------------
+
+
+def build_report(name: str, source: dict, config, tokenizer, chosen: dict) -> dict:
+    n_params, dtype = safetensors_summary(OUT_DIR)
+    return {
+        "name_or_path": name,
+        "revision": source["revision"],
+        "resolved_commit": source["commit"],  # hub models: the commit the files came from
+        "source_md5": source["md5"],
+        "family": getattr(config, "model_type", None) or "unknown",
+        "architecture": (config.architectures or [None])[0],
+        "parameters": n_params,
+        "dtype": dtype + (" (de-quantized from GGUF)" if source["gguf"] else ""),
+        "size_bytes": sum(p.stat().st_size for p in OUT_DIR.glob("*.safetensors")),
+        "vocab_size": len(tokenizer),
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "training_template": chosen,
+    }
+
+
+def tokenizer_and_template(folder: Path, gguf_file: str | None, name: str):
+    """The tokenizer (with a pad token) and the chat template it ships; a model without one
+    (a base model) stops the stage."""
+    tokenizer = load_tokenizer(folder, gguf_file)
+    shipped = tokenizer.chat_template
+    if isinstance(shipped, dict):  # named variants: the default one renders plain chats
+        shipped = shipped.get("default")
+    if not shipped:
+        raise StageError(
+            f"model {name}: its tokenizer has no chat template (a base model, "
+            "not an instruct one?); pick an instruct model"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, shipped
+
+
+def write_weights(folder: Path, gguf_file: str | None, dest: Path):
+    """The weights in `dest` as safetensors (GGUF de-quantized); the model's config and its
+    generation config (whose end-of-sequence ids are the stop tokens)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    if gguf_file:
+        model = gguf_model(folder, gguf_file)
+        model.save_pretrained(dest, safe_serialization=True)
+        generation = model.generation_config
+        del model
+    else:
+        copy_weights(folder, dest)
+        try:
+            generation = GenerationConfig.from_pretrained(dest)
+        except OSError:  # no generation_config.json: the model config's ids
+            generation = GenerationConfig.from_model_config(AutoConfig.from_pretrained(dest))
+    return AutoConfig.from_pretrained(dest), generation
 
 
 if __name__ == "__main__":

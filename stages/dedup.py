@@ -19,14 +19,13 @@ from __future__ import annotations
 from collections import Counter
 
 from stages.common import paths, tracking
-from stages.common.config import StageError, load_params, run_stage
+from stages.common.config import load_params, run_stage
 from stages.common.files import md5_path, read_jsonl, write_json, write_jsonl
 from stages.common.kinds import answer_key, request_text
 from stages.common.similarity import UnionFind, near_duplicate_pairs
 
 INPUT, OUTPUT, REMOVED = paths.VALID, paths.DEDUP, paths.DEDUP_REMOVED
 REPORT = paths.stage_report("dedup")
-POLICIES = ("drop_all", "majority", "first")
 
 
 def resolve_cluster(members: list[int], answers: list[str], policy: str):
@@ -47,58 +46,21 @@ def resolve_cluster(members: list[int], answers: list[str], policy: str):
 
 
 def main() -> None:
+    """1. exact duplicates of the whole record; 2. clusters of the same request (equal or
+    near-equal by MinHash), resolved by dedup.conflict_policy; 3. write the kept rows (the
+    fixed evaluation sets pass untouched), the removed ones with their reason, the report."""
     params = load_params()
     cfg, seed = params["dedup"], int(params["seed"])
-    if cfg["conflict_policy"] not in POLICIES:
-        raise StageError(f"dedup.conflict_policy={cfg['conflict_policy']}: use one of {POLICIES}")
 
     with tracking.stage_run("dedup", params, ["dedup"], {"valid": md5_path(INPUT)}) as run:
         everything = read_jsonl(INPUT)
         records = [r for r in everything if not r.get("fixed_split")]
         fixed = [r for r in everything if r.get("fixed_split")]
-        removed: dict[int, tuple[str, int]] = {}  # index -> (reason, index it duplicates)
-
-        # 1. exact duplicates of the whole conversation (ids hash the normalised content)
-        first_of: dict[str, int] = {}
-        for i, r in enumerate(records):
-            if r["id"] in first_of:
-                removed[i] = ("exact_duplicate", first_of[r["id"]])
-            else:
-                first_of[r["id"]] = i
+        removed = exact_duplicates(records)  # index -> (reason, index it duplicates)
         remaining = [i for i in range(len(records)) if i not in removed]
-
-        # 2. clusters of the same request: equal normalised prompt, or near-equal by MinHash
         texts = [request_text(records[i]) for i in remaining]
-        uf = UnionFind(len(remaining))
-        by_prompt: dict[str, int] = {}
-        for k, text in enumerate(texts):
-            uf.union(by_prompt.setdefault(text, k), k)
-        for a, b in near_duplicate_pairs(
-            texts, int(cfg["shingle_size"]), int(cfg["num_perm"]), float(cfg["threshold"]), seed
-        ):
-            uf.union(a, b)
-        clusters = uf.clusters()
-
-        answers = [answer_key(records[i]) for i in remaining]
-        examples = []
-        for members in clusters.values():
-            if len(members) == 1:
-                continue
-            kept, dropped = resolve_cluster(members, answers, cfg["conflict_policy"])
-            anchor = remaining[kept[0]] if kept else remaining[members[0]]
-            for k, reason in dropped.items():
-                removed[remaining[k]] = (reason, anchor)
-            if len(examples) < 10:
-                examples.append(
-                    {
-                        "kept": [records[remaining[k]]["line"] for k in kept],
-                        "removed": {
-                            records[remaining[k]]["line"]: reason for k, reason in dropped.items()
-                        },
-                        "prompts": [texts[k][:160] for k in members[:3]],
-                    }
-                )
-
+        clusters = same_request_clusters(texts, cfg, seed)
+        examples = resolve_clusters(clusters, records, remaining, texts, cfg, removed)
         kept_records = [r for i, r in enumerate(records) if i not in removed] + fixed
         removed_rows = [
             {
@@ -119,7 +81,7 @@ def main() -> None:
             "rows_out": len(kept_records),
             "rows_removed": len(removed_rows),
             "removed_by_reason": dict(sorted(by_reason.items())),
-            "clusters": sum(1 for m in clusters.values() if len(m) > 1),
+            "clusters": len(clusters),
             "conflict_policy": cfg["conflict_policy"],
             "example_clusters": examples,
         }
@@ -133,6 +95,58 @@ def main() -> None:
             }
         )
         print(f"dedup: {len(everything)} in, {len(kept_records)} kept, removed {dict(by_reason)}")
+
+
+# --- the steps of main ----------------------------------------------------------------------
+
+
+def resolve_clusters(clusters, records, remaining, texts, cfg, removed) -> list[dict]:
+    """Keep or drop the rows of each cluster by dedup.conflict_policy (into `removed`, with the
+    row each duplicates); the first ten clusters as examples for the report."""
+    answers = [answer_key(records[i]) for i in remaining]
+    examples = []
+    for members in clusters:
+        kept, dropped = resolve_cluster(members, answers, cfg["conflict_policy"])
+        anchor = remaining[kept[0]] if kept else remaining[members[0]]
+        for k, reason in dropped.items():
+            removed[remaining[k]] = (reason, anchor)
+        if len(examples) < 10:
+            examples.append(
+                {
+                    "kept": [records[remaining[k]]["line"] for k in kept],
+                    "removed": {
+                        records[remaining[k]]["line"]: reason for k, reason in dropped.items()
+                    },
+                    "prompts": [texts[k][:160] for k in members[:3]],
+                }
+            )
+    return examples
+
+
+def exact_duplicates(records: list[dict]) -> dict[int, tuple[str, int]]:
+    """Rows whose whole content repeats an earlier row's (ids hash the normalised content)."""
+    removed: dict[int, tuple[str, int]] = {}
+    first_of: dict[str, int] = {}
+    for i, r in enumerate(records):
+        if r["id"] in first_of:
+            removed[i] = ("exact_duplicate", first_of[r["id"]])
+        else:
+            first_of[r["id"]] = i
+    return removed
+
+
+def same_request_clusters(texts: list[str], cfg: dict, seed: int) -> list[list[int]]:
+    """Groups of two or more requests that are equal once normalised, or near-equal by MinHash
+    Jaccard >= dedup.threshold."""
+    uf = UnionFind(len(texts))
+    by_prompt: dict[str, int] = {}
+    for k, text in enumerate(texts):
+        uf.union(by_prompt.setdefault(text, k), k)
+    for a, b in near_duplicate_pairs(
+        texts, cfg["shingle_size"], cfg["num_perm"], float(cfg["threshold"]), seed
+    ):
+        uf.union(a, b)
+    return [members for members in uf.clusters().values() if len(members) > 1]
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ Outputs: models/merged/, reports/export.json.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 from stages.common import memory, paths, tracking
 from stages.common.config import StageError, load_params, run_stage
@@ -82,102 +83,121 @@ def first_difference(expected: list, got: list) -> int | None:
 
 
 def main() -> None:
+    """1. the test prompts to check with; 2. base + adapter answers them, then merges (in
+    fp32) and must answer the same; 3. save models/merged in the base's dtype; 4. the saved
+    chat template renders the prompts training used; 5. models/merged, loaded from disk,
+    answers as the saved weights did; 6. the report."""
     params = load_params()
     cfg = params["export"]
     inputs = {"base": md5_path(BASE), "tuned": md5_path(TUNED), "test": md5_path(TEST)}
 
     with tracking.stage_run("export", params, ["export", "method"], inputs) as run:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         n_params, dtype_name = safetensors_summary(BASE)
         dtype = getattr(torch, dtype_name)  # the base's dtype: models/merged keeps it
         device = choose_device(4 * n_params)
         tokenizer = AutoTokenizer.from_pretrained(BASE)
-        records = [r for r in read_jsonl(TEST) if prompt_of(r)][: int(cfg["check_examples"])]
+        records = [r for r in read_jsonl(TEST) if prompt_of(r)][: cfg["check_examples"]]
         where = [
             f"{TEST} line {i + 1} (source {r['source']}:{r['line']})" for i, r in enumerate(records)
         ]
         prompts = [prompt_ids(tokenizer, prompt_of(r), r.get("tools")) for r in records]
-        max_new = int(cfg["max_new_tokens"])
+        answer = partial(greedy_answers, prompts=prompts, max_new_tokens=cfg["max_new_tokens"])
         start = time.perf_counter()
 
         model = tuned_model(device).eval()
         adapter = hasattr(model, "merge_and_unload")
-        expected = greedy_answers(model, prompts, max_new)
+        expected = answer(model)
         if adapter:
             model = model.merge_and_unload()  # in place: the adapter's weights are folded in
-            merged = greedy_answers(model, prompts, max_new)
-            if (k := first_difference(expected, merged)) is not None:
-                raise StageError(
-                    f"round trip: {where[k]}: merged model answers "
-                    f"{tokenizer.decode(merged[k])!r}, base + adapter "
-                    f"{tokenizer.decode(expected[k])!r}"
-                )
+            expect_same(expected, answer(model), where, tokenizer, "merged model", "base + adapter")
         model.to(dtype)  # in place, to the base's dtype
         with atomic_dir(MERGED) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-        saved = (
-            greedy_answers(model.float(), prompts, max_new) if dtype != torch.float32 else expected
-        )
+        saved = answer(model.float()) if dtype != torch.float32 else expected
         del model
-
-        exported_tokenizer = AutoTokenizer.from_pretrained(MERGED)
-        template = TEMPLATE.read_text(encoding="utf-8")
-        for k, r in enumerate(records):
-            served = prompt_ids(exported_tokenizer, prompt_of(r), r.get("tools"))
-            with_answer = {"messages": [*prompt_of(r), {"role": "assistant", "content": "x"}]}
-            if r.get("tools"):  # the declared tools are part of the prompt
-                with_answer["tools"] = r["tools"]
-            trained = record_examples(tokenizer, [with_answer], template)[0]
-            if served != prompts[k] or trained["input_ids"][: len(served)] != served:
-                raise StageError(
-                    f"round trip: {where[k]}: the exported chat template renders "
-                    f"other prompt tokens than training used"
-                )
-        reloaded = AutoModelForCausalLM.from_pretrained(
-            MERGED, dtype=torch.float32, device_map=device
-        ).eval()
-        answers = greedy_answers(reloaded, prompts, max_new)
-        if (k := first_difference(saved, answers)) is not None:
-            raise StageError(
-                f"round trip: {where[k]}: models/merged loaded from disk answers "
-                f"{tokenizer.decode(answers[k])!r}, the saved weights "
-                f"{tokenizer.decode(saved[k])!r}"
-            )
-        seconds = time.perf_counter() - start
+        check_prompt_tokens(records, prompts, tokenizer, where)
+        reloaded = load_merged(device)
+        answers = answer(reloaded)
+        expect_same(
+            saved, answers, where, tokenizer, "models/merged loaded from disk", "the saved weights"
+        )
         unchanged = sum(a == b for a, b in zip(expected, answers))
-
-        report = {
-            "method": params["method"]["name"],
-            "merged_from": "base + adapter" if adapter else "full fine-tune",
-            "merged_on": device,
-            "merge_dtype": "float32",
-            "dtype": str(dtype).removeprefix("torch."),  # what models/merged holds
-            "size_bytes": sum(p.stat().st_size for p in MERGED.glob("*.safetensors")),
-            "parameters": sum(p.numel() for p in reloaded.parameters()),
-            "round_trip": {
-                "examples": len(records),
-                "max_new_tokens": max_new,
-                "prompt_tokens_match": True,
-                "greedy_answers_match": True,
-                # answers the rounding to `dtype` left as they were in fp32
-                "unchanged_by_rounding": unchanged,
-                "seconds": round(seconds, 1),
-            },
-        }
+        seconds = time.perf_counter() - start
+        report = build_report(params, adapter, device, dtype, reloaded, len(records), unchanged)
+        report["round_trip"]["seconds"] = round(seconds, 1)
         write_json(REPORT, report)
         run.summary.update({"export/round_trip_examples": len(records)})
+        rounding = f" ({unchanged} unchanged by rounding to {report['dtype']})"
         print(
             f"export: {MERGED} written ({report['dtype']}); {len(records)} test prompts give "
             f"the training prompt tokens and the answers of base + adapter"
-            + (
-                f" ({unchanged} unchanged by rounding to {report['dtype']})"
-                if dtype != torch.float32
-                else ""
-            )
+            + (rounding if dtype != torch.float32 else "")
         )
+
+
+# --- the checks of main ---------------------------------------------------------------------
+
+
+def build_report(params, adapter, device, dtype, reloaded, examples, unchanged) -> dict:
+    return {
+        "method": params["method"]["name"],
+        "merged_from": "base + adapter" if adapter else "full fine-tune",
+        "merged_on": device,
+        "merge_dtype": "float32",
+        "dtype": str(dtype).removeprefix("torch."),  # what models/merged holds
+        "size_bytes": sum(p.stat().st_size for p in MERGED.glob("*.safetensors")),
+        "parameters": sum(p.numel() for p in reloaded.parameters()),
+        "round_trip": {
+            "examples": examples,
+            "max_new_tokens": params["export"]["max_new_tokens"],
+            "prompt_tokens_match": True,
+            "greedy_answers_match": True,
+            # answers the rounding to `dtype` left as they were in fp32
+            "unchanged_by_rounding": unchanged,
+        },
+    }
+
+
+def expect_same(expected: list, got: list, where: list[str], tokenizer, who: str, whom: str):
+    """Stop at the first prompt where `who` answers otherwise than `whom`."""
+    if (k := first_difference(expected, got)) is not None:
+        raise StageError(
+            f"round trip: {where[k]}: {who} answers {tokenizer.decode(got[k])!r}, "
+            f"{whom} {tokenizer.decode(expected[k])!r}"
+        )
+
+
+def check_prompt_tokens(records: list[dict], prompts: list, tokenizer, where: list[str]) -> None:
+    """The tokenizer saved in models/merged renders each prompt as the base's did, and as the
+    start of the example training built from it."""
+    from transformers import AutoTokenizer
+
+    exported_tokenizer = AutoTokenizer.from_pretrained(MERGED)
+    template = TEMPLATE.read_text(encoding="utf-8")
+    for k, r in enumerate(records):
+        served = prompt_ids(exported_tokenizer, prompt_of(r), r.get("tools"))
+        with_answer = {"messages": [*prompt_of(r), {"role": "assistant", "content": "x"}]}
+        if r.get("tools"):  # the declared tools are part of the prompt
+            with_answer["tools"] = r["tools"]
+        trained = record_examples(tokenizer, [with_answer], template)[0]
+        if served != prompts[k] or trained["input_ids"][: len(served)] != served:
+            raise StageError(
+                f"round trip: {where[k]}: the exported chat template renders "
+                f"other prompt tokens than training used"
+            )
+
+
+def load_merged(device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        MERGED, dtype=torch.float32, device_map=device
+    ).eval()
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def similar_groups(records: list[dict], cfg: dict, seed: int) -> list[list[int]]
     first: dict[str, int] = {}
     for i, text in enumerate(texts):
         uf.union(first.setdefault(text, i), i)
-    if cfg.get("group_threshold"):
+    if cfg["group_threshold"]:
         for a, b in near_duplicate_pairs(texts, 3, 128, float(cfg["group_threshold"]), seed):
             uf.union(a, b)
     return sorted(uf.clusters().values())
@@ -138,21 +138,14 @@ def external_records(path: str) -> list[dict]:
 
 
 def main() -> None:
+    """1. group near-alike requests; 2. set aside rows that copy a fixed evaluation set;
+    3. carve the splits; 4. check leakage; 5. rebalance train; 6. write the splits, the
+    removed rows and the report."""
     params = load_params()
-    cfg = params["split"]
-    fractions = {name: float(cfg[name]) for name in SPLITS}
-    if abs(sum(fractions.values()) - 1) > 1e-6 or min(fractions.values()) < 0:
-        raise StageError(f"split fractions {fractions} must be non-negative and sum to 1")
-    leak_cfg = cfg["leakage"]
-    policy = leak_cfg["policy"]
-    if policy not in ("report", "remove"):
-        raise StageError(f"split.leakage.policy={policy}: use report or remove")
-    rebalance = cfg["rebalance"]
-    if rebalance not in ("none", "cap", "upsample"):
-        raise StageError(f"split.rebalance={rebalance}: use none, cap or upsample")
+    cfg, leak_cfg = params["split"], params["split"]["leakage"]
     task, seed = Task.from_params(params), int(params["seed"])
     inputs = {"dedup": md5_path(INPUT)}
-    if leak_cfg.get("external_eval"):
+    if leak_cfg["external_eval"]:
         require_dependency("split", "split.leakage.external_eval", leak_cfg["external_eval"])
         inputs["external_eval"] = md5_path(Path(leak_cfg["external_eval"]))
 
@@ -166,177 +159,23 @@ def main() -> None:
             raise StageError(f"{INPUT}: {len(records)} records are too few to split")
         strata = [task.stratum(answer_of(r)) if "text" not in r else "" for r in records]
         groups = similar_groups(records, cfg, seed)
-        removed: dict[int, dict] = {}
-
-        # fixed evaluation sets stay whole; training rows that duplicate or paraphrase one of
-        # their rows (same group) are removed, and the carve shares the rest of the fractions
-        for members in groups:
-            anchor = next((i for i in members if records[i].get("fixed_split")), None)
-            for i in members if anchor is not None else []:
-                if not records[i].get("fixed_split"):
-                    exact = request_text(records[i]) == request_text(records[anchor])
-                    removed[i] = {
-                        "reason": ("duplicate_of_" if exact else "near_duplicate_of_")
-                        + records[anchor]["fixed_split"],
-                        "matches_line": records[anchor]["line"],
-                    }
-        carve = {n: 0.0 if fixed.get(n) else f for n, f in fractions.items()}
-        carve = {n: f / (sum(carve.values()) or 1) for n, f in carve.items()}
-        pool_groups = [
-            g for g in groups if not any(records[i].get("fixed_split") or i in removed for i in g)
-        ]
-        assignment = stratified_group_split(strata, pool_groups, carve, seed)
-        for name, rows in fixed.items():
-            for i in rows:
-                assignment[i] = name
+        removed = copies_of_fixed_sets(records, groups)  # row -> why it was removed
+        fractions = {name: float(cfg[name]) for name in SPLITS}
+        assignment = carve(records, groups, strata, fixed, removed, fractions, seed)
         parts = {name: [i for i, a in enumerate(assignment) if a == name] for name in SPLITS}
         for i in removed:
             assignment[i] = "train"  # where it would have gone: the fixed sets hold no room
-
-        min_overlap = float(leak_cfg["min_overlap"])
-        short = int(leak_cfg["short_record_words"])
-        leaks = []
-        # leakage into a fixed set: a carved row sharing most of its n-grams with one is removed
-        for name, rows in fixed.items():
-            if not rows:
-                continue
-            index = NgramIndex([records[i] for i in rows], short, {8, 13})
-            for i in [i for n in SPLITS if not fixed.get(n) for i in parts[n]]:
-                share, match = index.overlap(records[i])
-                if share >= min_overlap and i not in removed:
-                    removed[i] = {
-                        "reason": f"leak_of_{name}",
-                        "matches_line": records[rows[match]]["line"],
-                    }
-                    leaks.append(
-                        {
-                            "split": assignment[i],
-                            "id": records[i]["id"],
-                            "line": records[i]["line"],
-                            "overlap": round(share, 3),
-                            "against": f"fixed {name}",
-                            "matches_line": records[rows[match]]["line"],
-                        }
-                    )
-
-        # leakage of a carved test split: each test row against train
-        carved_test = [] if fixed["test"] else parts["test"]
-        sizes = {8 if len(request_text(records[i]).split()) < short else 13 for i in carved_test}
-        kept_train = [i for i in parts["train"] if i not in removed]
-        train_index = NgramIndex([records[i] for i in kept_train], short, sizes)
-        for i in carved_test:
-            share, match = train_index.overlap(records[i])
-            if share >= min_overlap:
-                other = records[kept_train[match]]
-                leaks.append(
-                    {
-                        "split": "test",
-                        "id": records[i]["id"],
-                        "line": records[i]["line"],
-                        "overlap": round(share, 3),
-                        "against": "train",
-                        "matches_line": other["line"],
-                    }
-                )
-                if policy == "remove":
-                    removed[i] = {"reason": "leak_test_train", "matches_line": other["line"]}
-        if leak_cfg.get("external_eval"):
-            external = external_records(leak_cfg["external_eval"])
-            external_index = NgramIndex(external, short, {8, 13})
-            for i, record in enumerate(records):
-                share, match = external_index.overlap(record)
-                if share >= min_overlap:
-                    leaks.append(
-                        {
-                            "split": assignment[i],
-                            "id": record["id"],
-                            "line": record["line"],
-                            "overlap": round(share, 3),
-                            "against": "external_eval",
-                            "matches_line": external[match]["line"],
-                        }
-                    )
-                    if policy == "remove":
-                        removed[i] = {
-                            "reason": "leak_external_eval",
-                            "matches_line": external[match]["line"],
-                        }
-
-        # optional rebalancing of train by stratum
+        leaks = [
+            *leaks_into_fixed_sets(records, fixed, parts, assignment, removed, leak_cfg),
+            *leaks_of_carved_test(records, fixed, parts, removed, leak_cfg),
+            *leaks_of_external_eval(records, assignment, removed, leak_cfg),
+        ]
         train_rows = [i for i in parts["train"] if i not in removed]
-        added: list[int] = []
-        if rebalance != "none" and task.stratify_by:
-            by_stratum: dict[str, list[int]] = defaultdict(list)
-            for i in train_rows:
-                by_stratum[strata[i]].append(i)
-            cap = int(cfg["rebalance_cap"] or max(len(v) for v in by_stratum.values()))
-            rng = random.Random(seed)
-            for s, rows in sorted(by_stratum.items()):
-                if rebalance == "cap" and len(rows) > cap:
-                    for i in sorted(rng.sample(rows, len(rows) - cap)):
-                        removed[i] = {"reason": "rebalance_cap"}
-                elif rebalance == "upsample" and len(rows) < cap:
-                    added += [rows[k % len(rows)] for k in range(cap - len(rows))]
+        added = rebalance_train(train_rows, strata, removed, cfg, task, seed)
 
-        outputs = {
-            name: [records[i] for i in rows if i not in removed] for name, rows in parts.items()
-        }
-        if not outputs["train"]:
-            raise StageError(
-                "split: no training rows left after removing the rows too close to "
-                "the fixed evaluation sets; see " + str(REMOVED)
-            )
-        outputs["train"] += [records[i] for i in sorted(added)]
-        for name, rows in outputs.items():
-            write_jsonl(OUT_DIR / f"{name}.jsonl", rows)
-        write_jsonl(
-            REMOVED,
-            [{**records[i], "split": assignment[i], **why} for i, why in sorted(removed.items())],
-        )
-
-        balance = {
-            name: dict(
-                sorted(
-                    Counter(
-                        task.stratum(answer_of(r)) if "text" not in r else "" for r in rows
-                    ).items()
-                )
-            )
-            for name, rows in outputs.items()
-        }
-        by_reason = Counter(why["reason"] for why in removed.values())
-        report = {
-            "rows_in": len(records),
-            "rows_out": sum(len(rows) for rows in outputs.values()) - len(added),
-            "rows_removed": len(removed),
-            "removed_by_reason": dict(sorted(by_reason.items())),
-            "rows_added_by_upsampling": len(added),
-            "sizes": {name: len(rows) for name, rows in outputs.items()},
-            "fractions": fractions,
-            "fixed_sets": {name: len(rows) for name, rows in fixed.items() if rows},
-            "test_hash": set_hash(outputs["test"]),  # regression compares only equal test sets
-            "seed": seed,
-            "stratify_by": task.stratify_by,
-            "groups": {
-                "count": len(groups),
-                "multi_row": sum(1 for g in groups if len(g) > 1),
-                "largest": max(len(g) for g in groups),
-            },
-            "class_balance": balance,
-            "leakage": {
-                "policy": policy,
-                "min_overlap": min_overlap,
-                "flagged": len(leaks),
-                "rows": leaks[:200],
-            },
-        }
-        assert report["rows_in"] == report["rows_out"] + report["rows_removed"]
+        outputs = write_splits(records, parts, assignment, removed, added)
+        report = build_report(records, outputs, removed, added, fixed, groups, leaks, params)
         write_json(REPORT, report)
-        if report["groups"]["largest"] > len(records) * fractions["test"]:
-            print(
-                f"split: warning: a group of {report['groups']['largest']} near-alike rows went "
-                f"to train whole; raise split.group_threshold if groups chain too much"
-            )
         run.summary.update({f"split/{n}": len(rows) for n, rows in outputs.items()})
         run.summary["split/leaks_flagged"] = len(leaks)
         print(
@@ -344,6 +183,191 @@ def main() -> None:
             f"requests kept together, leakage flagged {len(leaks)}, removed "
             f"{report['removed_by_reason'] or 'nothing'}"
         )
+
+
+# --- the steps of main ------------------------------------------------------------------------
+
+
+def copies_of_fixed_sets(records: list[dict], groups: list[list[int]]) -> dict[int, dict]:
+    """Fixed evaluation sets stay whole: a training row that duplicates or paraphrases one of
+    their rows (same group) is removed."""
+    removed: dict[int, dict] = {}
+    for members in groups:
+        anchor = next((i for i in members if records[i].get("fixed_split")), None)
+        for i in members if anchor is not None else []:
+            if not records[i].get("fixed_split"):
+                exact = request_text(records[i]) == request_text(records[anchor])
+                removed[i] = {
+                    "reason": ("duplicate_of_" if exact else "near_duplicate_of_")
+                    + records[anchor]["fixed_split"],
+                    "matches_line": records[anchor]["line"],
+                }
+    return removed
+
+
+def carve(records, groups, strata, fixed, removed, fractions, seed) -> list[str]:
+    """The split of each row: a fixed set's rows are that split; the other rows are carved by
+    stratum and group, the carved splits sharing the fractions of the splits not fixed."""
+    shares = {n: 0.0 if fixed.get(n) else f for n, f in fractions.items()}
+    shares = {n: f / (sum(shares.values()) or 1) for n, f in shares.items()}
+    pool_groups = [
+        g for g in groups if not any(records[i].get("fixed_split") or i in removed for i in g)
+    ]
+    assignment = stratified_group_split(strata, pool_groups, shares, seed)
+    for name, rows in fixed.items():
+        for i in rows:
+            assignment[i] = name
+    return assignment
+
+
+def leak_entry(record: dict, split: str, share: float, against: str, matches_line) -> dict:
+    return {
+        "split": split,
+        "id": record["id"],
+        "line": record["line"],
+        "overlap": round(share, 3),
+        "against": against,
+        "matches_line": matches_line,
+    }
+
+
+def leaks_into_fixed_sets(records, fixed, parts, assignment, removed, leak_cfg) -> list[dict]:
+    """A carved row sharing most of its n-grams with a fixed set is removed, whatever the
+    policy: the fixed sets never move."""
+    min_overlap, short = float(leak_cfg["min_overlap"]), int(leak_cfg["short_record_words"])
+    leaks = []
+    for name, rows in fixed.items():
+        if not rows:
+            continue
+        index = NgramIndex([records[i] for i in rows], short, {8, 13})
+        for i in [i for n in SPLITS if not fixed.get(n) for i in parts[n]]:
+            share, match = index.overlap(records[i])
+            if share >= min_overlap and i not in removed:
+                line = records[rows[match]]["line"]
+                removed[i] = {"reason": f"leak_of_{name}", "matches_line": line}
+                leaks.append(leak_entry(records[i], assignment[i], share, f"fixed {name}", line))
+    return leaks
+
+
+def leaks_of_carved_test(records, fixed, parts, removed, leak_cfg) -> list[dict]:
+    """Each row of a carved test split against train; `remove` drops the leaking test rows."""
+    min_overlap, short = float(leak_cfg["min_overlap"]), int(leak_cfg["short_record_words"])
+    carved_test = [] if fixed["test"] else parts["test"]
+    sizes = {8 if len(request_text(records[i]).split()) < short else 13 for i in carved_test}
+    kept_train = [i for i in parts["train"] if i not in removed]
+    train_index = NgramIndex([records[i] for i in kept_train], short, sizes)
+    leaks = []
+    for i in carved_test:
+        share, match = train_index.overlap(records[i])
+        if share >= min_overlap:
+            line = records[kept_train[match]]["line"]
+            leaks.append(leak_entry(records[i], "test", share, "train", line))
+            if leak_cfg["policy"] == "remove":
+                removed[i] = {"reason": "leak_test_train", "matches_line": line}
+    return leaks
+
+
+def leaks_of_external_eval(records, assignment, removed, leak_cfg) -> list[dict]:
+    """Every row against split.leakage.external_eval, when set."""
+    if not leak_cfg["external_eval"]:
+        return []
+    min_overlap, short = float(leak_cfg["min_overlap"]), int(leak_cfg["short_record_words"])
+    external = external_records(leak_cfg["external_eval"])
+    external_index = NgramIndex(external, short, {8, 13})
+    leaks = []
+    for i, record in enumerate(records):
+        share, match = external_index.overlap(record)
+        if share >= min_overlap:
+            line = external[match]["line"]
+            leaks.append(leak_entry(record, assignment[i], share, "external_eval", line))
+            if leak_cfg["policy"] == "remove":
+                removed[i] = {"reason": "leak_external_eval", "matches_line": line}
+    return leaks
+
+
+def rebalance_train(train_rows, strata, removed, cfg, task, seed) -> list[int]:
+    """split.rebalance by stratum: `cap` removes rows above the cap, `upsample` returns the
+    rows to repeat up to it."""
+    added: list[int] = []
+    if cfg["rebalance"] == "none" or not task.stratify_by:
+        return added
+    by_stratum: dict[str, list[int]] = defaultdict(list)
+    for i in train_rows:
+        by_stratum[strata[i]].append(i)
+    cap = int(cfg["rebalance_cap"] or max(len(v) for v in by_stratum.values()))
+    rng = random.Random(seed)
+    for _, rows in sorted(by_stratum.items()):
+        if cfg["rebalance"] == "cap" and len(rows) > cap:
+            for i in sorted(rng.sample(rows, len(rows) - cap)):
+                removed[i] = {"reason": "rebalance_cap"}
+        elif cfg["rebalance"] == "upsample" and len(rows) < cap:
+            added += [rows[k % len(rows)] for k in range(cap - len(rows))]
+    return added
+
+
+def write_splits(records, parts, assignment, removed, added) -> dict[str, list[dict]]:
+    """The rows of each split (train with its upsampled repeats), and the removed rows with
+    their split and reason."""
+    outputs = {name: [records[i] for i in rows if i not in removed] for name, rows in parts.items()}
+    if not outputs["train"]:
+        raise StageError(
+            "split: no training rows left after removing the rows too close to "
+            "the fixed evaluation sets; see " + str(REMOVED)
+        )
+    outputs["train"] += [records[i] for i in sorted(added)]
+    for name, rows in outputs.items():
+        write_jsonl(OUT_DIR / f"{name}.jsonl", rows)
+    write_jsonl(
+        REMOVED,
+        [{**records[i], "split": assignment[i], **why} for i, why in sorted(removed.items())],
+    )
+    return outputs
+
+
+def build_report(records, outputs, removed, added, fixed, groups, leaks, params) -> dict:
+    task, cfg = Task.from_params(params), params["split"]
+    balance = {
+        name: dict(
+            sorted(
+                Counter(task.stratum(answer_of(r)) if "text" not in r else "" for r in rows).items()
+            )
+        )
+        for name, rows in outputs.items()
+    }
+    by_reason = Counter(why["reason"] for why in removed.values())
+    fractions = {name: float(cfg[name]) for name in SPLITS}
+    report = {
+        "rows_in": len(records),
+        "rows_out": sum(len(rows) for rows in outputs.values()) - len(added),
+        "rows_removed": len(removed),
+        "removed_by_reason": dict(sorted(by_reason.items())),
+        "rows_added_by_upsampling": len(added),
+        "sizes": {name: len(rows) for name, rows in outputs.items()},
+        "fractions": fractions,
+        "fixed_sets": {name: len(rows) for name, rows in fixed.items() if rows},
+        "test_hash": set_hash(outputs["test"]),  # regression compares only equal test sets
+        "seed": int(params["seed"]),
+        "stratify_by": task.stratify_by,
+        "groups": {
+            "count": len(groups),
+            "multi_row": sum(1 for g in groups if len(g) > 1),
+            "largest": max(len(g) for g in groups),
+        },
+        "class_balance": balance,
+        "leakage": {
+            "policy": cfg["leakage"]["policy"],
+            "min_overlap": float(cfg["leakage"]["min_overlap"]),
+            "flagged": len(leaks),
+            "rows": leaks[:200],
+        },
+    }
+    assert report["rows_in"] == report["rows_out"] + report["rows_removed"]
+    if report["groups"]["largest"] > len(records) * fractions["test"]:
+        print(
+            f"split: warning: a group of {report['groups']['largest']} near-alike rows went "
+            f"to train whole; raise split.group_threshold if groups chain too much"
+        )
+    return report
 
 
 if __name__ == "__main__":

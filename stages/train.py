@@ -92,6 +92,16 @@ def relaunch_distributed(launch: dict) -> int | None:
     return subprocess.call(cmd)
 
 
+def relaunched(launch: dict) -> bool:
+    """True when this process launched the workers and they finished (a failure stops)."""
+    exit_code = relaunch_distributed(launch)
+    if exit_code is None:
+        return False
+    if exit_code != 0:
+        raise StageError(f"distributed training failed (exit code {exit_code}); see above")
+    return True
+
+
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -271,33 +281,21 @@ def build_trainer(params: dict, precision: str, output_dir: str):
     eval_records = read_records(VALIDATION, objective)
     if not train_records:
         raise StageError(f"{TRAIN}: no training records")
-    eval_steps = int(cfg["eval_steps"])
-    patience = cfg.get("early_stopping_patience")
+    patience = cfg["early_stopping_patience"]
+    # the run's own settings; every train.* key the trainer takes comes after, as it is
     common = {
         "output_dir": output_dir,
-        "max_steps": int(cfg["max_steps"]),
-        "num_train_epochs": float(cfg["num_train_epochs"]),
-        "per_device_train_batch_size": int(cfg["per_device_train_batch_size"]),
-        "per_device_eval_batch_size": int(cfg["per_device_eval_batch_size"]),
-        "gradient_accumulation_steps": int(cfg["gradient_accumulation_steps"]),
-        "learning_rate": float(cfg["learning_rate"]),
-        "lr_scheduler_type": cfg["lr_scheduler_type"],
-        "warmup_steps": float(cfg["warmup_ratio"]),  # a float below 1 is a ratio
-        "weight_decay": float(cfg["weight_decay"]),
         "eval_strategy": "steps" if eval_records else "no",
-        "eval_steps": eval_steps,
         # a checkpoint at every evaluation: resume point, and candidate for the best model
         "save_strategy": "steps",
-        "save_steps": eval_steps,
+        "save_steps": cfg["eval_steps"],
         "save_total_limit": 2,  # the latest and the best
         "load_best_model_at_end": bool(eval_records),
         "metric_for_best_model": "eval_loss",
         "greater_is_better": False,
-        "logging_steps": int(cfg["logging_steps"]),
         "bf16": precision == "bf16",
         "fp16": precision == "fp16",
         "use_cpu": not torch.cuda.is_available(),
-        "activation_checkpointing": bool(cfg["gradient_checkpointing"]),
         # live train/* and eval/* curves into the stage's W&B run (opened by tracking)
         "report_to": ["wandb"]
         if is_main_process() and os.environ.get("WANDB_MODE") != "disabled"
@@ -316,7 +314,7 @@ def build_trainer(params: dict, precision: str, output_dir: str):
     )
     peft = peft_config(method)
     attention = choose_attention(cfg["attn_implementation"])
-    common["use_liger_kernel"] = choose_liger(cfg["use_liger_kernel"])
+    common["use_liger_kernel"] = choose_liger(cfg["use_liger_kernel"])  # `auto` resolved here
     model = load_model(method, precision, attention)
     max_length = chosen_max_length(cfg["max_length"])
 
@@ -324,6 +322,7 @@ def build_trainer(params: dict, precision: str, output_dir: str):
         from trl import DPOConfig, DPOTrainer
 
         args = DPOConfig(
+            **trainer_settings(cfg, DPOConfig),
             **common,
             max_length=max_length,
             beta=float(params["objective"]["beta"]),
@@ -356,13 +355,11 @@ def build_trainer(params: dict, precision: str, output_dir: str):
         padding_free = attention == "flash_attention_2"
     args = SFTConfig(
         # without padding the pad id is a real token (SmolLM2 pads with <|im_end|>): count all
+        **trainer_settings(cfg, SFTConfig),
         **{
             **common,
             "include_num_input_tokens_seen": "all" if packing or padding_free else "non_padding",
         },
-        # batches of rows of similar length waste less on padding (DPO pairs are not grouped)
-        train_sampling_strategy="group_by_length" if cfg.get("group_by_length") else "random",
-        packing=packing,
         packing_strategy="bfd_split",  # rows longer than max_length are split, never dropped
         padding_free=bool(padding_free),
         # rows arrive tokenized and cut to max_length (validate measured them); padding-free
@@ -380,6 +377,23 @@ def build_trainer(params: dict, precision: str, output_dir: str):
     )
 
 
+# train.* keys that are the trainer's arguments but are resolved by the stage (`auto`, the
+# token budget validate chose), or that only SFT has (DPO pairs are not grouped by length)
+RESOLVED_HERE = {"max_length", "padding_free", "use_liger_kernel"}
+SFT_ONLY = {"packing", "train_sampling_strategy"}
+
+
+def trainer_settings(cfg: dict, config_class) -> dict:
+    """The train.* settings that `config_class` (SFTConfig, DPOConfig) takes under the same
+    name, passed as they are: the config's names are the trainer's."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_class)} - RESOLVED_HERE
+    if config_class.__name__ == "DPOConfig":
+        names -= SFT_ONLY
+    return {key: value for key, value in cfg.items() if key in names}
+
+
 def stop_on_non_finite_loss():
     """A callback that stops a diverging run at the first NaN or infinite loss it logs (a run
     that goes on would write null metrics and a broken model as if nothing happened)."""
@@ -393,7 +407,7 @@ def stop_on_non_finite_loss():
                     raise StageError(
                         f"training diverged: {key}={value} at step {state.global_step} "
                         f"(train.learning_rate={args.learning_rate:g}); lower the learning "
-                        f"rate, raise train.warmup_ratio or check the data for extreme rows"
+                        f"rate, raise train.warmup_steps or check the data for extreme rows"
                     )
 
     return StopOnNonFiniteLoss()
@@ -471,7 +485,7 @@ def preflight(trainer, n_processes: int) -> dict:
         {"model and longest batch (measured)": peak, "optimizer state": optimizer_bytes},
         "cuda" if cuda else "cpu",
         "lower train.per_device_train_batch_size (raise gradient_accumulation_steps to "
-        "keep the batch), set train.gradient_checkpointing: true or a smaller "
+        "keep the batch), set train.activation_checkpointing: true or a smaller "
         "train.max_length, or use method=qlora",
         already_used=memory.held_bytes("cuda" if cuda else "cpu"),
     )
@@ -583,71 +597,34 @@ def loss_curves(log_history: list[dict]) -> tuple[str, str]:
 
 
 def main() -> None:
+    """1. launch (one process per device when launch.num_processes > 1); 2. build the trainer
+    (model and examples); 3. the pre-flight plan (`--plan` stops here); 4. train, resuming
+    from the last checkpoint of the same run; 5. write models/tuned, the report and the loss
+    curves, then clear the checkpoints."""
     params = load_params()
     # `python -m stages.train --plan` (make plan): measure and print the plan, train nothing
     plan_only = "--plan" in sys.argv[1:]
     if plan_only:
         os.environ["WANDB_MODE"] = "disabled"
         params["launch"] = {**params["launch"], "num_processes": 1}
-    launched = relaunch_distributed(params["launch"])
-    if launched is not None:
-        if launched != 0:
-            raise StageError(f"distributed training failed (exit code {launched}); see above")
-        return
+    if relaunched(params["launch"]):
+        return  # the workers did the work
     main_process = is_main_process()
     if not main_process:
         os.environ["WANDB_MODE"] = "disabled"
     n_processes = int(os.environ.get("WORLD_SIZE", "1"))
-    method = params["method"]
-    objective = params["objective"]["name"]
     inputs = {"train": md5_path(TRAIN), "validation": md5_path(VALIDATION), "base": md5_path(BASE)}
     fingerprint = run_fingerprint(params, inputs)
 
     sections = ["train", "method", "objective", "launch", "model"]
     with tracking.stage_run("train", params, sections, inputs) as run:
-        import torch
-
         precision = choose_precision(params["train"]["precision"])
-        resume_from = latest_checkpoint(fingerprint) if main_process and not plan_only else None
-        if n_processes > 1:  # every worker resumes from the checkpoint the main process chose
-            resume_from = broadcast(resume_from)
-        if main_process and not plan_only:
-            CHECKPOINTS.mkdir(parents=True, exist_ok=True)
-            write_json(RUN_FILE, {"fingerprint": fingerprint, "finished": False})
+        resume_from = start_run(fingerprint, main_process and not plan_only, n_processes)
         trainer = build_trainer(params, precision, str(CHECKPOINTS))
         plan = preflight(trainer, n_processes)
-        plan["setup"] = {
-            "precision": precision,
-            "max_length": chosen_max_length(params["train"]["max_length"]),
-            "attention": choose_attention(params["train"].get("attn_implementation") or "auto"),
-            "liger_kernel": bool(trainer.args.use_liger_kernel),
-            "padding_free": bool(getattr(trainer.args, "padding_free", False)),
-        }
+        plan["setup"] = setup_summary(params, precision, trainer)
         if main_process:
-            peft = {
-                name: json.loads(
-                    json.dumps(
-                        c.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)
-                    )
-                )
-                for name, c in getattr(trainer.model, "peft_config", {}).items()
-            }
-            run.config.update({"plan": plan, "peft_config": peft})
-            print(
-                f"train: plan: {plan['optimizer_steps']} steps of "
-                f"{plan['effective_batch']} examples, {plan['parameters']['trainable']:,} "
-                f"trainable parameters, ~{plan['estimated_train_minutes']} min, "
-                f"~{plan['estimated_peak_memory_gib']} GiB"
-                + (f"; resuming from {resume_from.name}" if resume_from else ""),
-                flush=True,
-            )
-            if plan["epochs"] < 1:
-                print(
-                    f"train: warning: {plan['optimizer_steps']} steps see {plan['epochs']} of "
-                    f"an epoch of {plan['train_examples']} examples; for full passes set "
-                    f"train.max_steps: -1 and train.num_train_epochs",
-                    flush=True,
-                )
+            announce(run, plan, trainer, resume_from)
         if plan_only:
             print(json.dumps(plan, indent=2))
             return
@@ -655,50 +632,10 @@ def main() -> None:
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - start
-        state = trainer.state
-        evals = [h for h in state.log_history if "eval_loss" in h]
         if not main_process:
             return
-
-        with atomic_dir(OUT_DIR) as tmp:
-            trainer.model.save_pretrained(tmp, safe_serialization=True)
-            trainer.processing_class.save_pretrained(tmp)
-            sort_adapter_config(Path(tmp) / "adapter_config.json")
-        train_csv, eval_csv = loss_curves(state.log_history)
-        write_text(PLOTS / "train_loss.csv", train_csv)
-        write_text(PLOTS / "eval_loss.csv", eval_csv)
-        best_step = (
-            int(state.best_model_checkpoint.rsplit("-", 1)[1])
-            if state.best_model_checkpoint
-            else None
-        )
-        stopped_early = state.global_step < plan["optimizer_steps"]
-        tokens = state.num_input_tokens_seen or None
-        report = {
-            "method": method["name"],
-            "objective": objective,
-            "precision": precision,
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "plan": plan,
-            "parameters": plan["parameters"],
-            "optimizer_steps": state.global_step,
-            "resumed": resume_from is not None,
-            "resumed_from_step": (int(resume_from.name.split("-")[1]) if resume_from else None),
-            "stopped_early": stopped_early,
-            "best_step": best_step,
-            "train_examples": plan["train_examples"],
-            "validation_examples": len(trainer.eval_dataset) if trainer.eval_dataset else 0,
-            "train_loss": round(result.training_loss, 4),
-            "final_train_loss": next(
-                (round(h["loss"], 4) for h in reversed(state.log_history) if "loss" in h), None
-            ),
-            "eval_loss": round(state.best_metric, 4) if state.best_metric is not None else None,
-            "final_eval_loss": round(evals[-1]["eval_loss"], 4) if evals else None,
-            "train_seconds": round(seconds, 1),
-            "seconds_per_step": round(seconds / max(1, state.global_step), 2),
-        }
-        if tokens:
-            report["tokens_per_second"] = round(tokens / seconds, 1)
+        save_outputs(trainer)
+        report = build_report(params, precision, plan, trainer, result, seconds, resume_from)
         write_json(REPORT, report)
         run.summary.update(
             {
@@ -708,19 +645,122 @@ def main() -> None:
                 "train/resumed_from_step": report["resumed_from_step"],
             }
         )
-        log_adapter_artifact(run, method["name"])
+        log_adapter_artifact(run, params["method"]["name"])
         # every output is written: only now is the run over, and its checkpoints of no use to
         # the next one (a kill before this line resumes from the last checkpoint)
-        for item in CHECKPOINTS.iterdir():
-            if item != RUN_FILE:
-                shutil.rmtree(item) if item.is_dir() else item.unlink()
-        write_json(RUN_FILE, {"fingerprint": fingerprint, "finished": True})
+        finish_run(fingerprint)
         print(
             f"train: {report['optimizer_steps']} steps in {seconds:.0f}s, "
             f"loss {report['final_train_loss']}, best eval loss {report['eval_loss']}"
-            + (f" (step {best_step})" if best_step else "")
+            + (f" (step {report['best_step']})" if report["best_step"] else "")
             + (f", resumed from step {report['resumed_from_step']}" if resume_from else "")
         )
+
+
+# --- the steps of main --------------------------------------------------------------------------
+
+
+def setup_summary(params: dict, precision: str, trainer) -> dict:
+    """What `auto` settings chose, for the plan."""
+    return {
+        "precision": precision,
+        "max_length": chosen_max_length(params["train"]["max_length"]),
+        "attention": choose_attention(params["train"]["attn_implementation"]),
+        "liger_kernel": bool(trainer.args.use_liger_kernel),
+        "padding_free": bool(getattr(trainer.args, "padding_free", False)),
+    }
+
+
+def announce(run, plan: dict, trainer, resume_from: Path | None) -> None:
+    """The plan and the adapters' config into W&B, and the plan in one line."""
+    peft = {
+        name: json.loads(
+            json.dumps(c.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+        )
+        for name, c in getattr(trainer.model, "peft_config", {}).items()
+    }
+    run.config.update({"plan": plan, "peft_config": peft})
+    print(
+        f"train: plan: {plan['optimizer_steps']} steps of "
+        f"{plan['effective_batch']} examples, {plan['parameters']['trainable']:,} "
+        f"trainable parameters, ~{plan['estimated_train_minutes']} min, "
+        f"~{plan['estimated_peak_memory_gib']} GiB"
+        + (f"; resuming from {resume_from.name}" if resume_from else ""),
+        flush=True,
+    )
+    if plan["epochs"] < 1:
+        print(
+            f"train: warning: {plan['optimizer_steps']} steps see {plan['epochs']} of "
+            f"an epoch of {plan['train_examples']} examples; for full passes set "
+            f"train.max_steps: -1 and train.num_train_epochs",
+            flush=True,
+        )
+
+
+def save_outputs(trainer) -> None:
+    """models/tuned (whole, or not at all) and the loss curves."""
+    with atomic_dir(OUT_DIR) as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        trainer.processing_class.save_pretrained(tmp)
+        sort_adapter_config(Path(tmp) / "adapter_config.json")
+    train_csv, eval_csv = loss_curves(trainer.state.log_history)
+    write_text(PLOTS / "train_loss.csv", train_csv)
+    write_text(PLOTS / "eval_loss.csv", eval_csv)
+
+
+def build_report(params, precision, plan, trainer, result, seconds, resume_from) -> dict:
+    import torch
+
+    state = trainer.state
+    evals = [h for h in state.log_history if "eval_loss" in h]
+    best_step = (
+        int(state.best_model_checkpoint.rsplit("-", 1)[1]) if state.best_model_checkpoint else None
+    )
+    report = {
+        "method": params["method"]["name"],
+        "objective": params["objective"]["name"],
+        "precision": precision,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "plan": plan,
+        "parameters": plan["parameters"],
+        "optimizer_steps": state.global_step,
+        "resumed": resume_from is not None,
+        "resumed_from_step": (int(resume_from.name.split("-")[1]) if resume_from else None),
+        "stopped_early": state.global_step < plan["optimizer_steps"],
+        "best_step": best_step,
+        "train_examples": plan["train_examples"],
+        "validation_examples": len(trainer.eval_dataset) if trainer.eval_dataset else 0,
+        "train_loss": round(result.training_loss, 4),
+        "final_train_loss": next(
+            (round(h["loss"], 4) for h in reversed(state.log_history) if "loss" in h), None
+        ),
+        "eval_loss": round(state.best_metric, 4) if state.best_metric is not None else None,
+        "final_eval_loss": round(evals[-1]["eval_loss"], 4) if evals else None,
+        "train_seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / max(1, state.global_step), 2),
+    }
+    if state.num_input_tokens_seen:
+        report["tokens_per_second"] = round(state.num_input_tokens_seen / seconds, 1)
+    return report
+
+
+def start_run(fingerprint: str, owner: bool, n_processes: int) -> Path | None:
+    """The checkpoint to resume from (the last of an unfinished run of the same fingerprint);
+    the owner (main process, not --plan) marks the run started. Every worker of a distributed
+    run resumes from the checkpoint the main process chose."""
+    resume_from = latest_checkpoint(fingerprint) if owner else None
+    if owner:
+        CHECKPOINTS.mkdir(parents=True, exist_ok=True)
+        write_json(RUN_FILE, {"fingerprint": fingerprint, "finished": False})
+    return broadcast(resume_from) if n_processes > 1 else resume_from
+
+
+def finish_run(fingerprint: str) -> None:
+    """Clear the checkpoints and mark the run finished (a later run starts afresh)."""
+    for item in CHECKPOINTS.iterdir():
+        if item != RUN_FILE:
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    write_json(RUN_FILE, {"fingerprint": fingerprint, "finished": True})
 
 
 def broadcast(value):

@@ -30,7 +30,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from stages.common import paths, tracking
+from stages.common import expectations, paths, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
 from stages.common.examples import (
     ExampleError,
@@ -39,11 +39,10 @@ from stages.common.examples import (
     trained_turns,
     truncate,
 )
-from stages.common.files import atomic_dir, md5_path, write_json, write_jsonl
+from stages.common.files import md5_path, write_json, write_jsonl
 from stages.common.kinds import (
     KINDS,
     ROLES,
-    SHAPE,
     RowError,
     canonical,
     conversation_text,
@@ -248,168 +247,6 @@ def measure_tokens(
         )
 
 
-# --- 3b. the Great Expectations suite --------------------------------------------------------
-
-
-def build_rules(task: Task, max_length: int | None, length_policy: str, shape: str):
-    """The expectations of one record shape (chat, preference, text), each paired with the
-    reason code its failing rows get."""
-    import great_expectations.expectations as gxe
-
-    rules = [
-        (gxe.ExpectColumnValuesToBeNull(column="structure_error"), None),  # reason = the value
-        (
-            gxe.ExpectColumnValuesToBeInSet(column="empty_content", value_set=[False]),
-            "empty_content",
-        ),
-        (
-            gxe.ExpectColumnValuesToBeInSet(column="control_chars", value_set=[False]),
-            "control_chars",
-        ),
-        (
-            gxe.ExpectColumnValuesToBeInSet(column="replacement_char", value_set=[False]),
-            "replacement_char",
-        ),
-        (gxe.ExpectColumnValuesToBeNull(column="special_token"), "special_token_leak"),
-    ]
-    if shape == "text":  # raw text is packed into windows: no turns, no answer, no length limit
-        return rules
-    rules += [
-        (gxe.ExpectColumnValuesToBeNull(column="unknown_role"), "unknown_role"),
-        (gxe.ExpectColumnValuesToBeNull(column="role_order"), "bad_role_order"),
-        (gxe.ExpectColumnValuesToBeBetween(column="n_assistant", min_value=1), "no_assistant"),
-        (
-            gxe.ExpectColumnValuesToBeInSet(column="empty_answer", value_set=[False]),
-            "empty_assistant",
-        ),
-        (gxe.ExpectColumnValuesToBeNull(column="template_error"), "template_error"),
-        (
-            gxe.ExpectColumnValuesToBeBetween(column="trainable_tokens", min_value=1),
-            "zero_trainable_tokens",
-        ),
-    ]
-    if shape == "preference":
-        rules.append(
-            (
-                gxe.ExpectColumnValuesToBeInSet(column="chosen_equals_rejected", value_set=[False]),
-                "chosen_equals_rejected",
-            )
-        )
-    if length_policy != "truncate" and max_length:
-        rules.append(
-            (gxe.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=max_length), "too_long")
-        )
-    if task.answer_regex:
-        # GX searches (pandas str.contains); anchor it so the whole answer must match, as
-        # the metrics demand. Named groups become non-capturing: GX only needs yes/no.
-        whole = r"^\s*(?:" + re.sub(r"\(\?P<\w+>", "(?:", task.answer_regex) + r")\s*$"
-        rules.append(
-            (gxe.ExpectColumnValuesToMatchRegex(column="answer", regex=whole), "answer_format")
-        )
-    for name, allowed in task.labels.items():
-        rules.append(
-            (
-                gxe.ExpectColumnValuesToBeInSet(column=f"label_{name}", value_set=allowed),
-                "label_outside_set",
-            )
-        )
-    return rules
-
-
-def run_suite(
-    frame, rules, suite_name: str, docs_dir: Path | None
-) -> tuple[dict[int, list[str]], dict]:
-    """Row index -> reason codes, plus a per-expectation summary; Data Docs when asked."""
-    import great_expectations as gx
-    from great_expectations.core.run_identifier import RunIdentifier
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (
-        context.data_sources.add_pandas("raw")
-        .add_dataframe_asset("records")
-        .add_batch_definition_whole_dataframe("all")
-    )
-    suite = context.suites.add(
-        gx.ExpectationSuite(name=suite_name, expectations=[e for e, _ in rules])
-    )
-    # results come back in another order: match them to rules by the expectation's id
-    reasons = {e.id: reason for e, reason in zip(suite.expectations, (r for _, r in rules))}
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name=suite_name, data=batch, suite=suite)
-    )
-    actions = []
-    if docs_dir is not None:
-        context.add_data_docs_site(
-            site_name="local",
-            site_config={
-                "class_name": "SiteBuilder",
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(docs_dir.resolve()),
-                },
-            },
-        )
-        actions.append(gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["local"]))
-    checkpoint = context.checkpoints.add(
-        gx.Checkpoint(
-            name="validate",
-            validation_definitions=[definition],
-            actions=actions,
-            result_format={"result_format": "COMPLETE", "partial_unexpected_count": 10},
-        )
-    )
-    # a fixed run id keeps the Data Docs file names the same from run to run
-    run_id = RunIdentifier(run_name="validate", run_time="2000-01-01T00:00:00Z")
-    outcome = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
-    result = next(iter(outcome.run_results.values()))
-
-    failures: dict[int, list[str]] = {}
-    summary = {}
-    for res in result.results:
-        cfg = res.expectation_config
-        indexes = res.result.get("unexpected_index_list") or []
-        name = f"{cfg.type}({cfg.kwargs.get('column')})"
-        summary[name] = {
-            "reason": reasons[cfg.id] or "structural (per row)",
-            "success": bool(res.success),
-            "unexpected": len(indexes),
-        }
-        for index in indexes:
-            index = int(index["index"] if isinstance(index, dict) else index)
-            reason = reasons[cfg.id] or frame.at[index, "structure_error"]
-            failures.setdefault(index, [])
-            if reason not in failures[index]:
-                failures[index].append(reason)
-    return failures, summary
-
-
-OFFLINE_STYLE = """<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}
-td,th{border:1px solid #ccc;padding:3px 6px;vertical-align:top}</style>"""
-
-
-# what makes GX's pages differ from run to run: timestamps (on asset URLs, the batch's load
-# time; the run's own is fixed in run_suite) and random element ids
-CACHE_BUSTER = re.compile(r"\?d=\d{8}T\d{6}\.\d+Z")
-LOAD_TIME = re.compile(r"(?!20000101T000000\.000000Z)\d{8}T\d{6}\.\d+Z")
-RANDOM_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-
-
-def style_data_docs(docs_dir: Path) -> None:
-    """Data Docs load their CSS from CDNs; a small inline stylesheet keeps tables readable
-    offline (the CDN styles still win when online). Timestamps and random ids become stable,
-    so the same data gives the same pages, byte for byte (a DVC output)."""
-    for page in docs_dir.rglob("*.html"):
-        html = LOAD_TIME.sub("not kept", CACHE_BUSTER.sub("", page.read_text(encoding="utf-8")))
-        ids: dict[str, str] = {}
-        html = RANDOM_ID.sub(lambda m: ids.setdefault(m[0], f"id-{len(ids)}"), html)
-        if OFFLINE_STYLE not in html:
-            html = html.replace("<head>", "<head>" + OFFLINE_STYLE, 1)
-        page.write_text(html, encoding="utf-8")
-
-
 def percentiles(values: list[int], qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> dict:
     if not values:
         return {}
@@ -446,160 +283,40 @@ def special_token_pattern(tokenizer) -> re.Pattern | None:
 
 
 def main() -> None:
-    import pandas as pd
+    """1. read the files; 2. canonical records; 3. measure every row; 4. run the GX suite;
+    5. write the valid rows and the quarantine; 6. report; 7. the gate."""
     from transformers import AutoTokenizer
 
     params = load_params()
     data, task = params["data"], Task.from_params(params)
-    setting = params["train"]["max_length"]  # tokens; null: no cap; auto: from the data
-    max_length = None if setting == "auto" else setting
-    policy = data["length_policy"]
-    sources = [require_dependency("validate", "data.path", p) for p in resolve_paths(data["path"])]
-    fixed = fixed_set_paths(data, sources)  # file -> "test" | "validation"
-    sources += list(fixed)
+    sources, fixed = input_files(data)
     inputs = {str(p): md5_path(p) for p in sources}
-
     with tracking.stage_run("validate", params, ["data", "task", "train"], inputs) as run:
-        files = {path: read_file(path) for path in sources}
-        empty_files = [str(p) for p, rows in files.items() if not rows]
-        for path in empty_files:
-            print(f"validate: warning: {path} holds no records")
-        columns = data["columns"]
-        for file_rows in files.values():
-            for row in file_rows:
-                row["obj"] = rename_fields(row["obj"], columns)
-        rows = [row for file_rows in files.values() for row in file_rows]
-        if not rows:
-            raise StageError(f"{', '.join(map(str, sources))}: no records")
+        files, rows = read_rows(sources, data["columns"])
         kinds = choose_kinds(files, data["kind"])
-        drift = schema_drift(files)
-        for path, change in drift.items():
-            print(
-                f"validate: warning: schema drift in {path} against {change['compared_to']}: "
-                f"missing {change['missing']}, extra {change['extra']}"
-            )
-        if drift and data["schema_drift"] == "fail":
-            raise StageError(f"schema drift between files: {drift}")
-
-        converted = [to_record(row, kinds.get(Path(row["source"]), data["kind"])) for row in rows]
-        records = [c[0] for c in converted]
-        for record in records:
-            if record is not None and Path(record["source"]) in fixed:
-                record["fixed_split"] = fixed[Path(record["source"])]
+        drift = check_drift(files, data["schema_drift"])
+        converted = canonical_records(rows, kinds, data["kind"], fixed)
         os.environ["TOKENIZERS_PARALLELISM"] = "true"  # batch encoding below; no forks follow
         tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-        leak_pattern = special_token_pattern(tokenizer)
-        facts = [
-            {"structure_error": reason, **measure(record, leak_pattern)}
-            for record, reason, _ in converted
-        ]
-        train_on = trained_turns(params["objective"])
-        template = TRAINING_TEMPLATE.read_text(encoding="utf-8")
-        measure_tokens(
-            facts,
-            records,
-            tokenizer,
-            template,
-            train_on,
-            max_length if policy == "truncate" else None,
-        )
-        chosen = f"train.max_length={setting}"
-        if setting == "auto":
-            max_length, chosen = auto_max_length(
-                [f["n_tokens"] for f in facts if f["n_tokens"]], tokenizer.model_max_length
-            )
-            print(f"validate: train.max_length=auto -> {max_length} ({chosen})")
-            if policy == "truncate":  # trainable tokens left after the cut, for the rows cut
-                over = [k for k, f in enumerate(facts) if (f["n_tokens"] or 0) > max_length]
-                measure_tokens(
-                    [facts[k] for k in over],
-                    [records[k] for k in over],
-                    tokenizer,
-                    template,
-                    train_on,
-                    max_length,
-                )
-        for f in facts:
-            fields = task.parse(f["answer"]) if f["answer"] is not None else None
-            for name in task.labels:
-                f[f"label_{name}"] = (fields or {}).get(name) if f["answer"] is not None else None
-        frame = pd.DataFrame(facts).astype(object)  # keep None (not NaN) in every column
+        facts, max_length, chosen = measure_rows(converted, tokenizer, params, task)
         kind = next(iter(kinds.values()), data["kind"])
-        shape = SHAPE.get(kind, "chat")
-        rules = build_rules(task, max_length, policy, shape)
-        with atomic_dir(DATA_DOCS) as docs:  # a killed run leaves the old Data Docs, not half
-            failures, summary = run_suite(frame, rules, f"{kind}_records", docs)
-            style_data_docs(docs)
-
-        valid, quarantined = [], []
-        for i, (row, (record, reason, detail)) in enumerate(zip(rows, converted)):
-            if i not in failures:
-                valid.append(record)
-                continue
-            entry = {"source": row["source"], "line": row["line"], "reasons": failures[i]}
-            if detail:
-                entry["detail"] = detail
-            entry["record"] = row["obj"]
-            if "raw" in row:
-                entry["raw"] = row["raw"]
-            quarantined.append(entry)
+        failures, summary = expectations.check_rows(
+            fact_table(facts), task, max_length, data["length_policy"], kind, DATA_DOCS
+        )
+        valid, quarantined = sort_rows(rows, converted, failures)
         write_jsonl(VALID, valid)
         write_jsonl(QUARANTINE, quarantined)
-
-        by_reason = Counter(r for q in quarantined for r in q["reasons"])
-        n_tokens = [f["n_tokens"] for i, f in enumerate(facts) if i not in failures]
-        cap = max_length or float("inf")
-        truncated = [n - max_length for n in n_tokens if n and n > cap]
-        over = [
-            f["n_tokens"] - max_length
-            for f in facts  # every row, whatever its fate
-            if f["n_tokens"] and f["n_tokens"] > cap
-        ]
-        balance = Counter(
-            task.stratum(f["answer"])
-            for i, f in enumerate(facts)
-            if i not in failures and f["answer"] is not None and task.stratify_by
-        )
         report = {
-            "rows_in": len(rows),
-            "rows_out": len(valid),
-            "rows_quarantined": len(quarantined),
-            "pass_rate": round(len(valid) / len(rows), 4),
-            "quarantined_by_reason": dict(sorted(by_reason.items())),
-            "kinds": {str(p): k for p, k in kinds.items()},
-            "files": {str(p): len(r) for p, r in files.items()},
-            "fixed_sets": {
-                name: {
-                    "files": [str(p) for p in set_files],
-                    "rows_in": sum(len(files[p]) for p in set_files),
-                    "rows_out": sum(r.get("fixed_split") == name for r in valid),
-                }
-                for name in FIXED_SETS
-                if (set_files := [p for p, n in fixed.items() if n == name])
-            },
-            "empty_files": empty_files,
-            "schema_drift": drift,
-            "token_length": percentiles([n for n in n_tokens if n is not None]),
-            "trainable_tokens": percentiles(
-                [
-                    f["trainable_tokens"]
-                    for i, f in enumerate(facts)
-                    if i not in failures and f["trainable_tokens"]
-                ]
-            ),
-            "max_length": max_length,  # what training cuts at (train reads it when auto)
-            "max_length_chosen": chosen,
-            "length_policy": policy,
-            "truncated": {"rows": len(truncated), "tokens_cut": sum(truncated)},
-            "over_max_length": {"rows": len(over), "tokens_over": sum(over)},
-            "class_balance": dict(sorted(balance.items())),
+            **build_report(rows, valid, quarantined, facts, failures, files, kinds, fixed, drift),
+            **length_report(facts, failures, max_length, chosen, data["length_policy"]),
+            "class_balance": class_balance(facts, failures, task),
             "expectations": summary,
             "data_docs": str(DATA_DOCS / "index.html"),
         }
-        assert report["rows_in"] == report["rows_out"] + report["rows_quarantined"]
         write_json(REPORT, report)
         # the number alone, apart from the report: new rows that leave it as it was retrain nothing
         write_json(MAX_LENGTH, {"max_length": max_length})
+        by_reason = Counter(r for q in quarantined for r in q["reasons"])
         run.summary.update(
             {
                 "validate/rows_in": len(rows),
@@ -612,37 +329,213 @@ def main() -> None:
             f"validate: {len(rows)} rows in, {len(valid)} valid, {len(quarantined)} quarantined "
             f"{dict(by_reason)}"
         )
+        gate(quarantined, len(rows), facts, data, task)
 
-        # the gate: `drop` means the user accepts losing too-long rows, so they do not count
-        excused = {"too_long"} if policy == "drop" else set()
-        rejected = sum(1 for q in quarantined if set(q["reasons"]) - excused) / len(rows)
-        fatal = [r for r in data["fatal_reasons"] if by_reason.get(r)]
-        if rejected > float(data["max_rejected_fraction"]) or fatal:
-            top = ", ".join(
-                f"{r} ({n}, e.g. {example_lines(quarantined, r)})"
-                for r, n in by_reason.most_common(3)
+
+# --- the steps of main ------------------------------------------------------------------------
+
+
+def input_files(data: dict) -> tuple[list[Path], dict[Path, str]]:
+    """The files of `data.path`, then those of the fixed evaluation sets (file -> set name)."""
+    sources = [require_dependency("validate", "data.path", p) for p in resolve_paths(data["path"])]
+    fixed = fixed_set_paths(data, sources)  # file -> "test" | "validation"
+    return sources + list(fixed), fixed
+
+
+def read_rows(sources: list[Path], columns: dict) -> tuple[dict[Path, list[dict]], list[dict]]:
+    """Every row of every file (fields renamed by `data.columns`), by file and in one list."""
+    files = {path: read_file(path) for path in sources}
+    for path, file_rows in files.items():
+        if not file_rows:
+            print(f"validate: warning: {path} holds no records")
+        for row in file_rows:
+            row["obj"] = rename_fields(row["obj"], columns)
+    rows = [row for file_rows in files.values() for row in file_rows]
+    if not rows:
+        raise StageError(f"{', '.join(map(str, sources))}: no records")
+    return files, rows
+
+
+def check_drift(files: dict[Path, list[dict]], policy: str) -> dict[str, dict]:
+    """Warn of fields that differ between files; `data.schema_drift: fail` stops the stage."""
+    drift = schema_drift(files)
+    for path, change in drift.items():
+        print(
+            f"validate: warning: schema drift in {path} against {change['compared_to']}: "
+            f"missing {change['missing']}, extra {change['extra']}"
+        )
+    if drift and policy == "fail":
+        raise StageError(f"schema drift between files: {drift}")
+    return drift
+
+
+def canonical_records(
+    rows: list[dict], kinds: dict[Path, str], declared: str, fixed: dict[Path, str]
+) -> list[tuple[dict | None, str | None, str]]:
+    """(record, structural reason, detail) per row; rows of a fixed set are tagged with it."""
+    converted = [to_record(row, kinds.get(Path(row["source"]), declared)) for row in rows]
+    for record, _, _ in converted:
+        if record is not None and Path(record["source"]) in fixed:
+            record["fixed_split"] = fixed[Path(record["source"])]
+    return converted
+
+
+def measure_rows(
+    converted: list[tuple], tokenizer, params: dict, task: Task
+) -> tuple[list[dict], int | None, str]:
+    """The facts of every row (one dict each, the columns of the GX table), with
+    train.max_length resolved (`auto`: from the measured lengths) and how it was chosen."""
+    setting, policy = params["train"]["max_length"], params["data"]["length_policy"]
+    max_length = None if setting == "auto" else setting
+    records = [record for record, _, _ in converted]
+    leak_pattern = special_token_pattern(tokenizer)
+    facts = [
+        {"structure_error": reason, **measure(record, leak_pattern)}
+        for record, reason, _ in converted
+    ]
+    train_on = trained_turns(params["objective"])
+    template = TRAINING_TEMPLATE.read_text(encoding="utf-8")
+    limit = max_length if policy == "truncate" else None
+    measure_tokens(facts, records, tokenizer, template, train_on, limit)
+    chosen = f"train.max_length={setting}"
+    if setting == "auto":
+        max_length, chosen = auto_max_length(
+            [f["n_tokens"] for f in facts if f["n_tokens"]], tokenizer.model_max_length
+        )
+        print(f"validate: train.max_length=auto -> {max_length} ({chosen})")
+        if policy == "truncate":  # trainable tokens left after the cut, for the rows cut
+            over = [k for k, f in enumerate(facts) if (f["n_tokens"] or 0) > max_length]
+            measure_tokens(
+                [facts[k] for k in over],
+                [records[k] for k in over],
+                tokenizer,
+                template,
+                train_on,
+                max_length,
             )
-            why = (
-                f"fatal reasons {fatal}"
-                if fatal
-                else f"{rejected:.1%} of rows rejected > data.max_rejected_fraction="
-                f"{data['max_rejected_fraction']}"
-            )
-            hint, top_reason = "", by_reason.most_common(1)[0][0]
-            if top_reason in ("answer_format", "label_outside_set"):
-                hint = (
-                    f" (answers do not fit task '{task.name}': choose the task of this data, "
-                    f"e.g. -S task=generic for free text)"
-                )
-            elif top_reason == "too_long":
-                longest = max(f["n_tokens"] or 0 for f in facts)
-                hint = (
-                    f" (rows run to {longest} tokens: raise train.max_length, set it to null "
-                    f"for no cap, or choose data.length_policy: truncate or drop)"
-                )
-            raise StageError(
-                f"validation gate failed: {why}; top reasons: {top}; see {QUARANTINE}{hint}"
-            )
+    for f in facts:
+        fields = task.parse(f["answer"]) if f["answer"] is not None else None
+        for name in task.labels:
+            f[f"label_{name}"] = (fields or {}).get(name) if f["answer"] is not None else None
+    return facts, max_length, chosen
+
+
+def fact_table(facts: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame(facts).astype(object)  # keep None (not NaN) in every column
+
+
+def sort_rows(
+    rows: list[dict], converted: list[tuple], failures: dict[int, list[str]]
+) -> tuple[list[dict], list[dict]]:
+    """Valid records, and quarantine entries (source, line, reasons, detail, the row as read)."""
+    valid, quarantined = [], []
+    for i, (row, (record, _, detail)) in enumerate(zip(rows, converted)):
+        if i not in failures:
+            valid.append(record)
+            continue
+        entry = {"source": row["source"], "line": row["line"], "reasons": failures[i]}
+        if detail:
+            entry["detail"] = detail
+        entry["record"] = row["obj"]
+        if "raw" in row:
+            entry["raw"] = row["raw"]
+        quarantined.append(entry)
+    return valid, quarantined
+
+
+def build_report(rows, valid, quarantined, facts, failures, files, kinds, fixed, drift) -> dict:
+    """What came in, what went out and why, and the token lengths of what is kept."""
+    by_reason = Counter(r for q in quarantined for r in q["reasons"])
+    kept = [f for i, f in enumerate(facts) if i not in failures]
+    report = {
+        "rows_in": len(rows),
+        "rows_out": len(valid),
+        "rows_quarantined": len(quarantined),
+        "pass_rate": round(len(valid) / len(rows), 4),
+        "quarantined_by_reason": dict(sorted(by_reason.items())),
+        "kinds": {str(p): k for p, k in kinds.items()},
+        "files": {str(p): len(r) for p, r in files.items()},
+        "fixed_sets": {
+            name: {
+                "files": [str(p) for p in set_files],
+                "rows_in": sum(len(files[p]) for p in set_files),
+                "rows_out": sum(r.get("fixed_split") == name for r in valid),
+            }
+            for name in FIXED_SETS
+            if (set_files := [p for p, n in fixed.items() if n == name])
+        },
+        "empty_files": [str(p) for p, r in files.items() if not r],
+        "schema_drift": drift,
+        "token_length": percentiles([f["n_tokens"] for f in kept if f["n_tokens"] is not None]),
+        "trainable_tokens": percentiles(
+            [f["trainable_tokens"] for f in kept if f["trainable_tokens"]]
+        ),
+    }
+    assert report["rows_in"] == report["rows_out"] + report["rows_quarantined"]
+    return report
+
+
+def length_report(
+    facts: list[dict], failures: dict, max_length: int | None, chosen: str, policy: str
+) -> dict:
+    """max_length and how it was chosen; rows kept longer than it (training cuts them), and
+    every row over it, whatever its fate."""
+    cap = max_length or float("inf")
+    kept = [f["n_tokens"] for i, f in enumerate(facts) if i not in failures]
+    truncated = [n - max_length for n in kept if n and n > cap]
+    over = [f["n_tokens"] - max_length for f in facts if f["n_tokens"] and f["n_tokens"] > cap]
+    return {
+        "max_length": max_length,  # what training cuts at (train reads it when auto)
+        "max_length_chosen": chosen,
+        "length_policy": policy,
+        "truncated": {"rows": len(truncated), "tokens_cut": sum(truncated)},
+        "over_max_length": {"rows": len(over), "tokens_over": sum(over)},
+    }
+
+
+def class_balance(facts: list[dict], failures: dict, task: Task) -> dict[str, int]:
+    """Kept rows per stratum of the task's answer (task.stratify_by)."""
+    balance = Counter(
+        task.stratum(f["answer"])
+        for i, f in enumerate(facts)
+        if i not in failures and f["answer"] is not None and task.stratify_by
+    )
+    return dict(sorted(balance.items()))
+
+
+def gate(quarantined: list[dict], n_rows: int, facts: list[dict], data: dict, task: Task) -> None:
+    """Fail above data.max_rejected_fraction rejected rows or on a reason in
+    data.fatal_reasons; `drop` means the user accepts losing too-long rows: they do not count."""
+    by_reason = Counter(r for q in quarantined for r in q["reasons"])
+    excused = {"too_long"} if data["length_policy"] == "drop" else set()
+    rejected = sum(1 for q in quarantined if set(q["reasons"]) - excused) / n_rows
+    fatal = [r for r in data["fatal_reasons"] if by_reason.get(r)]
+    if rejected <= float(data["max_rejected_fraction"]) and not fatal:
+        return
+    top = ", ".join(
+        f"{r} ({n}, e.g. {example_lines(quarantined, r)})" for r, n in by_reason.most_common(3)
+    )
+    why = (
+        f"fatal reasons {fatal}"
+        if fatal
+        else f"{rejected:.1%} of rows rejected > data.max_rejected_fraction="
+        f"{data['max_rejected_fraction']}"
+    )
+    hint, top_reason = "", by_reason.most_common(1)[0][0]
+    if top_reason in ("answer_format", "label_outside_set"):
+        hint = (
+            f" (answers do not fit task '{task.name}': choose the task of this data, "
+            f"e.g. -S task=generic for free text)"
+        )
+    elif top_reason == "too_long":
+        longest = max(f["n_tokens"] or 0 for f in facts)
+        hint = (
+            f" (rows run to {longest} tokens: raise train.max_length, set it to null "
+            f"for no cap, or choose data.length_policy: truncate or drop)"
+        )
+    raise StageError(f"validation gate failed: {why}; top reasons: {top}; see {QUARANTINE}{hint}")
 
 
 def fixed_set_paths(data: dict, pool: list[Path]) -> dict[Path, str]:

@@ -138,3 +138,20 @@ def switch_method(root: Path, name: str, **updates) -> dict:
     section = yaml.safe_load(composed.read_text())["method"]
     composed.unlink()
     return set_params(root, method=section, **updates)
+
+
+@pytest.fixture
+def prepared(project):
+    """models/base from the tiny model, and small processed splits from the bundled data (no
+    validate run, so the length it would choose for max_length=auto is set here)."""
+    from helpers import ticket_rows
+
+    from stages import base_model
+    from stages.common.files import write_jsonl
+
+    base_model.main()
+    set_params(project, **{"train.max_length": 256})
+    rows = ticket_rows()
+    write_jsonl(project / "data/processed/train.jsonl", rows[:40])
+    write_jsonl(project / "data/processed/validation.jsonl", rows[40:48])
+    return project

@@ -3,6 +3,15 @@ records around the ticket task's answer format."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from stages.common.records import record_id
+
+ROOT = Path(__file__).resolve().parents[1]
+
 SYSTEM = {"role": "system", "content": "Triage."}
 GOOD = '{"urgency": "high", "category": "billing"}'  # an answer the ticket task accepts
 
@@ -40,3 +49,57 @@ GOOD_ROWS = {
     "preference": {"prompt": "I was charged twice.", "chosen": GOOD, "rejected": "billing!"},
     "text": {"text": "Support handbook: refunds are issued within five days."},
 }
+
+
+URGENCIES, CATEGORIES = ["low", "medium", "high", "critical"], ["billing", "technical", "account"]
+
+
+def labelled_rows(n=240):
+    """n canonical chat records whose answers cycle through 4 urgencies x 3 categories."""
+    out = []
+    for i in range(n):
+        answer = json.dumps({"urgency": URGENCIES[i % 4], "category": CATEGORIES[i % 3]})
+        messages = [
+            {"role": "user", "content": f"ticket {i}"},
+            {"role": "assistant", "content": answer},
+        ]
+        out.append(
+            {"id": record_id(messages), "source": "raw.jsonl", "line": i + 1, "messages": messages}
+        )
+    return out
+
+
+def ticket_rows(n: int = 48) -> list[dict]:
+    """Canonical chat records from the bundled tickets (system, user, assistant)."""
+    rows = []
+    for line in (ROOT / "data/raw/tickets.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        roles = [m.get("role") for m in record.get("messages", [])]
+        if roles == ["system", "user", "assistant"] and record["messages"][2]["content"]:
+            rows.append(
+                {
+                    "id": str(len(rows)),
+                    "source": "raw.jsonl",
+                    "line": len(rows) + 1,
+                    "kind": "messages",
+                    **record,
+                }
+            )
+        if len(rows) == n:
+            return rows
+    return rows
+
+
+def read_offline_run(run_dir: Path) -> dict:
+    wandb_cli = Path(sys.executable).parent / "wandb"
+    out = subprocess.run(
+        [str(wandb_cli), "leet", "inspect", "--summary", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    return json.loads(out.stdout)

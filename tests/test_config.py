@@ -128,7 +128,7 @@ def test_gpu_presets_leave_the_demo_sizes(tmp_path, monkeypatch):
     assert one_b["eval"]["max_new_tokens"] == "auto"
     eight_b = composed(tmp_path, ["+experiment=gpu_8b_qlora"])
     assert eight_b["model"]["name_or_path"] == "meta-llama/Llama-3.1-8B-Instruct"
-    assert eight_b["method"]["name"] == "qlora" and eight_b["train"]["gradient_checkpointing"]
+    assert eight_b["method"]["name"] == "qlora" and eight_b["train"]["activation_checkpointing"]
     # a value on the command line still wins over the preset
     assert (
         composed(tmp_path, ["+experiment=gpu_1b", "train.learning_rate=1e-5"])["train"][
@@ -192,7 +192,7 @@ REFUSED = [
     ("train.precision", "bf61", "'bf16'"),
     ("train.learning_rate", -0.001, "greater than 0"),
     ("train.learning_rate", "fast", "valid number"),
-    ("train.warmup_ratio", 1.0, "less than 1"),
+    ("train.warmup_steps", -0.5, "greater than or equal to 0"),
     ("train.lr_scheduler_type", "cosine_annealing", "'cosine'"),
     ("train.max_steps", 0, "-1 for whole epochs"),
     ("train.max_length", 0, "greater than 0, or 'auto'"),

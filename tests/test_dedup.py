@@ -149,3 +149,37 @@ def test_fixed_evaluation_rows_pass_through_untouched(project):
     report = json.loads((project / "reports/dedup.json").read_text())
     assert report["fixed_rows_passed"] == {"test": 2}
     assert report["rows_in"] == report["rows_out"] + report["rows_removed"] == len(ROWS) + 2
+
+
+# --- the steps, directly ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "policy, answers, kept, reasons",
+    [
+        ("drop_all", ["a", "a", "a"], [0], {1: "near_duplicate", 2: "near_duplicate"}),
+        ("drop_all", ["a", "b", "a"], [], dict.fromkeys((0, 1, 2), "conflicting_answers")),
+        ("first", ["b", "a", "a"], [0], {1: "conflicting_answers", 2: "conflicting_answers"}),
+        ("majority", ["b", "a", "a"], [1], {0: "conflicting_answers", 2: "conflicting_answers"}),
+        ("majority", ["a", "b"], [], {0: "conflicting_answers", 1: "conflicting_answers"}),
+    ],
+)
+def test_resolve_cluster(policy, answers, kept, reasons):
+    """Agreeing answers keep the first row; disagreeing ones follow the policy, and a tie has
+    no majority."""
+    assert dedup.resolve_cluster(list(range(len(answers))), answers, policy) == (kept, reasons)
+
+
+def test_exact_duplicates_point_at_the_first_copy():
+    records = [{"id": "x"}, {"id": "y"}, {"id": "x"}, {"id": "x"}]
+    assert dedup.exact_duplicates(records) == {
+        2: ("exact_duplicate", 0),
+        3: ("exact_duplicate", 0),
+    }
+
+
+def test_same_request_clusters_join_equal_and_near_equal_requests():
+    cfg = {"shingle_size": 3, "num_perm": 128, "threshold": 0.7}
+    base = "my invoice shows a charge twice for the same month and I want a refund please"
+    texts = [base, "something else entirely about a parcel", base, base + " now", "unrelated"]
+    assert dedup.same_request_clusters(texts, cfg, seed=0) == [[0, 2, 3]]

@@ -10,7 +10,6 @@ import evaluate
 import pytest
 import yaml
 from conftest import ROOT
-from test_train import prepared  # noqa: F401  (fixture)
 
 from stages import evaluate as evaluate_stage
 from stages.common.config import StageError
@@ -59,7 +58,7 @@ def test_metric_modules():
     assert fields["urgency_macro_f1"] == pytest.approx(0.4)
 
 
-def test_stage_scores_base_and_tuned_on_same_prompts(prepared):  # noqa: F811
+def test_stage_scores_base_and_tuned_on_same_prompts(prepared):
     from stages import export, train
 
     train.main()
@@ -122,7 +121,7 @@ def test_stage_scores_base_and_tuned_on_same_prompts(prepared):  # noqa: F811
     }
 
 
-def test_batched_generation_matches_one_at_a_time(prepared):  # noqa: F811
+def test_batched_generation_matches_one_at_a_time(prepared):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(prepared / "models/base")
@@ -164,7 +163,7 @@ def test_format_adherence_by_json_schema():
     }
 
 
-def test_forgetting_gate_fails_the_stage(prepared):  # noqa: F811
+def test_forgetting_gate_fails_the_stage(prepared):
     from conftest import set_params
 
     from stages import export, train
@@ -214,7 +213,7 @@ def test_tool_call_metric_reads_calls_in_the_common_formats():
     assert words["tool_call_match"] == 1.0
 
 
-def test_test_loss_is_the_same_in_memory_bounded_chunks(prepared, monkeypatch):  # noqa: F811
+def test_test_loss_is_the_same_in_memory_bounded_chunks(prepared, monkeypatch):
     """Test loss computed in tiny chunks (a few logits at a time, one text per batch) equals
     the loss from the full logits of one batch: the bounds cost time, never the result."""
     import torch
@@ -267,7 +266,7 @@ def test_loss_batches_respect_every_bound():
     assert [3] in batches and [1] in batches  # too long to share a pass
 
 
-def test_memory_plan_counts_weights_cache_and_working_set(prepared, monkeypatch):  # noqa: F811
+def test_memory_plan_counts_weights_cache_and_working_set(prepared, monkeypatch):
     from transformers import AutoConfig
 
     from stages.common import memory

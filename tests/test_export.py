@@ -7,7 +7,6 @@ import json
 
 import pytest
 from conftest import set_params, switch_method
-from test_train import prepared  # noqa: F401  (fixture)
 
 from stages import export, train
 from stages.common.config import StageError
@@ -15,7 +14,7 @@ from stages.common.files import read_jsonl, write_jsonl
 
 
 @pytest.fixture
-def trained(prepared):  # noqa: F811
+def trained(prepared):
     set_params(prepared, **{"export.check_examples": 4, "export.max_new_tokens": 12})
     train.main()
     write_jsonl(
@@ -59,3 +58,10 @@ def test_full_fine_tune_exports_as_is(trained):
     report = json.loads((trained / "reports/export.json").read_text())
     assert report["merged_from"] == "full fine-tune"
     assert report["round_trip"]["greedy_answers_match"]
+
+
+def test_first_difference():
+    from stages import export
+
+    assert export.first_difference([[1, 2], [3]], [[1, 2], [3]]) is None
+    assert export.first_difference([[1, 2], [3], [4]], [[1, 2], [5], [6]]) == 1

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, copy_template, declare_dependency
-from test_tracking import read_offline_run
+from helpers import read_offline_run
 
 pytestmark = pytest.mark.slow
 GIT_ID = {

@@ -19,7 +19,7 @@ import urllib.request
 import pytest
 import yaml
 from conftest import ROOT, set_params
-from test_train import prepared, ticket_rows  # noqa: F401  (fixture)
+from helpers import ticket_rows
 
 from stages import export, train
 from stages.common.files import write_jsonl
@@ -333,7 +333,7 @@ def test_serve_without_an_exported_model_says_what_to_do(project):
 # --- end to end: the real server, on a model trained to the task's format ---------------------
 
 
-def test_served_model_answers_a_ticket_in_the_task_format(prepared, tmp_path):  # noqa: F811
+def test_served_model_answers_a_ticket_in_the_task_format(prepared, tmp_path):
     # full fine-tuning of the tiny model, long enough to learn the one-line JSON format
     write_jsonl(prepared / "data/processed/train.jsonl", ticket_rows(200)[:192])
     set_params(
@@ -344,7 +344,7 @@ def test_served_model_answers_a_ticket_in_the_task_format(prepared, tmp_path):  
             "train.max_steps": 150,
             "train.per_device_train_batch_size": 16,
             "train.eval_steps": 50,
-            "train.warmup_ratio": 0.05,
+            "train.warmup_steps": 0.05,
             "export.check_examples": 2,
         },
     )

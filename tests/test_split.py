@@ -6,26 +6,13 @@ import json
 from collections import Counter
 
 from conftest import set_params
+from helpers import CATEGORIES as CAT
+from helpers import URGENCIES as URG
+from helpers import labelled_rows as rows
 
 from stages import split
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.records import record_id
-
-URG, CAT = ["low", "medium", "high", "critical"], ["billing", "technical", "account"]
-
-
-def rows(n=240):
-    out = []
-    for i in range(n):
-        answer = json.dumps({"urgency": URG[i % 4], "category": CAT[i % 3]})
-        messages = [
-            {"role": "user", "content": f"ticket {i}"},
-            {"role": "assistant", "content": answer},
-        ]
-        out.append(
-            {"id": record_id(messages), "source": "raw.jsonl", "line": i + 1, "messages": messages}
-        )
-    return out
 
 
 def run(project):
@@ -253,3 +240,46 @@ def test_fixed_validation_and_test_sets_leave_the_whole_pool_to_train(project):
     assert report["fixed_sets"] == {"validation": 10, "test": 10}
     validation = read_jsonl(project / "data/processed/validation.jsonl")
     assert [r["id"] for r in validation] == [r["id"] for r in fixed[10:]]
+
+
+# --- the steps, directly ----------------------------------------------------------------------
+
+
+def test_stratified_group_split_keeps_groups_whole_and_fills_quotas():
+    strata = ["a"] * 10 + ["b"] * 10
+    groups = [[0, 1, 2]] + [[i] for i in range(3, 20)]
+    fractions = {"train": 0.6, "validation": 0.2, "test": 0.2}
+    assignment = split.stratified_group_split(strata, groups, fractions, seed=1)
+    assert len({assignment[i] for i in (0, 1, 2)}) == 1  # one group, one split
+    for stratum in "ab":
+        rows = [a for a, s in zip(assignment, strata) if s == stratum]
+        assert rows.count("test") == 2 and rows.count("validation") == 2
+    assert assignment == split.stratified_group_split(strata, groups, fractions, seed=1)
+    assert assignment != split.stratified_group_split(strata, groups, fractions, seed=2)
+
+
+def test_ngram_overlap_names_the_reference_row():
+    def ask(text):  # the request is the prompt: the turns before the answer
+        return {
+            "messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "ok"}]
+        }
+
+    words = " ".join(f"w{i}" for i in range(30))
+    index = split.NgramIndex([ask("other text " * 10), ask(words)], short_words=5, sizes={8, 13})
+    share, match = index.overlap(ask(words + " extra"))  # 18 of its 19 13-grams
+    assert match == 1 and share == 18 / 19
+    assert index.overlap(ask(words)) == (1.0, 1)  # the same request
+    assert index.overlap(ask("nothing in common at all " * 4)) == (0.0, None)
+
+
+def test_rebalance_train_caps_or_upsamples_each_stratum():
+    strata = ["a"] * 6 + ["b"] * 2
+    task = type("T", (), {"stratify_by": ["category"]})()
+    removed: dict = {}
+    cfg = {"rebalance": "cap", "rebalance_cap": 3}
+    assert split.rebalance_train(list(range(8)), strata, removed, cfg, task, seed=0) == []
+    assert len(removed) == 3 and all(strata[i] == "a" for i in removed)
+    removed = {}
+    cfg = {"rebalance": "upsample", "rebalance_cap": None}
+    added = split.rebalance_train(list(range(8)), strata, removed, cfg, task, seed=0)
+    assert sorted(added) == [6, 6, 7, 7] and removed == {}

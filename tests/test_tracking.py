@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from test_split import rows
+from helpers import labelled_rows as rows
+from helpers import read_offline_run
 
 from stages import split
 from stages.common.files import md5_file, write_jsonl
-
-
-def read_offline_run(run_dir: Path) -> dict:
-    wandb_cli = Path(sys.executable).parent / "wandb"
-    out = subprocess.run(
-        [str(wandb_cli), "leet", "inspect", "--summary", "--json", str(run_dir)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    return json.loads(out.stdout)
 
 
 def test_offline_run_has_config_md5_and_summary(project, monkeypatch, tmp_path):

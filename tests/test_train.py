@@ -16,50 +16,15 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, set_params, switch_method
+from helpers import ticket_rows
 
-from stages import base_model, train
+from stages import train
 from stages.common.config import StageError
 from stages.common.examples import IGNORE, chat_examples, text_example
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.kinds import canonical
 
 ANSWER = '{"urgency": "high", "category": "billing"}'
-
-
-def ticket_rows(n: int = 48) -> list[dict]:
-    """Canonical chat records from the bundled tickets (system, user, assistant)."""
-    rows = []
-    for line in (ROOT / "data/raw/tickets.jsonl").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        roles = [m.get("role") for m in record.get("messages", [])]
-        if roles == ["system", "user", "assistant"] and record["messages"][2]["content"]:
-            rows.append(
-                {
-                    "id": str(len(rows)),
-                    "source": "raw.jsonl",
-                    "line": len(rows) + 1,
-                    "kind": "messages",
-                    **record,
-                }
-            )
-        if len(rows) == n:
-            return rows
-    return rows
-
-
-@pytest.fixture
-def prepared(project):
-    """models/base from the tiny model, and small processed splits from the bundled data (no
-    validate run, so the length it would choose for max_length=auto is set here)."""
-    base_model.main()
-    set_params(project, **{"train.max_length": 256})
-    rows = ticket_rows()
-    write_jsonl(project / "data/processed/train.jsonl", rows[:40])
-    write_jsonl(project / "data/processed/validation.jsonl", rows[40:48])
-    return project
 
 
 def params_of(root) -> dict:
@@ -323,7 +288,7 @@ def test_early_stopping_keeps_the_best_checkpoint(prepared):
             "train.max_steps": 40,
             "train.eval_steps": 2,
             "train.early_stopping_patience": 2,
-            "train.warmup_ratio": 0.0,
+            "train.warmup_steps": 0.0,
             "train.lr_scheduler_type": "constant",
         },
     )
@@ -362,8 +327,8 @@ def test_gradient_accumulation_equals_a_bigger_batch(prepared):
     common = {
         "train.max_steps": 3,
         "train.eval_steps": 100,
-        "train.warmup_ratio": 0.0,
-        "train.group_by_length": False,
+        "train.warmup_steps": 0.0,
+        "train.train_sampling_strategy": "random",
     }
     set_params(
         prepared,
@@ -403,9 +368,9 @@ def test_two_ddp_processes_match_one_with_the_same_global_batch(prepared):
     common = {
         "train.max_steps": 4,
         "train.eval_steps": 100,
-        "train.warmup_ratio": 0.0,
+        "train.warmup_steps": 0.0,
         "train.gradient_accumulation_steps": 1,
-        "train.group_by_length": False,
+        "train.train_sampling_strategy": "random",
     }
     set_params(prepared, **common, **{"train.per_device_train_batch_size": 4})
     train.main()
@@ -526,3 +491,35 @@ def test_preflight_measures_the_longest_batch_and_stops_a_run_that_cannot_fit(
     ):
         train.main()
     assert not (prepared / "models/tuned").exists()
+
+
+# --- the steps, directly ----------------------------------------------------------------------
+
+
+def test_train_settings_pass_to_the_trainer_under_their_own_names():
+    """Every train.* key the trainer config takes passes as it is; the stage resolves the
+    `auto` ones, and SFT-only keys never reach DPOConfig."""
+    import dataclasses
+
+    from trl import DPOConfig, SFTConfig
+
+    cfg = yaml.safe_load((ROOT / "conf/train/default.yaml").read_text())
+    sft = train.trainer_settings(cfg, SFTConfig)
+    dpo = train.trainer_settings(cfg, DPOConfig)
+    assert sft["learning_rate"] == cfg["learning_rate"] and sft["warmup_steps"] == 0.1
+    assert sft["train_sampling_strategy"] == "random" and "packing" in sft
+    assert not set(sft) & train.RESOLVED_HERE and not set(dpo) & train.SFT_ONLY
+    ours = set(cfg) - set(sft)  # the stage's own keys: no trainer argument has their name
+    sft_names = {f.name for f in dataclasses.fields(SFTConfig)}
+    # precision becomes bf16/fp16, attention a model load argument, patience a callback
+    assert ours - train.RESOLVED_HERE == {
+        "precision",
+        "attn_implementation",
+        "early_stopping_patience",
+    }
+    assert not (ours - train.RESOLVED_HERE) & sft_names
+
+
+def test_loss_curves_are_csv_of_train_and_eval_loss():
+    history = [{"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.5}, {"step": 10, "eval_loss": 1.7}]
+    assert train.loss_curves(history) == ("step,loss\n5,2.0\n10,1.5\n", "step,loss\n10,1.7\n")

@@ -641,3 +641,56 @@ def test_a_json_array_too_deep_to_parse_is_a_one_line_error(base):
     set_params(base, **{"data.path": "data/raw/deep.json", "data.kind": "messages"})
     with pytest.raises(StageError, match=r"deep.json: not a readable JSON document \(nested"):
         validate.main()
+
+
+# --- the steps, directly ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "roles, error",
+    [
+        (["system", "user", "assistant"], None),
+        (["user", "assistant", "user", "assistant"], None),
+        (["user", "system", "assistant"], "system message not first"),
+        (["user", "assistant", "user"], "does not end with an assistant message"),
+        (["user", "user", "assistant"], "user and assistant turns do not alternate"),
+        (["user", "tool", "assistant"], "tool results must follow"),
+    ],
+)
+def test_role_order_error(roles, error):
+    found = validate.role_order_error([{"role": r, "content": "x"} for r in roles])
+    assert found == error if error is None else error in found
+
+
+def test_tool_results_follow_the_call():
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}
+    turns = [{"role": "user", "content": "x"}, call, {"role": "tool", "content": "1"}]
+    assert validate.role_order_error([*turns, {"role": "assistant", "content": "done"}]) is None
+
+
+def test_percentiles_and_auto_max_length():
+    lengths = list(range(1, 101))
+    assert validate.percentiles(lengths) == {
+        "min": 1,
+        "p50": 51,
+        "p95": 96,
+        "p99": 100,
+        "max": 100,
+        "mean": 50.5,
+    }
+    assert validate.percentiles([]) == {}
+    assert validate.auto_max_length(lengths, context=8192)[0] == 128  # p99 100 -> 2 x 64
+    assert validate.auto_max_length(lengths, context=96)[0] == 96  # never past the context
+    assert validate.auto_max_length([], context=8192)[0] is None
+
+
+def test_gate_counts_dropped_too_long_rows_only_when_rejected():
+    quarantined = [{"source": "a.jsonl", "line": i, "reasons": ["too_long"]} for i in range(3)]
+    facts = [{"n_tokens": 900}]
+    data = {"length_policy": "drop", "fatal_reasons": [], "max_rejected_fraction": 0.1}
+    task = type("T", (), {"name": "t"})()
+    validate.gate(quarantined, 10, facts, data, task)  # 30% dropped, by choice: passes
+    with pytest.raises(StageError, match=r"30.0% of rows rejected.*rows run to 900 tokens"):
+        validate.gate(quarantined, 10, facts, {**data, "length_policy": "reject"}, task)
+    with pytest.raises(StageError, match=r"fatal reasons \['too_long'\]"):
+        validate.gate(quarantined, 10, facts, {**data, "fatal_reasons": ["too_long"]}, task)

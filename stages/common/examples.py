@@ -16,8 +16,12 @@ trains with it, export and evaluate prompt with it.
 
 from __future__ import annotations
 
+from typing import get_args
+
+from stages.common.schema import TrainOn
+
 IGNORE = -100  # label of a token that carries no loss
-TRAIN_ON = ("assistant", "all")
+TRAIN_ON = get_args(TrainOn)
 BATCH = 512  # conversations rendered and tokenized per call
 
 

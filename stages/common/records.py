@@ -133,7 +133,9 @@ def has_surrogate(value: Any) -> bool:
     return any(isinstance(item, str) and SURROGATE.search(item) for item, _ in _walk(value))
 
 
-def read_jsonl(path: Path, data: bytes) -> list[dict]:
+def read_jsonl_rows(path: Path, data: bytes) -> list[dict]:
+    """Raw input rows of a JSONL file, each with its line and parse error (the pipeline's own
+    files, trusted, are read by files.read_jsonl)."""
     rows = []
     # LF, CRLF or CR-only line ends; blank lines are skipped, numbering is preserved
     for number, raw in enumerate(LINE_ENDS.split(data), start=1):
@@ -355,7 +357,7 @@ def read_file(path: Path) -> list[dict]:
         return read_json_array(path, data)
     if suffix == ".csv":
         return read_csv(path, data)
-    return read_jsonl(path, data)
+    return read_jsonl_rows(path, data)
 
 
 def normalize_text(text: str) -> str:

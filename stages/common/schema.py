@@ -44,6 +44,8 @@ Scheduler = Literal[
     "warmup_stable_decay",
     "greedy",
 ]
+# sft: the answers only (weight-0 turns skipped) | every token
+TrainOn = Literal["assistant", "all"]
 # TRL's DPOConfig.loss_type values (listed in its help text)
 DpoLoss = Literal[
     "sigmoid",
@@ -154,21 +156,22 @@ class Split(Section):
 
 
 class Train(Section):
+    # keys named as TRL's SFTConfig / DPOConfig names them pass to it as they are (train.py)
     learning_rate: Annotated[Number, Field(gt=0)]
     max_steps: int  # -1: whole epochs (num_train_epochs)
     num_train_epochs: Annotated[Number, Field(gt=0)]
     per_device_train_batch_size: Positive
     gradient_accumulation_steps: Positive
     lr_scheduler_type: Scheduler
-    warmup_ratio: Annotated[Number, Field(ge=0, lt=1)]
+    warmup_steps: Annotated[Number, Field(ge=0)]  # below 1: a fraction of the steps
     weight_decay: Annotated[Number, Field(ge=0)]
     max_length: Positive | Literal["auto"] | None
-    group_by_length: bool
+    train_sampling_strategy: Literal["random", "group_by_length"]
     padding_free: bool | Literal["auto"]
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"]
     use_liger_kernel: bool | Literal["auto"]
     packing: bool
-    gradient_checkpointing: bool
+    activation_checkpointing: bool
     eval_steps: Positive
     per_device_eval_batch_size: Positive
     early_stopping_patience: Positive | None
@@ -205,7 +208,7 @@ class Full(Section):
 
 class Sft(Section):
     name: Literal["sft"]
-    train_on: Literal["assistant", "all"]
+    train_on: TrainOn
 
 
 class Dpo(Section):
