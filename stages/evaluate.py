@@ -112,12 +112,14 @@ def planned_memory(
     prompt_tokens: int,
     max_new_tokens: int,
     loss_tokens: int,
+    loss_scored: int,
 ) -> dict[str, int]:
     """What evaluate holds at its peak, in bytes per part: one model's weights (base and tuned
     take turns), the KV cache of the longest generation batch, and the larger working set of
     generation (one layer's activations over a batch of prompts) and test loss (the logits of
-    one loss batch, at most LOGITS_BUDGET values, with their float copy and log-softmax, beside
-    one layer's activations over its tokens). An estimate: other buffers add a few hundred MiB."""
+    the scored positions of one loss batch, `loss_scored` the most an example has, at most
+    LOGITS_BUDGET values, with their float copy and log-softmax, beside one layer's activations
+    over its tokens). An estimate: other buffers add a few hundred MiB."""
     text = config.get_text_config()  # multimodal checkpoints keep the language model's shapes here
     hidden, heads = text.hidden_size, text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
@@ -135,7 +137,8 @@ def planned_memory(
     generation = batch_size * prompt_tokens * layer_width * dtype_bytes
     # a loss batch: up to batch_size texts within TOKEN_BUDGET tokens (a longer text alone)
     tokens = min(batch_size * loss_tokens, max(TOKEN_BUDGET, loss_tokens))
-    logits = min(LOGITS_BUDGET, tokens * text.vocab_size)
+    # logits only where a labelled token is predicted (test_loss's logits_to_keep)
+    logits = min(LOGITS_BUDGET, min(tokens, batch_size * loss_scored) * text.vocab_size)
     loss = 3 * 4 * logits + tokens * layer_width * dtype_bytes
     return {
         "weights": n_params * dtype_bytes,
@@ -163,6 +166,7 @@ def require_memory(tokenizer, device: str, dtype, batch_size: int, sets) -> None
         longest_prompt,
         max(s.max_new_tokens for s in sets),
         max((len(e["input_ids"]) for s in sets for e in s.examples), default=0),
+        max((scored_positions(e) for s in sets for e in s.examples), default=0),
     )
     need = sum(parts.values())
     print(
@@ -180,6 +184,11 @@ def require_memory(tokenizer, device: str, dtype, batch_size: int, sets) -> None
     )
 
 
+def scored_positions(example: dict) -> int:
+    """Positions whose next token is labelled: where test loss computes logits."""
+    return sum(label != IGNORE for label in example["labels"][1:])
+
+
 def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> dict:
     """Negative log-likelihood of the labelled tokens: the mean per token over all examples
     (`loss`), and each example's sum and token count (the regression gate resamples them).
@@ -191,7 +200,7 @@ def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> dict
 
     vocab = model.get_output_embeddings().weight.shape[0]
     per_call = max(1, LOGITS_BUDGET // vocab)  # scored positions per forward pass
-    scored = [sum(label != IGNORE for label in e["labels"][1:]) for e in examples]
+    scored = [scored_positions(e) for e in examples]
     sums, counts = [0.0] * len(examples), [0] * len(examples)
     model.eval()
     for batch in loss_batches(

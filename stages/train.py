@@ -416,6 +416,13 @@ def stop_on_non_finite_loss():
 # --- 3. pre-flight plan ------------------------------------------------------------------------
 
 
+TOO_BIG = (
+    "lower train.per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
+    "batch), set train.activation_checkpointing: true or a smaller train.max_length, or use "
+    "method=qlora"
+)
+
+
 def preflight(trainer, n_processes: int) -> dict:
     """What the run will cost, measured before the first step: time on a few warm-up batches,
     memory on the longest batch of the data; a run that cannot fit the device stops here.
@@ -447,6 +454,10 @@ def preflight(trainer, n_processes: int) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     model.train()
+    if args.activation_checkpointing:  # Trainer turns it on in train(): measure with it on
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=args.activation_checkpointing_kwargs or None
+        )
 
     def forward_backward(batch) -> float:
         start = time.perf_counter()
@@ -456,16 +467,22 @@ def preflight(trainer, n_processes: int) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    seconds = [forward_backward(batch) for batch in itertools.islice(loader, WARMUP_BATCHES)]
     # the memory peak comes from the longest batch the data holds, not from a typical one
     lengths = [sum(row) for row in zip(*([len(ids) for ids in dataset[c]] for c in length_columns))]
     longest = sorted(range(len(lengths)), key=lengths.__getitem__)
-    if longest:
-        forward_backward(
-            loader.collate_fn(
-                [loader.dataset[i] for i in longest[-args.per_device_train_batch_size :]]
+    try:
+        seconds = [forward_backward(b) for b in itertools.islice(loader, WARMUP_BATCHES)]
+        if longest:
+            forward_backward(
+                loader.collate_fn(
+                    [loader.dataset[i] for i in longest[-args.per_device_train_batch_size :]]
+                )
             )
-        )
+    except torch.OutOfMemoryError as err:  # the device is far too small: say so in one line
+        raise StageError(
+            f"train: a batch of the data does not fit on cuda ({err}".split("\n")[0]
+            + f"); {TOO_BIG}"
+        ) from None
     model.zero_grad(set_to_none=True)
     torch.random.set_rng_state(rng)
     timed = sorted(seconds[1:]) or seconds
@@ -484,11 +501,11 @@ def preflight(trainer, n_processes: int) -> dict:
         peak + optimizer_bytes,
         {"model and longest batch (measured)": peak, "optimizer state": optimizer_bytes},
         "cuda" if cuda else "cpu",
-        "lower train.per_device_train_batch_size (raise gradient_accumulation_steps to "
-        "keep the batch), set train.activation_checkpointing: true or a smaller "
-        "train.max_length, or use method=qlora",
+        TOO_BIG,
         already_used=memory.held_bytes("cuda" if cuda else "cpu"),
     )
+    if cuda:  # the measurement's cached blocks go back: training allocates its own
+        torch.cuda.empty_cache()
     return {
         "parameters": {
             "trainable": trainable,

@@ -281,22 +281,32 @@ def test_memory_plan_counts_weights_cache_and_working_set(prepared, monkeypatch)
         * 4
     )
     plan = evaluate_stage.planned_memory(
-        config, 1000, 4, batch_size=8, prompt_tokens=100, max_new_tokens=28, loss_tokens=50
+        config,
+        1000,
+        4,
+        batch_size=8,
+        prompt_tokens=100,
+        max_new_tokens=28,
+        loss_tokens=50,
+        loss_scored=10,
     )
     assert plan["weights"] == 4000 and plan["kv cache"] == 8 * 128 * kv_per_token
-    # test loss: the logits of one batch (8 texts of 50 tokens), their copies, one layer's work
-    assert plan["working set"] >= 3 * 4 * 8 * 50 * text.vocab_size
-    # a text past TOKEN_BUDGET runs alone and whole: more activations, more logits...
+    # test loss: the logits of the scored positions of one batch (8 texts, 10 answer tokens
+    # each), their copies, one layer's work over its 8 x 50 tokens
+    assert plan["working set"] >= 3 * 4 * 8 * 10 * text.vocab_size
+    assert plan["working set"] < 3 * 4 * 8 * 50 * text.vocab_size
+    # a raw text past TOKEN_BUDGET, every token scored, runs alone and whole: more activations,
+    # more logits...
     long_text = 4 * evaluate_stage.TOKEN_BUDGET
-    longer = evaluate_stage.planned_memory(config, 1000, 4, 8, 100, 28, loss_tokens=long_text)
+    longer = evaluate_stage.planned_memory(config, 1000, 4, 8, 100, 28, long_text, long_text)
     assert longer["working set"] > plan["working set"]
     # ... but never more than LOGITS_BUDGET logit values at once
     monkeypatch.setattr(evaluate_stage, "LOGITS_BUDGET", 1000)
-    capped = evaluate_stage.planned_memory(config, 1000, 4, 8, 100, 28, loss_tokens=long_text)
+    capped = evaluate_stage.planned_memory(config, 1000, 4, 8, 100, 28, long_text, long_text)
     assert longer["working set"] - capped["working set"] == 3 * 4 * (
         long_text * text.vocab_size - 1000
     )
-    assert evaluate_stage.planned_memory(config, 1000, 4, 16, 100, 28, 50)["kv cache"] == (
+    assert evaluate_stage.planned_memory(config, 1000, 4, 16, 100, 28, 50, 10)["kv cache"] == (
         2 * plan["kv cache"]
     )
 

@@ -493,6 +493,38 @@ def test_preflight_measures_the_longest_batch_and_stops_a_run_that_cannot_fit(
     assert not (prepared / "models/tuned").exists()
 
 
+def test_preflight_measures_with_activation_checkpointing_as_training_runs(prepared, monkeypatch):
+    """Trainer turns activation checkpointing on only in train(); the plan's memory is measured
+    with it on, or a checkpointed run is planned at the memory of an unchecked one."""
+    import torch
+
+    set_params(prepared, **{"train.activation_checkpointing": True})
+    trainer = train.build_trainer(params_of(prepared), "fp32", str(prepared / "out"))
+    assert not trainer.model.is_activation_checkpointing  # not yet: train() would do it
+    seen = []
+    compute_loss = trainer.compute_loss
+    monkeypatch.setattr(
+        trainer,
+        "compute_loss",
+        lambda model, inputs, **kw: (
+            seen.append(model.is_activation_checkpointing) or compute_loss(model, inputs, **kw)
+        ),
+    )
+    train.preflight(trainer, 1)
+    assert seen and all(seen)
+
+    # a device too small for even one batch of the longest rows: one line, not a traceback
+    def out_of_memory(model, inputs, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.\nmore")
+
+    monkeypatch.setattr(trainer, "compute_loss", out_of_memory)
+    with pytest.raises(
+        StageError,
+        match=r"a batch of the data does not fit on cuda .* Tried to allocate 9.00 GiB.\); lower",
+    ):
+        train.preflight(trainer, 1)
+
+
 # --- the steps, directly ----------------------------------------------------------------------
 
 
