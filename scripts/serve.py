@@ -59,7 +59,7 @@ from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from stages.common import paths
+from stages.common import paths, tuned
 from stages.common.config import StageError, load_params
 
 MERGED = paths.MERGED
@@ -339,6 +339,12 @@ def listen(host: str, port: int) -> socket.socket:
 def serve(port: int | None) -> None:
     if not (MERGED / "config.json").exists():
         raise ServeError(f"{MERGED} not found: run `make repro` (the export stage writes it)")
+    if (MERGED / tuned.ADAPTER_DIR).is_dir():
+        raise ServeError(
+            f"{MERGED} keeps its adapter beside the base ({MERGED / tuned.ADAPTER_DIR}: prefix "
+            f"and prompt tuning do not merge), and transformers serve runs plain models; train "
+            f"with a method that merges (lora, dora, qlora, ia3, full) to serve it here"
+        )
     try:
         settings = serve_settings(load_params())
     except StageError as err:  # not found, not YAML, or a key the schema refuses

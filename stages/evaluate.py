@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common import memory, paths, tracking
+from stages.common import memory, paths, tracking, tuned
 from stages.common.config import (
     StageError,
     load_params,
@@ -199,6 +199,7 @@ def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> dict
     import torch
 
     vocab = model.get_output_embeddings().weight.shape[0]
+    shift = tuned.virtual_tokens(model)
     per_call = max(1, LOGITS_BUDGET // vocab)  # scored positions per forward pass
     scored = [scored_positions(e) for e in examples]
     sums, counts = [0.0] * len(examples), [0] * len(examples)
@@ -225,8 +226,9 @@ def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> dict
         positions = predicts.nonzero()  # (row, t), row-major: the order logits come back in
         for start in range(0, len(positions), per_call):
             chunk = positions[start : start + per_call]
-            keep = torch.zeros_like(mask)
-            keep[chunk[:, 0], chunk[:, 1]] = True
+            # prompt tuning runs its virtual tokens first: the kept positions move right
+            keep = torch.zeros(len(rows), shift + width, dtype=torch.bool, device=model.device)
+            keep[chunk[:, 0], chunk[:, 1] + shift] = True
             with torch.inference_mode():
                 logits = (
                     model(input_ids=ids, attention_mask=mask.long(), logits_to_keep=keep)
@@ -354,9 +356,7 @@ def run_model(
 ) -> dict[str, dict]:
     """Load one model and run every set: greedy answers, how many the budget cut, generation
     seconds, and the test loss."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    model = tuned.load(folder, dtype, device)  # an adapter that cannot merge runs beside
     out = {}
     for name, s in sets.items():
         start = time.perf_counter()

@@ -4,6 +4,9 @@ proven to answer as trained.
 1. Merge: base + adapter is loaded once, in fp32 (on the GPU when it fits, else on the CPU),
    and the adapter is folded into the base in place (for QLoRA, into the unquantized base):
    one copy of the model, never two. For method=full the tuned model is the merged model.
+   Prefix and prompt tuning cannot merge (their adapter is virtual tokens, not weights):
+   models/merged then holds the base's weights with the adapter beside them in adapter/
+   (stages/common/tuned.py loads both), and the report says so.
 2. Save in the base's dtype (bf16 stays bf16), with the tokenizer and the shipped chat template,
    so `transformers serve`, vLLM or `from_pretrained` load it as is.
 3. Round trip, on `export.check_examples` test prompts, with greedy decoding:
@@ -22,7 +25,7 @@ from __future__ import annotations
 import time
 from functools import partial
 
-from stages.common import memory, paths, tracking
+from stages.common import memory, paths, tracking, tuned
 from stages.common.config import StageError, load_params, run_stage
 from stages.common.examples import prompt_ids, record_examples
 from stages.common.files import atomic_dir, md5_path, read_jsonl, safetensors_summary, write_json
@@ -108,19 +111,19 @@ def main() -> None:
         start = time.perf_counter()
 
         model = tuned_model(device).eval()
-        adapter = hasattr(model, "merge_and_unload")
+        adapter = (TUNED / "adapter_config.json").exists()
         expected = answer(model)
-        if adapter:
+        if adapter and tuned.mergeable(model):
             model = model.merge_and_unload()  # in place: the adapter's weights are folded in
             expect_same(expected, answer(model), where, tokenizer, "merged model", "base + adapter")
         model.to(dtype)  # in place, to the base's dtype
         with atomic_dir(MERGED) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            tuned.save(model, tmp)  # an adapter that cannot merge is kept beside the weights
             tokenizer.save_pretrained(tmp)
         saved = answer(model.float()) if dtype != torch.float32 else expected
         del model
         check_prompt_tokens(records, prompts, tokenizer, where)
-        reloaded = load_merged(device)
+        reloaded = tuned.load(MERGED, torch.float32, device).eval()
         answers = answer(reloaded)
         expect_same(
             saved, answers, where, tokenizer, "models/merged loaded from disk", "the saved weights"
@@ -136,6 +139,7 @@ def main() -> None:
             f"export: {MERGED} written ({report['dtype']}); {len(records)} test prompts give "
             f"the training prompt tokens and the answers of base + adapter"
             + (rounding if dtype != torch.float32 else "")
+            + (f"; {report['merged_from']}" if report["merged_from"].startswith("not") else "")
         )
 
 
@@ -145,7 +149,7 @@ def main() -> None:
 def build_report(params, adapter, device, dtype, reloaded, examples, unchanged) -> dict:
     return {
         "method": params["method"]["name"],
-        "merged_from": "base + adapter" if adapter else "full fine-tune",
+        "merged_from": merged_from(params["method"]["name"], adapter, reloaded),
         "merged_on": device,
         "merge_dtype": "float32",
         "dtype": str(dtype).removeprefix("torch."),  # what models/merged holds
@@ -160,6 +164,14 @@ def build_report(params, adapter, device, dtype, reloaded, examples, unchanged) 
             "unchanged_by_rounding": unchanged,
         },
     }
+
+
+def merged_from(method: str, adapter: bool, model) -> str:
+    if not adapter:
+        return "full fine-tune"
+    if tuned.mergeable(model):
+        return "base + adapter"
+    return f"not merged: {method} tuning keeps its adapter, beside the base in {tuned.ADAPTER_DIR}/"
 
 
 def expect_same(expected: list, got: list, where: list[str], tokenizer, who: str, whom: str):
@@ -189,15 +201,6 @@ def check_prompt_tokens(records: list[dict], prompts: list, tokenizer, where: li
                 f"round trip: {where[k]}: the exported chat template renders "
                 f"other prompt tokens than training used"
             )
-
-
-def load_merged(device: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        MERGED, dtype=torch.float32, device_map=device
-    ).eval()
 
 
 if __name__ == "__main__":

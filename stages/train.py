@@ -1,7 +1,8 @@
 """Stage train: fine-tune the base model on the train split, validating on the validation split.
 
 Reads like a recipe:
-1. params: `method` (lora | qlora | dora | full), `objective` (sft | dpo | cpt), `train`, `launch`;
+1. params: `method` (lora | qlora | dora | full | ia3 | prefix | prompt), `objective`
+   (sft | dpo | cpt), `train`, `launch`;
    with launch.num_processes > 1 the stage relaunches itself, one process per GPU (accelerate) or
    per CPU slot (torchrun, gloo);
 2. the base model, 4-bit for QLoRA, and the examples: chat records tokenized here with loss on
@@ -187,11 +188,27 @@ def load_model(method: dict, precision: str, attention: str):
 
 
 def peft_config(method: dict):
-    if method["name"] == "full":
-        return None
-    from peft import LoraConfig
+    """The adapter PEFT trains for `method`; None for full fine-tuning."""
+    import peft
 
-    return LoraConfig(
+    name = method["name"]
+    if name == "full":
+        return None
+    if name == "prefix":
+        return peft.PrefixTuningConfig(
+            num_virtual_tokens=method["num_virtual_tokens"], task_type="CAUSAL_LM"
+        )
+    if name == "prompt":
+        return peft.PromptTuningConfig(
+            num_virtual_tokens=method["num_virtual_tokens"], task_type="CAUSAL_LM"
+        )
+    if name == "ia3":
+        return peft.IA3Config(
+            target_modules=method["target_modules"],
+            feedforward_modules=method["feedforward_modules"],
+            task_type="CAUSAL_LM",
+        )
+    return peft.LoraConfig(
         r=int(method["r"]),
         lora_alpha=int(method["alpha"]),
         lora_dropout=float(method["dropout"]),

@@ -332,3 +332,44 @@ def test_memory_plan_counts_weights_cache_and_working_set(prepared, monkeypatch)
     ):
         evaluate_stage.main()
     assert not loaded and not (prepared / "reports/metrics.json").exists()
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_unmerged_adapters_generate_and_score_as_they_train(prepared, method):
+    """A prompt-learning adapter runs beside the base: batched answers equal one at a time, and
+    test loss (logits only where labels are) equals the PEFT model's own loss."""
+    import torch
+    from conftest import switch_method
+    from transformers import AutoTokenizer
+
+    from stages import export, train
+    from stages.common import tuned
+
+    switch_method(prepared, method, **{"train.max_steps": 2, "export.check_examples": 2})
+    train.main()
+    rows = read_jsonl(prepared / "data/processed/validation.jsonl")
+    write_jsonl(prepared / "data/processed/test.jsonl", rows)
+    export.main()
+    tokenizer = AutoTokenizer.from_pretrained(prepared / "models/merged")
+    model = tuned.load(prepared / "models/merged", torch.float32, "cpu").eval()
+    prompts = [
+        tokenizer.apply_chat_template(
+            r["messages"][:-1], tokenize=False, add_generation_prompt=True
+        )
+        for r in rows[:6]
+    ]
+    batched, _ = evaluate_stage.generate(model, tokenizer, prompts, batch_size=3, max_new_tokens=6)
+    single = [evaluate_stage.generate(model, tokenizer, [p], 1, 6)[0][0] for p in prompts]
+    assert batched == single
+
+    examples = evaluate_stage.loss_examples(rows[:4], tokenizer)
+    ours = evaluate_stage.test_loss(model, examples, 4, tokenizer.pad_token_id)
+    for e, total, count in zip(examples, ours["sums"], ours["counts"]):
+        with torch.inference_mode():
+            own = model(
+                input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])
+            ).loss.item()
+        assert total / count == pytest.approx(own, rel=1e-4)
+    evaluate_stage.main()
+    metrics = json.loads((prepared / "reports/metrics.json").read_text())
+    assert metrics["tuned"]["test_loss"] != metrics["base"]["test_loss"]

@@ -65,3 +65,23 @@ def test_first_difference():
 
     assert export.first_difference([[1, 2], [3]], [[1, 2], [3]]) is None
     assert export.first_difference([[1, 2], [3], [4]], [[1, 2], [5], [6]]) == 1
+
+
+@pytest.mark.parametrize("method", ["ia3", "prefix", "prompt"])
+def test_other_adapters_merge_or_stay_beside_the_base(trained, method):
+    """IA3 folds into the weights like LoRA; prefix and prompt tuning cannot, so models/merged
+    keeps the base's weights with the adapter beside them, and the round trip still holds."""
+    from stages.common import tuned
+
+    switch_method(trained, method, **{"train.max_steps": 2})
+    train.main()
+    export.main()
+    merged = trained / "models/merged"
+    report = json.loads((trained / "reports/export.json").read_text())
+    assert report["round_trip"]["greedy_answers_match"]
+    adapter = merged / tuned.ADAPTER_DIR / "adapter_config.json"
+    if method == "ia3":
+        assert report["merged_from"] == "base + adapter" and not adapter.exists()
+    else:
+        assert report["merged_from"].startswith(f"not merged: {method} tuning")
+        assert adapter.exists() and (merged / "model.safetensors").exists()

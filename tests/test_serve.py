@@ -330,6 +330,24 @@ def test_serve_without_an_exported_model_says_what_to_do(project):
     )
 
 
+def test_an_adapter_that_cannot_merge_is_refused_in_one_line(project):
+    """prefix and prompt tuning keep their adapter beside the base: transformers serve cannot
+    run that, and says so before it loads anything."""
+    merged = project / "models/merged"
+    (merged / "adapter").mkdir(parents=True)
+    (merged / "config.json").write_text("{}")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/serve.py")],
+        cwd=project,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "keeps its adapter beside the base" in out.stderr and "Traceback" not in out.stderr
+
+
 # --- end to end: the real server, on a model trained to the task's format ---------------------
 
 

@@ -172,7 +172,7 @@ def test_lora_run_writes_adapter_plan_report_and_curves(prepared):
     assert [p.name for p in (prepared / "models/checkpoints").iterdir()] == ["run.json"]
 
 
-@pytest.mark.parametrize("method", ["full", "dora", "qlora"])
+@pytest.mark.parametrize("method", ["full", "dora", "qlora", "prefix", "prompt", "ia3"])
 def test_methods(prepared, method):
     switch_method(prepared, method, **{"train.max_steps": 2})
     train.main()
@@ -184,8 +184,12 @@ def test_methods(prepared, method):
         assert (tuned / "model.safetensors").exists()
     else:
         config = json.loads((tuned / "adapter_config.json").read_text())
-        assert config["use_dora"] is (method == "dora")
+        peft_type = {"prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING", "ia3": "IA3"}
+        assert config["peft_type"] == peft_type.get(method, "LORA")
+        assert config.get("use_dora", False) is (method == "dora")
         assert (tuned / "adapter_model.safetensors").exists()
+        assert 0 < report["parameters"]["trainable"] < report["parameters"]["total"]
+        assert report["final_train_loss"] > 0
 
 
 def write_preference_splits(root):
@@ -555,3 +559,25 @@ def test_train_settings_pass_to_the_trainer_under_their_own_names():
 def test_loss_curves_are_csv_of_train_and_eval_loss():
     history = [{"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.5}, {"step": 10, "eval_loss": 1.7}]
     assert train.loss_curves(history) == ("step,loss\n5,2.0\n10,1.5\n", "step,loss\n10,1.7\n")
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "ia3"])
+def test_trainer_loss_is_the_models_own_loss(prepared, method):
+    """The trainer's loss on a batch (TRL's, with our CPU fast path) equals the loss the PEFT
+    model computes itself from the same labels: virtual tokens shift nothing."""
+    import torch
+
+    from stages.common import compat
+
+    switch_method(prepared, method)
+    trainer = train.build_trainer(params_of(prepared), "fp32", str(prepared / "out"))
+    batch = compat.prepare_inputs(trainer, next(iter(trainer.get_train_dataloader())))
+    trainer.model.eval()
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, dict(batch)).item()
+        own = trainer.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch["labels"],
+        ).loss.item()
+    assert ours == pytest.approx(own, rel=1e-4)

@@ -206,6 +206,17 @@ class Full(Section):
     name: Literal["full"]
 
 
+class PromptLearning(Section):  # prefix tuning, prompt tuning: learned virtual tokens
+    name: Literal["prefix", "prompt"]
+    num_virtual_tokens: Positive
+
+
+class Ia3(Section):
+    name: Literal["ia3"]
+    target_modules: str | list[str] | None  # null: PEFT's choice for the model family
+    feedforward_modules: str | list[str] | None  # of target_modules, those scaled on the input
+
+
 class Sft(Section):
     name: Literal["sft"]
     train_on: TrainOn
@@ -278,7 +289,7 @@ class Params(Section):
     dedup: Dedup
     split: Split
     train: Train
-    method: Annotated[Lora | QLora | Full, Field(discriminator="name")]
+    method: Annotated[Lora | QLora | Full | PromptLearning | Ia3, Field(discriminator="name")]
     objective: Annotated[Sft | Dpo | Cpt, Field(discriminator="name")]
     launch: Launch
     export: Export
