@@ -30,11 +30,12 @@ def load(folder: Path, dtype, device: str):
     """The model in `folder` (models/base or models/merged) in `dtype` on `device`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    # straight onto `device`: an 8B model in fp32 is never staged in RAM on its way to the GPU
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
     if (Path(folder) / ADAPTER_DIR).is_dir():
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, Path(folder) / ADAPTER_DIR).to(device)
+        model = PeftModel.from_pretrained(model, Path(folder) / ADAPTER_DIR)
     return model
 
 
