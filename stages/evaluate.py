@@ -357,11 +357,14 @@ def run_model(
     """Load one model and run every set: greedy answers, how many the budget cut, generation
     seconds, and the test loss."""
     model = tuned.load(folder, dtype, device)  # an adapter that cannot merge runs beside
+    # PEFT drops the position ids of prompt tuning, so left padding would shift its virtual
+    # tokens against the prompt: such a model answers one prompt at a time
+    answer_batch = 1 if tuned.virtual_tokens(model) else batch_size
     out = {}
     for name, s in sets.items():
         start = time.perf_counter()
         answers, cut = (
-            generate(model, tokenizer, s.prompts, batch_size, s.max_new_tokens)
+            generate(model, tokenizer, s.prompts, answer_batch, s.max_new_tokens)
             if s.prompts
             else ([], 0)
         )
