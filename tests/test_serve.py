@@ -314,8 +314,9 @@ def test_a_busy_port_and_bad_settings_are_one_line_errors(served, capsys, monkey
     assert "serve.add_system_prompt: missing" in error_of()
 
 
-def test_serve_without_an_exported_model_says_what_to_do(project):
-    out = subprocess.run(
+def run_serve_script(project):
+    """scripts/serve.py started in `project` as a user would, its output captured."""
+    return subprocess.run(
         [sys.executable, str(ROOT / "scripts/serve.py")],
         cwd=project,
         check=False,
@@ -323,6 +324,10 @@ def test_serve_without_an_exported_model_says_what_to_do(project):
         text=True,
         timeout=60,
     )
+
+
+def test_serve_without_an_exported_model_says_what_to_do(project):
+    out = run_serve_script(project)
     assert out.returncode == 2
     assert (
         out.stderr == "error: models/merged not found: run `make repro` (the export stage "
@@ -336,14 +341,7 @@ def test_an_adapter_that_cannot_merge_is_refused_in_one_line(project):
     merged = project / "models/merged"
     (merged / "adapter").mkdir(parents=True)
     (merged / "config.json").write_text("{}")
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/serve.py")],
-        cwd=project,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_serve_script(project)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert "keeps its adapter beside the base" in out.stderr and "Traceback" not in out.stderr
 

@@ -458,6 +458,19 @@ def test_checkpoint_fingerprint_covers_params_inputs_code_and_packages(prepared,
     assert train.run_fingerprint(params, inputs) != before  # a code change: no resume
 
 
+def watch_loss_calls(trainer, monkeypatch, look) -> list:
+    """What `look(model, inputs)` saw at each of the trainer's loss computations."""
+    seen = []
+    compute_loss = trainer.compute_loss
+
+    def watched(model, inputs, **kw):
+        seen.append(look(model, inputs))
+        return compute_loss(model, inputs, **kw)
+
+    monkeypatch.setattr(trainer, "compute_loss", watched)
+    return seen
+
+
 def test_preflight_measures_the_longest_batch_and_stops_a_run_that_cannot_fit(
     prepared, monkeypatch
 ):
@@ -470,14 +483,8 @@ def test_preflight_measures_the_longest_batch_and_stops_a_run_that_cannot_fit(
     set_params(prepared, **{"train.max_length": 1024})
     trainer = train.build_trainer(params_of(prepared), "fp32", str(prepared / "out"))
     longest = max(len(ids) for ids in trainer.train_dataset["input_ids"])
-    widths = []
-    compute_loss = trainer.compute_loss
-    monkeypatch.setattr(
-        trainer,
-        "compute_loss",
-        lambda model, inputs, **kw: (
-            widths.append(inputs["input_ids"].shape[1]) or compute_loss(model, inputs, **kw)
-        ),
+    widths = watch_loss_calls(
+        trainer, monkeypatch, lambda model, inputs: inputs["input_ids"].shape[1]
     )
     plan = train.preflight(trainer, 1)
     # the warm-up batches for time, then a batch of the longest rows for memory
@@ -505,14 +512,8 @@ def test_preflight_measures_with_activation_checkpointing_as_training_runs(prepa
     set_params(prepared, **{"train.activation_checkpointing": True})
     trainer = train.build_trainer(params_of(prepared), "fp32", str(prepared / "out"))
     assert not trainer.model.is_activation_checkpointing  # not yet: train() would do it
-    seen = []
-    compute_loss = trainer.compute_loss
-    monkeypatch.setattr(
-        trainer,
-        "compute_loss",
-        lambda model, inputs, **kw: (
-            seen.append(model.is_activation_checkpointing) or compute_loss(model, inputs, **kw)
-        ),
+    seen = watch_loss_calls(
+        trainer, monkeypatch, lambda model, inputs: model.is_activation_checkpointing
     )
     train.preflight(trainer, 1)
     assert seen and all(seen)
