@@ -174,7 +174,9 @@ def main() -> None:
         added = rebalance_train(train_rows, strata, removed, cfg, task, seed)
 
         outputs = write_splits(records, parts, assignment, removed, added)
-        report = build_report(records, outputs, removed, added, fixed, groups, leaks, params)
+        report = build_report(
+            records, outputs, removed, added, fixed, groups, leaks, params, task, fractions
+        )
         write_json(REPORT, report)
         run.summary.update({f"split/{n}": len(rows) for n, rows in outputs.items()})
         run.summary["split/leaks_flagged"] = len(leaks)
@@ -324,8 +326,10 @@ def write_splits(records, parts, assignment, removed, added) -> dict[str, list[d
     return outputs
 
 
-def build_report(records, outputs, removed, added, fixed, groups, leaks, params) -> dict:
-    task, cfg = Task.from_params(params), params["split"]
+def build_report(
+    records, outputs, removed, added, fixed, groups, leaks, params, task, fractions
+) -> dict:
+    cfg = params["split"]
     balance = {
         name: dict(
             sorted(
@@ -335,7 +339,6 @@ def build_report(records, outputs, removed, added, fixed, groups, leaks, params)
         for name, rows in outputs.items()
     }
     by_reason = Counter(why["reason"] for why in removed.values())
-    fractions = {name: float(cfg[name]) for name in SPLITS}
     report = {
         "rows_in": len(records),
         "rows_out": sum(len(rows) for rows in outputs.values()) - len(added),
