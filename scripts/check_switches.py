@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TIME = "/usr/bin/time"  # GNU time: %M is the peak resident set in KiB
 METHODS = sorted(p.stem for p in (ROOT / "conf/method").glob("*.yaml"))
 OBJECTIVES = sorted(p.stem for p in (ROOT / "conf/objective").glob("*.yaml"))
+# pairs train refuses by design: virtual tokens steer generation, a reward model generates not
+REFUSED = {("prefix", "reward"), ("prompt", "reward")}
 
 
 def machine_memory_gib() -> float:
@@ -90,7 +92,7 @@ def main() -> None:
     pairs = (
         [tuple(p.split(":")) for p in args.pairs]
         if args.pairs
-        else [(m, o) for m in METHODS for o in OBJECTIVES]
+        else [(m, o) for m in METHODS for o in OBJECTIVES if (m, o) not in REFUSED]
     )
     if not shutil.which("dvc") or not Path(TIME).exists():
         sys.exit("needs dvc on PATH (`source .venv/bin/activate`) and GNU time at /usr/bin/time")
@@ -112,6 +114,7 @@ def main() -> None:
                 f"objective={objective}",
                 f"train.max_steps={args.steps}",
                 f"train.eval_steps={args.steps}",
+                *([f"objective.steps={args.steps}"] if objective == "grpo" else []),  # its RL phase
                 *args.overrides,
             ]
             subprocess.run(

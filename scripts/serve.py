@@ -345,6 +345,11 @@ def serve(port: int | None) -> None:
             f"and prompt tuning do not merge), and transformers serve runs plain models; train "
             f"with a method that merges (lora, dora, qlora, ia3, full) to serve it here"
         )
+    if tuned.is_reward_model(MERGED):
+        raise ServeError(
+            f"{MERGED} is a reward model (objective=reward): it scores conversations, it does "
+            f"not answer them; serve a model tuned with another objective"
+        )
     try:
         settings = serve_settings(load_params())
     except StageError as err:  # not found, not YAML, or a key the schema refuses

@@ -8,6 +8,10 @@ always; format adherence, per-field accuracy and macro-F1 when the task declares
 format and labels. Both models' loss and perplexity on the test answers (on the whole text for
 raw-text records, which have no prompts to answer) come beside them.
 
+A reward model (objective=reward) does not answer: each test pair is ranked instead, the base by
+its own mean loss on the chosen and the rejected answer, the reward model by its scores, and
+the metric is pairwise accuracy.
+
 Outputs: reports/metrics.json ({"base": ..., "tuned": ..., "delta": ...}),
 reports/predictions.jsonl (prompt, reference, both answers, per-metric correctness) and
 reports/plots/metrics.csv (base vs tuned bars).
@@ -16,7 +20,6 @@ reports/plots/metrics.csv (base vs tuned bars).
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +28,6 @@ from stages.common import memory, paths, tracking, tuned
 from stages.common.config import (
     StageError,
     load_params,
-    project_root,
     require_dependency,
     run_stage,
 )
@@ -41,13 +43,12 @@ from stages.common.files import (
 )
 from stages.common.kinds import answer_of, prompt_of
 from stages.common.records import set_hash
-from stages.common.task import Task
+from stages.common.task import Task, load_metric
 
 BASE, TUNED = paths.BASE, paths.MERGED  # the tuned model as export wrote and checked it
 TEST, METRICS, PREDICTIONS = paths.TEST, paths.METRICS, paths.PREDICTIONS
 PLOT = paths.PLOTS / "metrics.csv"
 CONFUSION = paths.PLOTS / "confusion"
-METRIC_MODULES = Path(__file__).parent / "metrics"
 
 
 def prompt_texts(tokenizer, records: list[dict]) -> list[str]:
@@ -279,43 +280,9 @@ def generate(
     return [a.rsplit("</think>", 1)[-1].strip() for a in answers], cut
 
 
-def score(predictions: list[str], references: list[str], task: Task) -> tuple[dict, dict]:
-    """The task's metrics (evaluate modules in stages/metrics/), each with its own inputs:
-    corpus values, and per-example scores (metric -> one value per example) for the metrics
-    that are means over examples (a module returns them under `per_example`)."""
-    import evaluate
-
-    out, per_example = {}, {}
-    for name in task.metrics:
-        path = METRIC_MODULES / f"{name}.py"
-        if not path.exists():
-            raise StageError(f"task.metrics: no metric module {path}")
-        metric = evaluate.load(str(path), keep_in_memory=True)
-        if name == "format_adherence":
-            out |= metric.compute(
-                predictions=predictions,
-                answer_regex=task.answer_regex,
-                labels=task.labels,
-                answer_schema=task.answer_schema,
-            )
-        elif name == "field_scores":
-            out |= metric.compute(
-                predictions=predictions,
-                references=references,
-                answer_regex=task.answer_regex,
-                labels=task.labels,
-            )
-        else:
-            out |= metric.compute(predictions=predictions, references=references)
-        per_example |= out.pop("per_example", {})
-    return {k: round(float(v), 4) for k, v in out.items()}, per_example
-
-
 def forgetting(general: list[dict], answers: dict, losses: dict) -> dict:
     """How much general ability tuning cost: base against tuned on the general set."""
-    import evaluate
-
-    rouge = evaluate.load(str(METRIC_MODULES / "rouge_l.py"), keep_in_memory=True)
+    rouge = load_metric("rouge_l")
     references = [answer_of(r) for r in general]
     out = {"examples": len(general)}
     for name in ("base", "tuned"):
@@ -438,12 +405,13 @@ def prediction_rows(test: EvalSet, runs: dict, scored: dict) -> list[dict]:
     return predictions
 
 
-def write_plots(metrics: dict, predictions: list[dict], task: Task) -> None:
-    """One confusion matrix per model and label field (dvc plots: template confusion), and
-    the base-vs-tuned bars, which share one 0..1 axis: rates only (loss is in the json)."""
+def write_plots(metrics: dict, predictions: list[dict], task: Task, fields: list[str]) -> None:
+    """One confusion matrix per model and label field in `fields` (dvc plots: template
+    confusion), and the base-vs-tuned bars, which share one 0..1 axis: rates only (loss and
+    margins are in the json)."""
     with atomic_dir(CONFUSION) as folder:
         for name in ("base", "tuned"):
-            for field in task.labels:
+            for field in fields:
                 pairs = [
                     (
                         (task.parse(p["reference"]) or {}).get(field),
@@ -460,7 +428,7 @@ def write_plots(metrics: dict, predictions: list[dict], task: Task) -> None:
         f"{k},{name},{v}"
         for name in ("base", "tuned")
         for k, v in metrics[name].items()
-        if k not in ("test_loss", "perplexity")
+        if k in metrics["delta"] and k not in ("test_loss", "perplexity")
     ]
     write_text(PLOT, "\n".join(bars) + "\n")
 
@@ -517,23 +485,106 @@ def summarize_and_gate(metrics: dict, cfg: dict) -> None:
         )
 
 
+def write_outputs(run, metrics: dict, predictions: list[dict], task: Task, fields: list) -> None:
+    write_json(METRICS, metrics)
+    write_jsonl(PREDICTIONS, predictions)
+    write_plots(metrics, predictions, task, fields)
+    log_to_wandb(run, metrics, predictions)
+
+
+def rank_pairs(rows: list[dict], tokenizer, device: str, dtype, batch_size: int):
+    """A reward model on the test pairs: pairwise accuracy (the share of pairs it scores chosen
+    above rejected) and the mean margin. The base has no reward head, so its side is the
+    language model's own preference: a lower mean loss on the chosen answer than on the
+    rejected one. Returns (metrics, per-pair predictions)."""
+    sides = ("chosen", "rejected")
+    conversations = [
+        {"messages": r["prompt"] + r[side], **({"tools": r["tools"]} if r.get("tools") else {})}
+        for r in rows
+        for side in sides
+    ]
+    base = tuned.load(BASE, dtype, device)
+    loss = test_loss(
+        base, loss_examples(conversations, tokenizer), batch_size, tokenizer.pad_token_id
+    )
+    del base
+    mean_loss = [s / max(1, n) for s, n in zip(loss["sums"], loss["counts"])]
+    reward_model = tuned.load(TUNED, dtype, device)
+    scores = tuned.reward_scores(
+        reward_model,
+        [tuned.conversation_ids(tokenizer, c["messages"], c.get("tools")) for c in conversations],
+        tokenizer.pad_token_id,
+        batch_size,
+    )
+    base_right = [float(c < r) for c, r in zip(mean_loss[0::2], mean_loss[1::2])]
+    tuned_right = [float(c > r) for c, r in zip(scores[0::2], scores[1::2])]
+    margins = [c - r for c, r in zip(scores[0::2], scores[1::2])]
+    n = max(1, len(rows))
+    metrics = {
+        "base": {"pairwise_accuracy": round(sum(base_right) / n, 4)},
+        "tuned": {"pairwise_accuracy": round(sum(tuned_right) / n, 4)},
+    }
+    metrics["delta"] = {
+        "pairwise_accuracy": round(
+            metrics["tuned"]["pairwise_accuracy"] - metrics["base"]["pairwise_accuracy"], 4
+        )
+    }
+    metrics["tuned"]["mean_margin"] = round(sum(margins) / n, 4)  # chosen - rejected score
+    metrics["per_example"] = ["pairwise_accuracy"]
+    metrics["n_examples"] = len(rows)
+    metrics["test_set"] = {"examples": len(rows), "sha256": set_hash(rows)}
+    metrics["ranked_by"] = {
+        "base": "the base language model's mean loss on each answer (lower wins)",
+        "tuned": "the reward model's score of each conversation (higher wins)",
+    }
+    predictions = [
+        {
+            "id": r["id"],
+            "source": r["source"],
+            "line": r["line"],
+            "input": next((m["content"] for m in reversed(r["prompt"]) if m["role"] == "user"), ""),
+            "reference": answer_of(r),  # the chosen answer
+            "rejected": r["rejected"][-1]["content"],
+            "base": f"mean loss chosen {mean_loss[2 * k]:.4f}, rejected {mean_loss[2 * k + 1]:.4f}",
+            "tuned": f"score chosen {scores[2 * k]:.4f}, rejected {scores[2 * k + 1]:.4f}",
+            "scores": {
+                "base": {"pairwise_accuracy": base_right[k]},
+                "tuned": {"pairwise_accuracy": tuned_right[k], "margin": round(margins[k], 4)},
+            },
+        }
+        for k, r in enumerate(rows)
+    ]
+    return metrics, predictions
+
+
 def main() -> None:
     params = load_params()
     cfg, task = params["eval"], Task.from_params(params)
     inputs = {"test": md5_path(TEST), "base": md5_path(BASE), "tuned": md5_path(TUNED)}
     if cfg["general_path"]:
         require_dependency("evaluate", "eval.general_path", cfg["general_path"])
-    # evaluate copies metric modules into HF_HOME and imports them from there: a folder of
-    # this project (git-ignored), not the user's home nor a shared path under /tmp where
-    # another local user could plant a module
-    os.environ.setdefault("HF_HOME", str(project_root() / ".cache" / "huggingface"))
 
     with tracking.stage_run("evaluate", params, ["eval", "task"], inputs) as run:
         import torch
         from transformers import AutoTokenizer
 
-        # 1. the sets: the test split (and the general set), as prompts and loss examples
         tokenizer = AutoTokenizer.from_pretrained(BASE)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        batch = int(cfg["batch_size"])
+        if tuned.is_reward_model(TUNED):  # objective=reward: it ranks pairs, it does not answer
+            rows = read_jsonl(TEST)[: cfg["max_examples"]]
+            metrics, predictions = rank_pairs(rows, tokenizer, device, dtype, batch)
+            write_outputs(run, metrics, predictions, task, fields=[])  # no labels to confuse
+            print(
+                f"evaluate: {len(rows)} test pairs; pairwise accuracy "
+                f"{metrics['base']['pairwise_accuracy']:.2f} (base, by its own likelihood) -> "
+                f"{metrics['tuned']['pairwise_accuracy']:.2f} (reward model)"
+            )
+            return
+
+        # 1. the sets: the test split (and the general set), as prompts and loss examples
         test = eval_set(read_jsonl(TEST)[: cfg["max_examples"]], tokenizer)
         test.max_new_tokens = answer_budget(cfg["max_new_tokens"], tokenizer, test.references)
         sets = {"test": test}
@@ -542,10 +593,6 @@ def main() -> None:
             sets["general"].max_new_tokens = int(cfg["general_max_new_tokens"])
 
         # 2. a plan that cannot fit stops here, before a model loads, not in the OOM killer
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        batch = int(cfg["batch_size"])
         require_memory(tokenizer, device, dtype, batch, sets.values())
 
         # 3. both models answer the same prompts and are scored alike
@@ -560,7 +607,7 @@ def main() -> None:
                 f"it, or set it to auto (sized from the longest reference answer)"
             )
         scored = {
-            name: score(runs[name]["test"]["answers"], test.references, task)
+            name: task.score(runs[name]["test"]["answers"], test.references)
             if test.prompts
             else ({}, {})
             for name in runs
@@ -568,11 +615,7 @@ def main() -> None:
 
         # 4. the outputs: metrics, per-example predictions, plots, the W&B run
         metrics = build_metrics(test, runs, scored, sets.get("general"))
-        write_json(METRICS, metrics)
-        predictions = prediction_rows(test, runs, scored)
-        write_jsonl(PREDICTIONS, predictions)
-        write_plots(metrics, predictions, task)
-        log_to_wandb(run, metrics, predictions)
+        write_outputs(run, metrics, prediction_rows(test, runs, scored), task, list(task.labels))
 
         # 5. base -> tuned, and the forgetting gate
         summarize_and_gate(metrics, cfg)

@@ -16,12 +16,15 @@ proven to answer as trained.
    Rounding fp32 to a 16-bit dtype can flip a near-tie, which is no bug: how many answers it
    changed is reported, not failed.
    A mismatch fails the stage, naming the first example that differs.
+   A reward model (objective=reward) is checked the same way on scores: both sides of each
+   test pair, to 1e-3.
 
 Outputs: models/merged/, reports/export.json.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from functools import partial
 
@@ -55,16 +58,22 @@ def choose_device(fp32_bytes: int) -> str:
 
 
 def tuned_model(device: str):
-    """base + adapter (unmerged), or the fully fine-tuned model, in fp32 on `device`."""
+    """base + adapter (unmerged), or the fully fine-tuned model, in fp32 on `device`; a
+    reward model with its score head."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if (TUNED / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32, device_map=device)
+        load = (
+            tuned.load_reward_base
+            if tuned.is_reward_model(TUNED)
+            else (AutoModelForCausalLM.from_pretrained)
+        )
+        base = load(BASE, dtype=torch.float32, device_map=device)
         return PeftModel.from_pretrained(base, TUNED)
-    return AutoModelForCausalLM.from_pretrained(TUNED, dtype=torch.float32, device_map=device)
+    return tuned.load(TUNED, torch.float32, device)
 
 
 def greedy_answers(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -81,8 +90,20 @@ def greedy_answers(model, prompts: list[list[int]], max_new_tokens: int) -> list
     return answers
 
 
+def reward_scores(model, sequences: list[list[int]], pad_id: int) -> list[float]:
+    return tuned.reward_scores(model, sequences, pad_id, batch_size=8)
+
+
+def same(a, b) -> bool:
+    """Greedy answers are equal token for token; reward scores agree to 1e-3 (merging folds
+    the adapter into the weights exactly in fp32 only up to float rounding)."""
+    if isinstance(a, float):
+        return math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-3)
+    return a == b
+
+
 def first_difference(expected: list, got: list) -> int | None:
-    return next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), None)
+    return next((i for i, (a, b) in enumerate(zip(expected, got)) if not same(a, b)), None)
 
 
 def main() -> None:
@@ -106,8 +127,18 @@ def main() -> None:
         where = [
             f"{TEST} line {i + 1} (source {r['source']}:{r['line']})" for i, r in enumerate(records)
         ]
-        prompts = [prompt_ids(tokenizer, prompt_of(r), r.get("tools")) for r in records]
-        answer = partial(greedy_answers, prompts=prompts, max_new_tokens=cfg["max_new_tokens"])
+        reward = tuned.is_reward_model(TUNED)
+        if reward:  # a reward model answers with a score of each side of each test pair
+            where = [w for w in where for _side in ("chosen", "rejected")]
+            prompts = [
+                tuned.conversation_ids(tokenizer, r["prompt"] + r[side], r.get("tools"))
+                for r in records
+                for side in ("chosen", "rejected")
+            ]
+            answer = partial(reward_scores, sequences=prompts, pad_id=tokenizer.pad_token_id)
+        else:
+            prompts = [prompt_ids(tokenizer, prompt_of(r), r.get("tools")) for r in records]
+            answer = partial(greedy_answers, prompts=prompts, max_new_tokens=cfg["max_new_tokens"])
         start = time.perf_counter()
 
         model = tuned_model(device).eval()
@@ -122,22 +153,31 @@ def main() -> None:
             tokenizer.save_pretrained(tmp)
         saved = answer(model.float()) if dtype != torch.float32 else expected
         del model
-        check_prompt_tokens(records, prompts, tokenizer, where)
+        if reward:
+            check_conversation_tokens(records, prompts, where)
+        else:
+            check_prompt_tokens(records, prompts, tokenizer, where)
         reloaded = tuned.load(MERGED, torch.float32, device).eval()
         answers = answer(reloaded)
         expect_same(
             saved, answers, where, tokenizer, "models/merged loaded from disk", "the saved weights"
         )
-        unchanged = sum(a == b for a, b in zip(expected, answers))
+        unchanged = sum(same(a, b) for a, b in zip(expected, answers))
         seconds = time.perf_counter() - start
         report = build_report(params, adapter, device, dtype, reloaded, len(records), unchanged)
+        if reward:  # what was compared: scores, not answers
+            report["round_trip"]["reward_scores_match"] = report["round_trip"].pop(
+                "greedy_answers_match"
+            )
         report["round_trip"]["seconds"] = round(seconds, 1)
         write_json(REPORT, report)
         run.summary.update({"export/round_trip_examples": len(records)})
         rounding = f" ({unchanged} unchanged by rounding to {report['dtype']})"
         print(
             f"export: {MERGED} written ({report['dtype']}); {len(records)} test prompts give "
-            f"the training prompt tokens and the answers of base + adapter"
+            f"the training prompt tokens and the "
+            + ("reward scores" if reward else "answers")
+            + " of base + adapter"
             + (rounding if dtype != torch.float32 else "")
             + (f"; {report['merged_from']}" if report["merged_from"].startswith("not") else "")
         )
@@ -175,12 +215,33 @@ def merged_from(method: str, adapter: bool, model) -> str:
 
 
 def expect_same(expected: list, got: list, where: list[str], tokenizer, who: str, whom: str):
-    """Stop at the first prompt where `who` answers otherwise than `whom`."""
+    """Stop at the first prompt where `who` answers (or scores) otherwise than `whom`."""
     if (k := first_difference(expected, got)) is not None:
+        if isinstance(got[k], float):
+            raise StageError(
+                f"round trip: {where[k]}: {who} scores {got[k]:.5f}, {whom} {expected[k]:.5f}"
+            )
         raise StageError(
             f"round trip: {where[k]}: {who} answers {tokenizer.decode(got[k])!r}, "
             f"{whom} {tokenizer.decode(expected[k])!r}"
         )
+
+
+def check_conversation_tokens(records: list[dict], sequences: list, where: list[str]) -> None:
+    """The tokenizer saved in models/merged renders each scored conversation as the base's did
+    (as RewardTrainer rendered the pairs it trained on)."""
+    from transformers import AutoTokenizer
+
+    exported_tokenizer = AutoTokenizer.from_pretrained(MERGED)
+    for k, (r, side) in enumerate((r, side) for r in records for side in ("chosen", "rejected")):
+        if (
+            tuned.conversation_ids(exported_tokenizer, r["prompt"] + r[side], r.get("tools"))
+            != (sequences[k])
+        ):
+            raise StageError(
+                f"round trip: {where[k]}: the exported chat template renders the {side} "
+                f"conversation in other tokens than training used"
+            )
 
 
 def check_prompt_tokens(records: list[dict], prompts: list, tokenizer, where: list[str]) -> None:

@@ -95,6 +95,12 @@ def summary(reports: dict) -> dict:
     }
 
 
+def reward_model_md5(objective: dict) -> str | None:
+    """The content hash of the local reward model GRPO was rewarded by (a hub id has none)."""
+    path = objective.get("reward_model")
+    return md5_path(Path(path)) if path and Path(path).exists() else None
+
+
 def config_hash(params: dict) -> str:
     """sha256 of the composed config, independent of key order and formatting."""
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
@@ -103,6 +109,49 @@ def config_hash(params: dict) -> str:
 def number(value, sign: str = "") -> str:
     """A metric for the card; a missing or non-finite one (null in the json) says so."""
     return f"{value:{sign}.4f}" if isinstance(value, (int, float)) else "n/a (not finite)"
+
+
+def how_scored(metrics: dict) -> str:
+    if "ranked_by" in metrics:  # a reward model ranks pairs, it does not answer
+        return (
+            "Each test pair ranked chosen against rejected: the base by "
+            f"{metrics['ranked_by']['base']}, the reward model by {metrics['ranked_by']['tuned']}."
+        )
+    return "Greedy decoding, the same prompts for both."
+
+
+def replay_line(split: dict) -> str:
+    replay = split.get("replay") or {}
+    if not replay.get("rows_mixed"):
+        return ""
+    return (
+        f"\n- replay: {replay['rows_mixed']} general rows from `{replay['path']}` in train "
+        f"(data.replay.fraction {replay['fraction']}; {replay['rows_left_out']} left out as too "
+        "close to the test split or the forgetting probe)"
+    )
+
+
+def objective_lines(params: dict, train: dict) -> str:
+    """What the objective adds to training, for the card: a reward model's head, GRPO's phase."""
+    objective = params["objective"]
+    if objective["name"] == "reward":
+        return (
+            "- a reward model: the base with a one-score head (sequence classification), trained "
+            "on preference pairs to score the chosen answer above the rejected one\n"
+        )
+    if objective["name"] != "grpo" or "grpo" not in train:
+        return ""
+    grpo = train["grpo"]
+    rewards = ", ".join(f"{k} x{v:g}" for k, v in grpo["rewards"].items())
+    return (
+        f"- then GRPO from the SFT model: {grpo['steps']} steps of "
+        f"{objective['prompts_per_step']} prompts x {objective['num_generations']} sampled "
+        f"answers, learning rate {objective['learning_rate']}, beta {objective['beta']}; "
+        f"rewards {rewards}"
+        + (f" (reward model `{objective['reward_model']}`)" if objective["reward_model"] else "")
+        + f"; mean reward {grpo['reward_first']} at the first step, {grpo['reward_last']} at "
+        "the last\n"
+    )
 
 
 def model_card(manifest: dict, params: dict, reports: dict) -> str:
@@ -136,7 +185,7 @@ pipeline at git revision `{manifest["git"]["rev"][:12]}`{dirty}.
 |---|---|---|---|
 {rows}
 
-Greedy decoding, the same prompts for both. Predictions: `reports/predictions.jsonl`.
+{how_scored(metrics)} Predictions: `reports/predictions.jsonl`.
 
 ## Data lineage
 
@@ -144,7 +193,7 @@ Greedy decoding, the same prompts for both. Predictions: `reports/predictions.js
   ({", ".join(f"{k} {v}" for k, v in validate["quarantined_by_reason"].items()) or "none"})
 - dedup: {dedup["rows_in"]} in, {dedup["rows_out"]} kept
   ({", ".join(f"{k} {v}" for k, v in dedup["removed_by_reason"].items()) or "none removed"})
-- split: {splits}
+- split: {splits}{replay_line(split)}
 
 | file | md5 |
 |---|---|
@@ -165,7 +214,7 @@ Greedy decoding, the same prompts for both. Predictions: `reports/predictions.js
   max length {train["plan"]["setup"].get("max_length")} (train.max_length:
   {params["train"]["max_length"]}), seed {params["seed"]}
 - trainable parameters {train["parameters"]["trainable"]:,} of {train["parameters"]["total"]:,}
-
+{objective_lines(params, train)}
 ## Reproduce
 
 ```bash
@@ -217,6 +266,10 @@ def main() -> None:
             "seed": params["seed"],
             "method": params["method"]["name"],
             "objective": params["objective"]["name"],
+            "objective_settings": params["objective"],  # GRPO's rewards and reward model, ...
+            "reward_model_md5": reward_model_md5(params["objective"]),
+            "replay": reports["split"].get("replay"),
+            "grpo": reports["train"].get("grpo"),
             "packages": package_versions(),
             "lock": installed_lock(),
             "tracking_mode": tracking.mode_in_effect(params),  # and whether the env overrode it

@@ -19,6 +19,10 @@
    checked against an external evaluation file too.
    Policy `report` lists them; `remove` drops them (written down in the removed file).
 4. Class balance per split; optional rebalancing of train (cap or upsample).
+5. Replay (data.replay): general chat records mixed into train, `fraction` of it, so tuning
+   keeps general ability; a replay row too close to the test split or the forgetting probe
+   (eval.general_path) is left out and written down. Replay rows carry `"replay": true` and
+   stay out of the task rows' reconciliation and class balance.
 
 Outputs: data/processed/{train,validation,test}.jsonl, data/interim/split_removed.jsonl,
 reports/split.json.
@@ -36,7 +40,7 @@ from stages.common import paths, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
 from stages.common.files import md5_path, read_jsonl, write_json, write_jsonl
 from stages.common.kinds import answer_of, canonical, kind_of, request_text
-from stages.common.records import read_file, set_hash
+from stages.common.records import read_file, record_id, set_hash
 from stages.common.similarity import UnionFind, near_duplicate_pairs, ngrams
 from stages.common.task import Task
 
@@ -125,26 +129,31 @@ class NgramIndex:
         return sum(hits.values()) / len(grams), best
 
 
-def external_records(path: str) -> list[dict]:
-    """Rows of an evaluation set kept elsewhere (any kind, any readable format)."""
+def external_records(path: str, key: str) -> list[dict]:
+    """Rows of a set kept outside data.path (any kind, any readable format), named by `key`."""
     out = []
     for row in read_file(Path(path)):
         kind = kind_of(row["obj"])
         if kind:
-            out.append({**canonical(kind, row["obj"])[0], "source": path, "line": row["line"]})
+            fields = canonical(kind, row["obj"])[0]
+            out.append({"id": record_id(fields), **fields, "source": path, "line": row["line"]})
     if not out:
-        raise StageError(f"split.leakage.external_eval: {path}: no readable records")
+        raise StageError(f"{key}: {path}: no readable records")
     return out
 
 
 def main() -> None:
     """1. group near-alike requests; 2. set aside rows that copy a fixed evaluation set;
-    3. carve the splits; 4. check leakage; 5. rebalance train; 6. write the splits, the
-    removed rows and the report."""
+    3. carve the splits; 4. check leakage; 5. rebalance train; 6. mix the replay rows into
+    train; 7. write the splits, the removed rows and the report."""
     params = load_params()
     cfg, leak_cfg = params["split"], params["split"]["leakage"]
     task, seed = Task.from_params(params), int(params["seed"])
+    replay_cfg = params["data"]["replay"]
     inputs = {"dedup": md5_path(INPUT)}
+    if replay_cfg["path"] and replay_cfg["fraction"]:
+        require_dependency("split", "data.replay.path", replay_cfg["path"])
+        inputs["replay"] = md5_path(Path(replay_cfg["path"]))
     if leak_cfg["external_eval"]:
         require_dependency("split", "split.leakage.external_eval", leak_cfg["external_eval"])
         inputs["external_eval"] = md5_path(Path(leak_cfg["external_eval"]))
@@ -172,11 +181,19 @@ def main() -> None:
         ]
         train_rows = [i for i in parts["train"] if i not in removed]
         added = rebalance_train(train_rows, strata, removed, cfg, task, seed)
+        guarded = {"test": [records[i] for i in parts["test"] if i not in removed]}
+        if params["eval"]["general_path"]:
+            path = params["eval"]["general_path"]
+            guarded["general_probe"] = external_records(path, "eval.general_path")
+        replay, replay_left_out, replay_report = replay_rows(
+            replay_cfg, records, len(train_rows) + len(added), guarded, leak_cfg, seed
+        )
 
-        outputs = write_splits(records, parts, assignment, removed, added)
+        outputs = write_splits(records, parts, assignment, removed, added, replay, replay_left_out)
         report = build_report(
             records, outputs, removed, added, fixed, groups, leaks, params, task, fractions
         )
+        report["replay"] = replay_report
         write_json(REPORT, report)
         run.summary.update({f"split/{n}": len(rows) for n, rows in outputs.items()})
         run.summary["split/leaks_flagged"] = len(leaks)
@@ -274,7 +291,7 @@ def leaks_of_external_eval(records, assignment, removed, leak_cfg) -> list[dict]
     if not leak_cfg["external_eval"]:
         return []
     min_overlap, short = float(leak_cfg["min_overlap"]), int(leak_cfg["short_record_words"])
-    external = external_records(leak_cfg["external_eval"])
+    external = external_records(leak_cfg["external_eval"], "split.leakage.external_eval")
     external_index = NgramIndex(external, short, {8, 13})
     leaks = []
     for i, record in enumerate(records):
@@ -307,21 +324,74 @@ def rebalance_train(train_rows, strata, removed, cfg, task, seed) -> list[int]:
     return added
 
 
-def write_splits(records, parts, assignment, removed, added) -> dict[str, list[dict]]:
-    """The rows of each split (train with its upsampled repeats), and the removed rows with
-    their split and reason."""
+def replay_rows(
+    replay_cfg, records, n_train, guarded, leak_cfg, seed
+) -> tuple[list[dict], list[dict], dict]:
+    """data.replay: general chat records for train, `fraction` of it after mixing, taken in a
+    seeded order (the set repeats whole when it is smaller than asked). A row that shares most
+    of its n-grams with a guarded set (the test split, the forgetting probe) is left out: the
+    probe would no longer measure forgetting. Returns (rows to mix, rows left out, report)."""
+    fraction = float(replay_cfg["fraction"])
+    if not fraction or not replay_cfg["path"]:
+        return [], [], {"fraction": 0.0, "rows_mixed": 0}
+    path = replay_cfg["path"]
+    if any("messages" not in r for r in records):
+        raise StageError(
+            f"data.replay: {path} holds chat records, which mix only into chat training; this "
+            "data set is not chat records: set data.replay.fraction=0"
+        )
+    rows = external_records(path, "data.replay.path")
+    for row in rows:
+        if "messages" not in row:
+            raise StageError(f"data.replay.path: {path}: line {row['line']}: not a chat record")
+    min_overlap, short = float(leak_cfg["min_overlap"]), int(leak_cfg["short_record_words"])
+    indexes = {name: NgramIndex(rows_, short, {8, 13}) for name, rows_ in guarded.items()}
+    kept, left_out = [], []
+    for row in rows:
+        for name, index in indexes.items():
+            share, match = index.overlap(row)
+            if share >= min_overlap:
+                line = guarded[name][match]["line"]
+                left_out.append({**row, "reason": f"replay_close_to_{name}", "matches_line": line})
+                break
+        else:
+            kept.append(row)
+    if not kept:
+        raise StageError(f"data.replay.path: {path}: every row is too close to {list(guarded)}")
+    random.Random(seed).shuffle(kept)
+    wanted = round(fraction / (1 - fraction) * n_train)
+    mixed = [{**kept[k % len(kept)], "replay": True} for k in range(wanted)]
+    report = {
+        "path": path,
+        "fraction": fraction,
+        "rows_read": len(rows),
+        "rows_left_out": len(left_out),  # too close to a guarded set (in split_removed.jsonl)
+        "rows_mixed": len(mixed),
+        "rows_repeated": max(0, wanted - len(kept)),
+        "set_hash": set_hash(kept),
+    }
+    assert report["rows_read"] == len(kept) + report["rows_left_out"]
+    return mixed, left_out, report
+
+
+def write_splits(
+    records, parts, assignment, removed, added, replay, replay_left_out
+) -> dict[str, list[dict]]:
+    """The rows of each split (train with its upsampled repeats and its replay rows), and the
+    removed rows with their split and reason (replay rows left out under split "replay")."""
     outputs = {name: [records[i] for i in rows if i not in removed] for name, rows in parts.items()}
     if not outputs["train"]:
         raise StageError(
             "split: no training rows left after removing the rows too close to "
             "the fixed evaluation sets; see " + str(REMOVED)
         )
-    outputs["train"] += [records[i] for i in sorted(added)]
+    outputs["train"] += [records[i] for i in sorted(added)] + replay
     for name, rows in outputs.items():
         write_jsonl(OUT_DIR / f"{name}.jsonl", rows)
     write_jsonl(
         REMOVED,
-        [{**records[i], "split": assignment[i], **why} for i, why in sorted(removed.items())],
+        [{**records[i], "split": assignment[i], **why} for i, why in sorted(removed.items())]
+        + [{**row, "split": "replay"} for row in replay_left_out],
     )
     return outputs
 
@@ -333,7 +403,11 @@ def build_report(
     balance = {
         name: dict(
             sorted(
-                Counter(task.stratum(answer_of(r)) if "text" not in r else "" for r in rows).items()
+                Counter(
+                    task.stratum(answer_of(r)) if "text" not in r else ""
+                    for r in rows
+                    if not r.get("replay")  # general chat records: no task label
+                ).items()
             )
         )
         for name, rows in outputs.items()
@@ -341,7 +415,8 @@ def build_report(
     by_reason = Counter(why["reason"] for why in removed.values())
     report = {
         "rows_in": len(records),
-        "rows_out": sum(len(rows) for rows in outputs.values()) - len(added),
+        "rows_out": sum(1 for rows in outputs.values() for r in rows if not r.get("replay"))
+        - len(added),
         "rows_removed": len(removed),
         "removed_by_reason": dict(sorted(by_reason.items())),
         "rows_added_by_upsampling": len(added),

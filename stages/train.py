@@ -2,17 +2,20 @@
 
 Reads like a recipe:
 1. params: `method` (lora | qlora | dora | full | ia3 | prefix | prompt), `objective`
-   (sft | dpo | cpt), `train`, `launch`;
+   (sft | dpo | cpt | reward | grpo), `train`, `launch`;
    with launch.num_processes > 1 the stage relaunches itself, one process per GPU (accelerate) or
    per CPU slot (torchrun, gloo);
 2. the base model, 4-bit for QLoRA, and the examples: chat records tokenized here with loss on
    the answers only (stages/common/examples.py), raw text packed for continued pre-training,
-   preference pairs handed to TRL's DPOTrainer;
+   preference pairs handed to TRL's DPOTrainer, or to its RewardTrainer for a reward model
+   (the base with a one-score head, objective=reward);
 3. a pre-flight plan before the first step (parameters, tokens, optimizer steps, time and memory
    measured on a few warm-up batches), into the report and W&B;
 4. training with validation loss every `train.eval_steps`, a checkpoint at each evaluation in
    models/checkpoints (a killed run started again resumes from the last one), optional early
    stopping, and the best checkpoint by validation loss as the result;
+   objective=grpo then runs TRL's GRPOTrainer from that SFT model on the train prompts, with
+   rewards from the task's own metrics (stages/metrics) and/or a reward model;
 5. outputs: models/tuned (the adapter, or the whole model for method=full), reports/train.json,
    loss curves in reports/plots/.
 
@@ -34,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.common import compat, memory, paths, tracking
+from stages.common import compat, memory, paths, tracking, tuned
 from stages.common.config import StageError, load_params, require_dependency, run_stage
 from stages.common.examples import (
     ExampleError,
@@ -44,6 +47,8 @@ from stages.common.examples import (
     truncate,
 )
 from stages.common.files import atomic_dir, md5_path, read_jsonl, write_json, write_text
+from stages.common.kinds import answer_of, prompt_of
+from stages.common.task import Task
 
 BASE, TEMPLATE = paths.BASE, paths.TRAINING_TEMPLATE
 TRAIN, VALIDATION = paths.TRAIN, paths.VALIDATION
@@ -51,7 +56,15 @@ OUT_DIR, CHECKPOINTS, RUN_FILE = paths.TUNED, paths.CHECKPOINTS, paths.RUN_FILE
 REPORT = paths.stage_report("train")
 MAX_LENGTH = paths.MAX_LENGTH  # train.max_length=auto: what validate chose
 PLOTS = paths.PLOTS
-OBJECTIVES = {"sft": "messages", "dpo": "chosen", "cpt": "text"}  # objective -> field it needs
+# objective -> the field its records have (grpo: the SFT phase's chat records, whose prompts
+# the RL phase answers and whose answers its rewards score against)
+OBJECTIVES = {
+    "sft": "messages",
+    "dpo": "chosen",
+    "reward": "chosen",
+    "cpt": "text",
+    "grpo": "messages",
+}
 WARMUP_BATCHES = 4  # the first is not counted: it pays for allocation and kernel choice
 
 
@@ -152,19 +165,19 @@ def choose_liger(setting) -> bool:
 # --- 2. model and examples ------------------------------------------------------------------
 
 
-def load_model(method: dict, precision: str, attention: str):
+def load_model(method: dict, precision: str, attention: str, reward: bool = False):
     """The base in the training precision; full fine-tuning in fp16 keeps fp32 master weights
-    (mixed precision), LoRA adapters are fp32 whatever the base."""
+    (mixed precision), LoRA adapters are fp32 whatever the base. `reward`: with a one-score
+    head instead of the language model head (objective=reward)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     if method["name"] == "full" and precision == "fp16":
         dtype = torch.float32
+    load = tuned.load_reward_base if reward else AutoModelForCausalLM.from_pretrained
     if method["name"] != "qlora":
-        return AutoModelForCausalLM.from_pretrained(
-            BASE, dtype=dtype, attn_implementation=attention
-        )
+        return load(BASE, dtype=dtype, attn_implementation=attention)
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(
@@ -178,7 +191,7 @@ def load_model(method: dict, precision: str, attention: str):
     # and an fp32 embedding and norms turn the whole residual stream fp32 (measured on an
     # H200: +0.43 GiB of weights at 1.5B, ~2 GiB at 8B, fp32 activations); peft freezes the
     # base and TRL enables input gradients for activation checkpointing by themselves
-    return AutoModelForCausalLM.from_pretrained(
+    return load(
         BASE,
         dtype=dtype,
         device_map=device_map,
@@ -187,26 +200,32 @@ def load_model(method: dict, precision: str, attention: str):
     )
 
 
-def peft_config(method: dict):
-    """The adapter PEFT trains for `method`; None for full fine-tuning."""
+def peft_config(method: dict, task_type: str = "CAUSAL_LM"):
+    """The adapter PEFT trains for `method`; None for full fine-tuning. `task_type` SEQ_CLS
+    (a reward model) also trains the new score head whole."""
     import peft
 
     name = method["name"]
     if name == "full":
         return None
+    if name in ("prefix", "prompt") and task_type != "CAUSAL_LM":
+        raise StageError(
+            f"method={name} learns virtual tokens for generation; a reward model (objective="
+            "reward) trains with method=lora, dora, qlora, ia3 or full"
+        )
     if name == "prefix":
         return peft.PrefixTuningConfig(
-            num_virtual_tokens=method["num_virtual_tokens"], task_type="CAUSAL_LM"
+            num_virtual_tokens=method["num_virtual_tokens"], task_type=task_type
         )
     if name == "prompt":
         return peft.PromptTuningConfig(
-            num_virtual_tokens=method["num_virtual_tokens"], task_type="CAUSAL_LM"
+            num_virtual_tokens=method["num_virtual_tokens"], task_type=task_type
         )
     if name == "ia3":
         return peft.IA3Config(
             target_modules=method["target_modules"],
             feedforward_modules=method["feedforward_modules"],
-            task_type="CAUSAL_LM",
+            task_type=task_type,
         )
     return peft.LoraConfig(
         r=int(method["r"]),
@@ -214,7 +233,7 @@ def peft_config(method: dict):
         lora_dropout=float(method["dropout"]),
         target_modules=method["target_modules"],
         use_dora=method["name"] == "dora",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
@@ -224,7 +243,7 @@ def read_records(path: Path, objective: str) -> list[dict]:
     records = read_jsonl(path)
     other = next((r for r in records if field not in r), None)
     if other is not None:
-        wanted = {"sft": "chat (messages)", "dpo": "preference", "cpt": "text"}[objective]
+        wanted = {"messages": "chat (messages)", "chosen": "preference", "text": "text"}[field]
         raise StageError(
             f"{path}: objective={objective} trains on {wanted} records, found a "
             f"'{other.get('kind')}' record (line {other.get('line')} of {other.get('source')}); "
@@ -329,11 +348,39 @@ def build_trainer(params: dict, precision: str, output_dir: str):
         if patience and eval_records
         else []
     )
-    peft = peft_config(method)
+    reward = objective == "reward"
+    peft = peft_config(method, "SEQ_CLS" if reward else "CAUSAL_LM")
     attention = choose_attention(cfg["attn_implementation"])
     common["use_liger_kernel"] = choose_liger(cfg["use_liger_kernel"])  # `auto` resolved here
-    model = load_model(method, precision, attention)
+    model = load_model(method, precision, attention, reward=reward)
     max_length = chosen_max_length(cfg["max_length"])
+
+    if reward:
+        from trl import RewardConfig, RewardTrainer
+
+        args = RewardConfig(
+            **trainer_settings(cfg, RewardConfig),
+            **{**common, "use_liger_kernel": False},  # Liger has no sequence-classification loss
+            max_length=max_length,
+        )
+        trainer = RewardTrainer(
+            model=model,
+            args=args,
+            processing_class=tokenizer,
+            peft_config=peft,
+            train_dataset=Dataset.from_list(preference_rows(train_records)),
+            eval_dataset=Dataset.from_list(preference_rows(eval_records)) if eval_records else None,
+            callbacks=callbacks,
+        )
+        # RewardTrainer drops pairs longer than max_length: never silently
+        dropped = len(train_records) - len(trainer.train_dataset)
+        if dropped:
+            print(
+                f"train: warning: {dropped} of {len(train_records)} training pairs are longer "
+                f"than train.max_length={max_length} and were left out by RewardTrainer",
+                flush=True,
+            )
+        return trainer
 
     if objective == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -401,12 +448,12 @@ SFT_ONLY = {"packing", "train_sampling_strategy"}
 
 
 def trainer_settings(cfg: dict, config_class) -> dict:
-    """The train.* settings that `config_class` (SFTConfig, DPOConfig) takes under the same
-    name, passed as they are: the config's names are the trainer's."""
+    """The train.* settings that `config_class` (SFTConfig, DPOConfig, RewardConfig) takes
+    under the same name, passed as they are: the config's names are the trainer's."""
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(config_class)} - RESOLVED_HERE
-    if config_class.__name__ == "DPOConfig":
+    if config_class.__name__ != "SFTConfig":
         names -= SFT_ONLY
     return {key: value for key, value in cfg.items() if key in names}
 
@@ -428,6 +475,135 @@ def stop_on_non_finite_loss():
                     )
 
     return StopOnNonFiniteLoss()
+
+
+# --- 2b. objective=grpo: the RL phase after SFT -------------------------------------------------
+
+
+def reward_functions(objective: dict, task: Task) -> tuple[list, list[float]]:
+    """GRPO's rewards and their weights, from objective.rewards: the task's per-example
+    metrics by name, and `reward_model` for the model objective.reward_model names."""
+    available = sorted(task.score(["x"], ["x"])[1])
+    funcs, weights = [], []
+    for name, weight in objective["rewards"].items():
+        if name == "reward_model":
+            funcs.append(reward_model(objective["reward_model"]))
+        elif name in available:
+            funcs.append(task_reward(task, name))
+        else:
+            raise StageError(
+                f"objective.rewards: no reward {name!r}; task {task.name} scores each answer "
+                f"by {available}, and reward_model is the model objective.reward_model names"
+            )
+        weights.append(float(weight))
+    return funcs, weights
+
+
+def task_reward(task: Task, metric: str):
+    """A GRPO reward: the task's per-example score `metric` of each sampled answer against its
+    prompt's reference answer, by the code that scores the test split (Task.score)."""
+
+    def reward(completions, reference, **_) -> list[float]:
+        answers = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        # a reasoning model writes <think>...</think> first; the answer follows (as evaluate)
+        answers = [a.rsplit("</think>", 1)[-1].strip() for a in answers]
+        return task.score(answers, list(reference))[1][metric]
+
+    reward.__name__ = metric  # TRL logs rewards/<name>/mean
+    return reward
+
+
+def reward_model(name_or_path: str | None):
+    """The reward model objective.reward_model names (a local folder must be declared in the
+    train stage's deps), on the device training runs on."""
+    if not name_or_path:
+        raise StageError(
+            "objective.rewards.reward_model needs objective.reward_model: a reward model folder "
+            "(models/merged of an objective=reward experiment) or a hub id"
+        )
+    if Path(name_or_path).exists():
+        require_dependency("train", "objective.reward_model", name_or_path)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tuned.load(Path(name_or_path), torch.float32, device)
+    if not tuned.is_reward_model(Path(name_or_path)):
+        raise StageError(f"objective.reward_model: {name_or_path} is no reward model")
+    return model
+
+
+def reinforce(params: dict, sft_trainer, precision: str):
+    """The RL phase of objective=grpo: TRL's GRPOTrainer, from the SFT phase's model (its
+    adapter trains on), on the train split's prompts; the model and what the phase did."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    objective, seed = params["objective"], int(params["seed"])
+    task = Task.from_params(params)
+    funcs, weights = reward_functions(objective, task)
+    # the task's prompts: replay rows (general chat, data.replay) have no task answer to reward
+    records = [r for r in read_records(TRAIN, "grpo") if prompt_of(r) and not r.get("replay")]
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": m["role"], "content": m["content"]} for m in prompt_of(r)],
+                "reference": answer_of(r),
+            }
+            for r in records
+        ]
+    )
+    args = GRPOConfig(
+        output_dir=str(CHECKPOINTS / "grpo"),
+        save_strategy="no",  # a killed RL phase starts again from the SFT phase
+        max_steps=int(objective["steps"]),
+        learning_rate=float(objective["learning_rate"]),
+        per_device_train_batch_size=int(
+            objective["prompts_per_step"] * objective["num_generations"]
+        ),
+        num_generations=int(objective["num_generations"]),
+        max_completion_length=int(objective["max_completion_length"]),
+        temperature=float(objective["temperature"]),
+        beta=float(objective["beta"]),
+        reward_weights=weights,
+        logging_steps=1,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        report_to=sft_trainer.args.report_to,
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,
+    )
+    rl = GRPOTrainer(
+        model=sft_trainer.model,
+        reward_funcs=funcs,
+        args=args,
+        processing_class=AutoTokenizer.from_pretrained(BASE),  # its own: it pads on the left
+        train_dataset=dataset,
+    )
+    start = time.perf_counter()
+    rl.train()
+    logged = [h for h in rl.state.log_history if "reward" in h]
+    names = [
+        f.__name__ if callable(f) and hasattr(f, "__name__") else "reward_model" for f in funcs
+    ]
+
+    def mean_of(h, name):
+        return round(h.get(f"rewards/{name}/mean", float("nan")), 4)
+
+    return rl.model, {
+        "steps": rl.state.global_step,
+        "seconds": round(time.perf_counter() - start, 1),
+        "prompts": len(dataset),
+        "rewards": dict(zip(names, weights)),
+        # the weighted reward of the sampled answers, at the first and the last step
+        "reward_first": round(logged[0]["reward"], 4) if logged else None,
+        "reward_last": round(logged[-1]["reward"], 4) if logged else None,
+        "per_reward_first": {n: mean_of(logged[0], n) for n in names} if logged else {},
+        "per_reward_last": {n: mean_of(logged[-1], n) for n in names} if logged else {},
+    }
 
 
 # --- 3. pre-flight plan ------------------------------------------------------------------------
@@ -568,7 +744,7 @@ def run_fingerprint(params: dict, inputs: dict) -> str:
     run is not resumed."""
     from importlib import metadata
 
-    keys = ("train", "method", "objective", "seed", "launch")
+    keys = ("train", "method", "objective", "seed", "launch", "task")
     here = Path(__file__).parent
     code = {
         str(p.relative_to(here)): md5_path(p)
@@ -633,8 +809,8 @@ def loss_curves(log_history: list[dict]) -> tuple[str, str]:
 def main() -> None:
     """1. launch (one process per device when launch.num_processes > 1); 2. build the trainer
     (model and examples); 3. the pre-flight plan (`--plan` stops here); 4. train, resuming
-    from the last checkpoint of the same run; 5. write models/tuned, the report and the loss
-    curves, then clear the checkpoints."""
+    from the last checkpoint of the same run (objective=grpo: then the RL phase); 5. write
+    models/tuned, the report and the loss curves, then clear the checkpoints."""
     params = load_params()
     # `python -m stages.train --plan` (make plan): measure and print the plan, train nothing
     plan_only = "--plan" in sys.argv[1:]
@@ -666,10 +842,15 @@ def main() -> None:
         start = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         seconds = time.perf_counter() - start
+        model, reinforced = trainer.model, None
+        if params["objective"]["name"] == "grpo":  # the RL phase, from the SFT model
+            model, reinforced = reinforce(params, trainer, precision)
         if not main_process:
             return
-        save_outputs(trainer)
+        save_outputs(trainer, model)
         report = build_report(params, precision, plan, trainer, result, seconds, resume_from)
+        if reinforced:
+            report["grpo"] = reinforced
         write_json(REPORT, report)
         run.summary.update(
             {
@@ -731,10 +912,10 @@ def announce(run, plan: dict, trainer, resume_from: Path | None) -> None:
         )
 
 
-def save_outputs(trainer) -> None:
+def save_outputs(trainer, model) -> None:
     """models/tuned (whole, or not at all) and the loss curves."""
     with atomic_dir(OUT_DIR) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         trainer.processing_class.save_pretrained(tmp)
         sort_adapter_config(Path(tmp) / "adapter_config.json")
     train_csv, eval_csv = loss_curves(trainer.state.log_history)

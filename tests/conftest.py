@@ -36,6 +36,7 @@ TEMPLATE_PATHS = [
     "pyproject.toml",
     "requirements",
     "data/general",
+    "data/replay",
 ]
 
 

@@ -103,3 +103,24 @@ def read_offline_run(run_dir: Path) -> dict:
         timeout=120,
     )
     return json.loads(out.stdout)
+
+
+def write_preference_splits(root):
+    """Processed train and validation splits of preference pairs: the ticket's answer chosen,
+    prose rejected (a toy set a reward model separates)."""
+    from stages.common.files import write_jsonl
+
+    def pair(record, rejected):
+        return {
+            "id": record["id"],
+            "source": "pref.jsonl",
+            "line": record["line"],
+            "kind": "preference",
+            "prompt": record["messages"][:2],
+            "chosen": [record["messages"][2]],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+
+    rows = [pair(r, "Sounds like a billing issue, high priority.") for r in ticket_rows()]
+    write_jsonl(root / "data/processed/train.jsonl", rows[:40])
+    write_jsonl(root / "data/processed/validation.jsonl", rows[40:48])

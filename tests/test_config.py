@@ -204,7 +204,7 @@ REFUSED = [
     ("method.name", "adalora", "use one of 'lora'"),
     ("method.alpha", -1, "greater than 0"),
     ("objective.train_on", "al", "'assistant' or 'all'"),
-    ("objective.name", "grpo", "use one of 'sft'"),
+    ("objective.name", "ppo", "use one of 'sft'"),
     ("launch.name", "horovod", "'deepspeed'"),
     ("launch.num_processes", 0, "greater than 0"),
     ("export.check_examples", -1, "greater than or equal to 0"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import evaluate
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, set_params
 
 from stages import evaluate as evaluate_stage
 from stages.common.config import StageError
@@ -186,13 +186,13 @@ def test_the_task_config_chooses_the_metrics():
     conf = yaml.safe_load((ROOT / "conf/task/generic.yaml").read_text())
     generic = Task.from_params({"task": conf})
     assert generic.metrics == ["exact_match", "rouge_l", "bleu"]
-    scores, per_example = evaluate_stage.score(
-        ["a refund was issued today"], ["a refund was issued today"], generic
+    scores, per_example = generic.score(
+        ["a refund was issued today"], ["a refund was issued today"]
     )
     assert scores == {"exact_match": 1.0, "rouge_l": 1.0, "bleu": pytest.approx(1.0, abs=1e-4)}
     assert per_example == {"exact_match": [1.0], "rouge_l": [1.0]}  # BLEU is corpus-level
     chosen = Task.from_params({"task": conf | {"metrics": ["rouge_l"]}})
-    assert set(evaluate_stage.score(["x"], ["y"], chosen)[0]) == {"rouge_l"}
+    assert set(chosen.score(["x"], ["y"])[0]) == {"rouge_l"}
 
 
 def test_tool_call_metric_reads_calls_in_the_common_formats():
@@ -377,3 +377,30 @@ def test_unmerged_adapters_generate_and_score_as_they_train(prepared, method):
     evaluate_stage.main()
     metrics = json.loads((prepared / "reports/metrics.json").read_text())
     assert metrics["tuned"]["test_loss"] != metrics["base"]["test_loss"]
+
+
+def test_reward_model_is_scored_by_pairwise_accuracy(prepared):
+    """A reward model (objective=reward) is not asked to answer: evaluate ranks each test pair,
+    the base by its own likelihood of each answer, the reward model by its scores."""
+    from helpers import write_preference_splits
+
+    from stages import export, train
+
+    write_preference_splits(prepared)
+    set_params(prepared, **{"objective": {"name": "reward"}, "train.max_steps": 20})
+    train.main()
+    write_jsonl(
+        prepared / "data/processed/test.jsonl",
+        read_jsonl(prepared / "data/processed/validation.jsonl"),
+    )
+    export.main()
+    evaluate_stage.main()
+    metrics = json.loads((prepared / "reports/metrics.json").read_text())
+    assert metrics["tuned"]["pairwise_accuracy"] == 1.0  # the toy pairs are separable
+    assert metrics["tuned"]["mean_margin"] > 0
+    assert 0 <= metrics["base"]["pairwise_accuracy"] <= 1
+    assert metrics["per_example"] == ["pairwise_accuracy"] and metrics["n_examples"] == 8
+    predictions = read_jsonl(prepared / "reports/predictions.jsonl")
+    assert len(predictions) == 8
+    assert sum(p["scores"]["tuned"]["pairwise_accuracy"] for p in predictions) == 8
+    assert not list((prepared / "reports/plots/confusion").iterdir())  # no labels to confuse

@@ -85,3 +85,39 @@ def test_other_adapters_merge_or_stay_beside_the_base(trained, method):
     else:
         assert report["merged_from"].startswith(f"not merged: {method} tuning")
         assert adapter.exists() and (merged / "model.safetensors").exists()
+
+
+@pytest.fixture
+def reward_trained(prepared):
+    """A reward model trained on the toy preference pairs, and its validation pairs as test."""
+    from helpers import write_preference_splits
+
+    write_preference_splits(prepared)
+    set_params(
+        prepared,
+        **{"objective": {"name": "reward"}, "train.max_steps": 20, "export.check_examples": 4},
+    )
+    train.main()
+    write_jsonl(
+        prepared / "data/processed/test.jsonl",
+        read_jsonl(prepared / "data/processed/validation.jsonl"),
+    )
+    return prepared
+
+
+def test_reward_model_exports_with_its_score_head(reward_trained, monkeypatch):
+    """objective=reward: models/merged is a sequence-classification model that scores each
+    test pair as base + adapter did; a merge that drops the adapter fails, naming the pair."""
+    export.main()
+    config = json.loads((reward_trained / "models/merged/config.json").read_text())
+    assert config["architectures"][0].endswith("ForSequenceClassification")
+    assert len(config["id2label"]) == 1 and config["pad_token_id"] is not None
+    round_trip = json.loads((reward_trained / "reports/export.json").read_text())["round_trip"]
+    assert round_trip["examples"] == 4 and round_trip["reward_scores_match"]
+    assert round_trip["unchanged_by_rounding"] == 8  # both sides of 4 pairs
+
+    from peft.tuners.tuners_utils import BaseTuner
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", lambda self, **kwargs: self.unload())
+    with pytest.raises(StageError, match=r"round trip: .*line 1 .*merged model scores"):
+        export.main()

@@ -332,38 +332,49 @@ def _json_part(text: str):
     return json.loads(text[text.index("[") :])
 
 
-@pytest.mark.parametrize("method, objective", [("qlora", "sft"), ("dora", "dpo"), ("full", "cpt")])
+@pytest.mark.parametrize(
+    "method, objective, extra",
+    [
+        ("qlora", "sft", []),
+        ("dora", "dpo", []),
+        ("full", "cpt", []),
+        ("lora", "reward", []),
+        # a few short GRPO steps after the SFT phase
+        ("lora", "grpo", ["objective.steps=2", "objective.max_completion_length=8"]),
+    ],
+)
 def test_method_and_objective_switch_with_one_flag_each(
-    tmp_path, tiny_model_dir, method, objective
+    tmp_path, tiny_model_dir, method, objective, extra
 ):
     repo, env = committed_repo(tmp_path, tiny_model_dir, wandb_mode="disabled")
     py = sys.executable
-    sh(
-        repo,
-        py,
-        "-m",
-        "dvc",
-        "exp",
-        "run",
-        "-S",
-        f"method={method}",
-        "-S",
-        f"objective={objective}",
-        env=env,
-    )
+    flags = [f"method={method}", f"objective={objective}", *extra]
+    sh(repo, py, "-m", "dvc", "exp", "run", *(x for f in flags for x in ("-S", f)), env=env)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["method"]["name"] == method and params["objective"]["name"] == objective
     report = json.loads((repo / "reports/train.json").read_text())
     assert (report["method"], report["objective"]) == (method, objective)
     validated = json.loads((repo / "reports/validate.json").read_text())
-    assert set(validated["kinds"].values()) == {
-        {"sft": "messages", "dpo": "preference", "cpt": "text"}[objective]
-    }
+    kind = {"sft": "messages", "dpo": "preference", "cpt": "text", "reward": "preference"}
+    assert set(validated["kinds"].values()) == {kind.get(objective, "messages")}
     metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert metrics["tuned"]["test_loss"] > 0 and "perplexity" in metrics["delta"]
-    assert json.loads((repo / "reports/export.json").read_text())["round_trip"][
-        "greedy_answers_match"
-    ]
+    round_trip = json.loads((repo / "reports/export.json").read_text())["round_trip"]
+    if objective == "reward":  # ranked pairs, not answers
+        assert 0 <= metrics["tuned"]["pairwise_accuracy"] <= 1
+        assert round_trip["reward_scores_match"]
+    else:
+        assert metrics["tuned"]["test_loss"] > 0 and "perplexity" in metrics["delta"]
+        assert round_trip["greedy_answers_match"]
+    if objective == "grpo":
+        assert report["grpo"]["steps"] == 2
+        manifest = json.loads((repo / "reports/manifest.json").read_text())
+        assert manifest["grpo"] == report["grpo"]
+        assert "then GRPO from the SFT model" in (repo / "reports/model_card.md").read_text()
+    shown = _json_part(sh(repo, py, "-m", "dvc", "exp", "show", "--json", env=env))
+    runs = [e["revs"][0]["data"] for rev in shown for e in (rev.get("experiments") or [])]
+    assert [r["params"]["params.yaml"]["data"]["objective"]["name"] for r in runs] == [objective]
+    summary = runs[0]["metrics"]["reports/summary.json"]["data"]
+    assert ("pairwise_accuracy" if objective == "reward" else "exact_match") in summary
 
 
 def test_a_preset_switches_with_one_flag(tmp_path, tiny_model_dir):

@@ -40,3 +40,32 @@ def test_a_metric_that_was_not_finite_stays_null_and_the_card_says_so():
     assert out["test_loss"] is None
     assert report.number(None) == "n/a (not finite)"
     assert report.number(0.25) == "0.2500" and report.number(-0.5, "+") == "-0.5000"
+
+
+def test_the_card_says_what_the_objective_and_replay_added():
+    grpo = {
+        "name": "grpo",
+        "prompts_per_step": 4,
+        "num_generations": 4,
+        "learning_rate": 2e-5,
+        "beta": 0.0,
+        "reward_model": None,
+    }
+    train = {
+        "grpo": {
+            "steps": 20,
+            "rewards": {"format_adherence": 1.0, "exact_match": 0.5},
+            "reward_first": 1.2,
+            "reward_last": 1.6,
+        }
+    }
+    line = report.objective_lines({"objective": grpo}, train)
+    assert "then GRPO from the SFT model: 20 steps of 4 prompts x 4 sampled answers" in line
+    assert "rewards format_adherence x1, exact_match x0.5" in line
+    assert "mean reward 1.2 at the first step, 1.6 at the last" in line
+    assert "one-score head" in report.objective_lines({"objective": {"name": "reward"}}, {})
+    assert report.objective_lines({"objective": {"name": "sft"}}, {}) == ""
+    replay = {"path": "r.jsonl", "fraction": 0.2, "rows_mixed": 48, "rows_left_out": 1}
+    assert "48 general rows from `r.jsonl`" in report.replay_line({"replay": replay})
+    assert report.replay_line({"replay": {"fraction": 0.0, "rows_mixed": 0}}) == ""
+    assert report.replay_line({}) == ""  # a split report written before replay existed

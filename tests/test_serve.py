@@ -346,6 +346,15 @@ def test_an_adapter_that_cannot_merge_is_refused_in_one_line(project):
     assert "keeps its adapter beside the base" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_reward_model_is_refused_in_one_line(project):
+    merged = project / "models/merged"
+    merged.mkdir(parents=True)
+    (merged / "config.json").write_text('{"architectures": ["LlamaForSequenceClassification"]}')
+    out = run_serve_script(project)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "is a reward model" in out.stderr and "Traceback" not in out.stderr
+
+
 # --- end to end: the real server, on a model trained to the task's format ---------------------
 
 

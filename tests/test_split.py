@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import pytest
 from conftest import set_params
 from helpers import CATEGORIES as CAT
 from helpers import URGENCIES as URG
 from helpers import labelled_rows as rows
 
 from stages import split
+from stages.common.config import StageError
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.records import record_id
 
@@ -283,3 +285,65 @@ def test_rebalance_train_caps_or_upsamples_each_stratum():
     cfg = {"rebalance": "upsample", "rebalance_cap": None}
     added = split.rebalance_train(list(range(8)), strata, removed, cfg, task, seed=0)
     assert sorted(added) == [6, 6, 7, 7] and removed == {}
+
+
+def test_replay_mixes_general_rows_into_train_and_keeps_the_probe_out(project):
+    """data.replay: general chat rows make up `fraction` of train after mixing (the set repeats
+    when small), marked as replay and outside the task's class balance; a row that copies a
+    forgetting-probe question is left out and written down; the task rows still reconcile."""
+    write_jsonl(project / "data/interim/dedup.jsonl", rows())
+    probe = read_jsonl(project / "data/general/instructions.jsonl")
+    general = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Name a word that rhymes with {w}."},
+                {"role": "assistant", "content": f"A word that rhymes with {w} is {r}."},
+            ]
+        }
+        for w, r in [("cat", "hat"), ("tree", "bee"), ("light", "kite"), ("rain", "train")]
+    ] + [{"messages": probe[0]["messages"]}]  # a copy of the probe's first question
+    write_jsonl(project / "data/replay/mine.jsonl", general)
+    set_params(
+        project, **{"data.replay.path": "data/replay/mine.jsonl", "data.replay.fraction": 0.2}
+    )
+    run(project)
+    report = json.loads((project / "reports/split.json").read_text())
+    train = read_jsonl(project / "data/processed/train.jsonl")
+    replayed = [r for r in train if r.get("replay")]
+    assert len(train) - len(replayed) == 192 and len(replayed) == 48  # 48 / 240 = 0.2
+    assert report["replay"] | {"set_hash": None} == {
+        "path": "data/replay/mine.jsonl",
+        "fraction": 0.2,
+        "rows_read": 5,
+        "rows_left_out": 1,
+        "rows_mixed": 48,
+        "rows_repeated": 44,
+        "set_hash": None,
+    }
+    assert {r["messages"][0]["content"] for r in replayed} == {
+        g["messages"][0]["content"] for g in general[:4]
+    }
+    assert sum(report["class_balance"]["train"].values()) == 192
+    assert report["rows_in"] == report["rows_out"] == 240
+    removed = read_jsonl(project / "data/interim/split_removed.jsonl")
+    assert [(r["split"], r["reason"], r["matches_line"]) for r in removed] == [
+        ("replay", "replay_close_to_general_probe", 1)
+    ]
+
+
+def test_replay_is_for_chat_training_only(project):
+    preference = [
+        {
+            "id": str(i),
+            "source": "p.jsonl",
+            "line": i + 1,
+            "prompt": r["messages"][:2],
+            "chosen": r["messages"][2:],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        }
+        for i, r in enumerate(rows())
+    ]
+    write_jsonl(project / "data/interim/dedup.jsonl", preference)
+    set_params(project, **{"data.replay.fraction": 0.2})
+    with pytest.raises(StageError, match="set data.replay.fraction=0"):
+        split.main()

@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, set_params, switch_method
-from helpers import ticket_rows
+from helpers import ticket_rows, write_preference_splits
 
 from stages import train
 from stages.common.config import StageError
 from stages.common.examples import IGNORE, chat_examples, text_example
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.kinds import canonical
+
+SPLITS = ("train", "validation")
 
 ANSWER = '{"urgency": "high", "category": "billing"}'
 
@@ -192,23 +194,6 @@ def test_methods(prepared, method):
         assert report["final_train_loss"] > 0
 
 
-def write_preference_splits(root):
-    def pair(record, rejected):
-        return {
-            "id": record["id"],
-            "source": "pref.jsonl",
-            "line": record["line"],
-            "kind": "preference",
-            "prompt": record["messages"][:2],
-            "chosen": [record["messages"][2]],
-            "rejected": [{"role": "assistant", "content": rejected}],
-        }
-
-    rows = [pair(r, "Sounds like a billing issue, high priority.") for r in ticket_rows()]
-    write_jsonl(root / "data/processed/train.jsonl", rows[:40])
-    write_jsonl(root / "data/processed/validation.jsonl", rows[40:48])
-
-
 def test_dpo_objective(prepared):
     write_preference_splits(prepared)
     set_params(prepared, objective={"name": "dpo", "beta": 0.1, "loss_type": "sigmoid"})
@@ -217,6 +202,145 @@ def test_dpo_objective(prepared):
     assert report["objective"] == "dpo" and report["optimizer_steps"] == 4
     assert (prepared / "models/tuned/adapter_model.safetensors").exists()
     assert report["eval_loss"] is not None
+
+
+def preference_scores(root, records) -> list[tuple[float, float]]:
+    """(chosen, rejected) scores of the reward model in models/tuned on each record."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from stages.common import tuned
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "models/base")
+    base = tuned.load_reward_base(root / "models/base", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, root / "models/tuned")
+    pairs = [
+        tuned.conversation_ids(tokenizer, r["prompt"] + r[side])
+        for r in records
+        for side in ("chosen", "rejected")
+    ]
+    scores = tuned.reward_scores(model, pairs, tokenizer.pad_token_id, batch_size=8)
+    return list(zip(scores[0::2], scores[1::2]))
+
+
+def test_reward_model_ranks_chosen_over_rejected_after_training(prepared):
+    """objective=reward: a score head on the base, trained on a separable toy set (the chosen
+    answer is the task's JSON, the rejected one prose), ranks chosen first on unseen pairs."""
+    write_preference_splits(prepared)
+    set_params(
+        prepared,
+        **{"objective": {"name": "reward"}, "train.max_steps": 30, "train.eval_steps": 10},
+    )
+    train.main()
+    report = report_of(prepared)
+    assert report["objective"] == "reward" and report["optimizer_steps"] == 30
+    adapter = json.loads((prepared / "models/tuned/adapter_config.json").read_text())
+    assert adapter["task_type"] == "SEQ_CLS"
+    held_out = read_jsonl(prepared / "data/processed/validation.jsonl")
+    scores = preference_scores(prepared, held_out)
+    assert sum(chosen > rejected for chosen, rejected in scores) == len(held_out)
+
+
+def test_reward_model_refuses_prompt_learning_methods(prepared):
+    write_preference_splits(prepared)
+    switch_method(prepared, "prefix", objective={"name": "reward"})
+    with pytest.raises(StageError, match="reward model .* method=lora"):
+        train.main()
+
+
+def test_grpo_rewards_score_good_and_bad_answers_by_the_task_metrics(prepared):
+    """GRPO's verifiable rewards are the task's per-example metrics: the reference scores 1 on
+    both, a valid answer with a wrong label keeps format but not exact match, prose scores 0."""
+    from stages.common.task import Task
+
+    params = params_of(prepared)
+    task = Task.from_params(params)
+    funcs, weights = train.reward_functions(
+        {"rewards": {"format_adherence": 1.0, "exact_match": 0.5}, "reward_model": None}, task
+    )
+    assert [f.__name__ for f in funcs] == ["format_adherence", "exact_match"]
+    assert weights == [1.0, 0.5]
+    wrong_label = '{"urgency": "low", "category": "billing"}'
+    completions = [[{"role": "assistant", "content": a}] for a in (ANSWER, wrong_label, "hi")]
+    references = [ANSWER] * 3
+    assert funcs[0](completions, references) == [1.0, 1.0, 0.0]
+    assert funcs[1](completions, references) == [1.0, 0.0, 0.0]
+    with pytest.raises(StageError, match="no reward 'politeness'"):
+        train.reward_functions({"rewards": {"politeness": 1.0}, "reward_model": None}, task)
+    with pytest.raises(StageError, match="needs objective.reward_model"):
+        train.reward_functions({"rewards": {"reward_model": 1.0}, "reward_model": None}, task)
+
+
+def test_grpo_objective_runs_rl_after_sft(prepared):
+    """objective=grpo: the SFT phase, then a few GRPO steps on the train prompts from it; the
+    report says what the rewards were. Replay rows (general chat) train the SFT phase only."""
+    train_split = prepared / "data/processed/train.jsonl"
+    general = (
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Red."},
+    )
+    write_jsonl(
+        train_split, read_jsonl(train_split) + [{"messages": list(general), "replay": True}]
+    )
+    set_params(
+        prepared,
+        objective={
+            "name": "grpo",
+            "train_on": "assistant",
+            "steps": 2,
+            "learning_rate": 1e-4,
+            "prompts_per_step": 2,
+            "num_generations": 2,
+            "max_completion_length": 8,
+            "temperature": 1.0,
+            "beta": 0.0,
+            "rewards": {"format_adherence": 1.0, "exact_match": 1.0},
+            "reward_model": None,
+        },
+    )
+    train.main()
+    report = report_of(prepared)
+    assert report["objective"] == "grpo" and report["optimizer_steps"] == 4  # the SFT phase
+    grpo = report["grpo"]
+    assert grpo["steps"] == 2 and grpo["prompts"] == 40
+    assert grpo["rewards"] == {"format_adherence": 1.0, "exact_match": 1.0}
+    assert set(grpo["per_reward_last"]) == {"format_adherence", "exact_match"}
+    assert 0 <= grpo["reward_last"] <= 2
+    assert (prepared / "models/tuned/adapter_model.safetensors").exists()
+
+
+def test_grpo_rewarded_by_a_reward_model(prepared):
+    """The RLHF path: a reward model (objective=reward, exported), then GRPO from the SFT model
+    with that model as one of its rewards; the report names it by its folder."""
+    from conftest import declare_dependency
+    from helpers import write_preference_splits
+
+    from stages import export
+
+    chat_splits = {n: (prepared / f"data/processed/{n}.jsonl").read_bytes() for n in SPLITS}
+    write_preference_splits(prepared)
+    set_params(prepared, **{"objective": {"name": "reward"}, "export.check_examples": 2})
+    train.main()
+    shutil.copy(
+        prepared / "data/processed/validation.jsonl", prepared / "data/processed/test.jsonl"
+    )
+    export.main()
+    shutil.copytree(prepared / "models/merged", prepared / "models/reward")
+    for name, data in chat_splits.items():
+        (prepared / f"data/processed/{name}.jsonl").write_bytes(data)
+    grpo = yaml.safe_load((ROOT / "conf/objective/grpo.yaml").read_text())["objective"]
+    grpo |= {"steps": 1, "prompts_per_step": 2, "num_generations": 2, "max_completion_length": 8}
+    grpo |= {"rewards": {"format_adherence": 1.0, "reward_model": 0.5}}
+    set_params(prepared, objective=grpo | {"reward_model": "models/reward"})
+    with pytest.raises(StageError, match="objective.reward_model"):  # not declared yet
+        train.main()
+    declare_dependency(prepared, "train", Path("models/reward"))
+    train.main()
+    report = report_of(prepared)["grpo"]
+    assert report["rewards"] == {"format_adherence": 1.0, "reward_model": 0.5}
+    assert set(report["per_reward_last"]) == {"format_adherence", "reward_model"}
+    assert all(v == v for v in report["per_reward_last"].values())  # logged: not NaN
 
 
 def test_cpt_objective_packs_raw_text(prepared):

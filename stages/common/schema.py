@@ -85,6 +85,11 @@ class Model(Section):
     training_chat_template: Path_ | None
 
 
+class Replay(Section):
+    path: Path_ | None  # general chat records; null: no replay
+    fraction: Annotated[Number, Field(ge=0, lt=1)]  # share of the train split after mixing
+
+
 class Data(Section):
     path: Path_ | list[Path_]
     kind: RecordKind | Literal["auto"]  # auto: detected per file from its fields
@@ -95,6 +100,7 @@ class Data(Section):
     length_policy: LengthPolicy
     schema_drift: Literal["warn", "fail"]
     columns: dict[str, str]  # your field name -> the kind's field name
+    replay: Replay
 
 
 class Task(Section):
@@ -232,6 +238,24 @@ class Cpt(Section):
     name: Literal["cpt"]
 
 
+class Reward(Section):
+    name: Literal["reward"]
+
+
+class Grpo(Section):
+    name: Literal["grpo"]
+    train_on: TrainOn  # the SFT phase the RL phase starts from
+    steps: Positive  # GRPO optimizer steps after the SFT phase
+    learning_rate: Annotated[Number, Field(gt=0)]
+    prompts_per_step: Positive
+    num_generations: Annotated[int, Field(ge=2)]  # a group of one has no advantage
+    max_completion_length: Positive
+    temperature: Annotated[Number, Field(gt=0)]
+    beta: Annotated[Number, Field(ge=0)]  # KL pull to the SFT model; 0 holds no reference copy
+    rewards: Annotated[dict[str, Annotated[Number, Field(ge=0)]], Field(min_length=1)]
+    reward_model: Path_ | None  # a reward model folder or hub id, for rewards.reward_model
+
+
 class Launch(Section):
     name: Literal["single", "ddp", "fsdp", "deepspeed"]
     num_processes: Positive
@@ -290,7 +314,7 @@ class Params(Section):
     split: Split
     train: Train
     method: Annotated[Lora | QLora | Full | PromptLearning | Ia3, Field(discriminator="name")]
-    objective: Annotated[Sft | Dpo | Cpt, Field(discriminator="name")]
+    objective: Annotated[Sft | Dpo | Cpt | Reward | Grpo, Field(discriminator="name")]
     launch: Launch
     export: Export
     eval: Eval

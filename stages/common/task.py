@@ -8,8 +8,30 @@ and scores with exact match, ROUGE-L and BLEU.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from stages.common.config import StageError, project_root
+
+METRIC_MODULES = Path(__file__).parents[1] / "metrics"  # stages/metrics/<name>.py
+
+
+@functools.cache
+def load_metric(name: str):
+    """The evaluate module stages/metrics/<name>.py (loaded once per process)."""
+    # evaluate copies a module into HF_HOME and imports it from there: a folder of this
+    # project (git-ignored), not the user's home nor a shared path under /tmp where another
+    # local user could plant a module
+    os.environ.setdefault("HF_HOME", str(project_root() / ".cache" / "huggingface"))
+    import evaluate
+
+    path = METRIC_MODULES / f"{name}.py"
+    if not path.exists():
+        raise StageError(f"task.metrics: no metric module {path}")
+    return evaluate.load(str(path), keep_in_memory=True)
 
 
 @dataclass
@@ -53,3 +75,31 @@ class Task:
         """The split's stratum of a valid answer: its stratify_by field values joined."""
         fields = self.parse(answer) or {}
         return "|".join(str(fields.get(f)) for f in self.stratify_by)
+
+    def score(self, predictions: list[str], references: list[str]) -> tuple[dict, dict]:
+        """The task's metrics (evaluate modules in stages/metrics/), each with its own inputs:
+        corpus values, and per-example scores (metric -> one value per example) for the
+        metrics that are means over examples (a module returns them under `per_example`).
+        evaluate scores the test split with it, and GRPO's verifiable rewards are its
+        per-example scores."""
+        out, per_example = {}, {}
+        for name in self.metrics:
+            metric = load_metric(name)
+            if name == "format_adherence":
+                out |= metric.compute(
+                    predictions=predictions,
+                    answer_regex=self.answer_regex,
+                    labels=self.labels,
+                    answer_schema=self.answer_schema,
+                )
+            elif name == "field_scores":
+                out |= metric.compute(
+                    predictions=predictions,
+                    references=references,
+                    answer_regex=self.answer_regex,
+                    labels=self.labels,
+                )
+            else:
+                out |= metric.compute(predictions=predictions, references=references)
+            per_example |= out.pop("per_example", {})
+        return {k: round(float(v), 4) for k, v in out.items()}, per_example
