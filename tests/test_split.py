@@ -17,6 +17,13 @@ from stages.common.files import read_jsonl, write_jsonl
 from stages.common.records import record_id
 
 
+@pytest.fixture
+def project(project):
+    """Split's own tests count task rows; replay (on by default) has its tests at the end."""
+    set_params(project, **{"data.replay.fraction": 0})
+    return project
+
+
 def run(project):
     split.main()
     return {name: (project / f"data/processed/{name}.jsonl").read_bytes() for name in split.SPLITS}

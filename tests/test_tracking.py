@@ -5,11 +5,19 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import set_params
 from helpers import labelled_rows as rows
 from helpers import read_offline_run
 
 from stages import split
 from stages.common.files import md5_file, write_jsonl
+
+
+@pytest.fixture
+def project(project):
+    """The split run's counts below are the task rows': replay (on by default) off."""
+    set_params(project, **{"data.replay.fraction": 0})
+    return project
 
 
 def test_offline_run_has_config_md5_and_summary(project, monkeypatch, tmp_path):

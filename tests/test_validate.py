@@ -511,6 +511,7 @@ def test_every_kind_from_every_format_through_the_data_stages(base, suffix):
     """A config switch (data.path, data.kind) is all it takes: validate -> dedup -> split."""
     from stages import dedup, split
 
+    set_params(base, **{"data.replay.fraction": 0})  # replay mixes chat only (test_split.py)
     for kind in GOOD_ROWS:
         for old in (base / "data/raw").iterdir():
             old.unlink()
