@@ -115,6 +115,7 @@ def main() -> None:
                 f"train.max_steps={args.steps}",
                 f"train.eval_steps={args.steps}",
                 *([f"objective.steps={args.steps}"] if objective == "grpo" else []),  # its RL phase
+                "eval.min_safety=null",  # a few steps teach no format: this checks the wiring
                 *args.overrides,
             ]
             subprocess.run(

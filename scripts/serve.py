@@ -49,11 +49,9 @@ Greedy decoding: pass "temperature": 0 (else generation_config.json of the model
 import argparse
 import hmac
 import ipaddress
-import json
 import os
 import socket
 import sys
-from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -61,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from stages.common import paths, tuned
 from stages.common.config import StageError, load_params
+from stages.common.kinds import training_system_prompt
 
 MERGED = paths.MERGED
 SERVED_NAME = str(paths.MERGED)  # the model's name in requests, answers and /v1/models
@@ -113,32 +112,6 @@ def host_names(serve: dict) -> set[str]:
     if serve["host"] not in WILDCARD_HOSTS:
         names.add(serve["host"].lower().strip("[]"))
     return names
-
-
-def training_system_prompt(path: Path = TRAIN) -> tuple[str | None, int, int]:
-    """(the most common first system turn of the training records, its count, the records).
-    A record without one counts as None: when those are the most, no prompt is added."""
-    if not path.exists():
-        raise ServeError(
-            f"{path} not found: the system prompt the model was trained with is "
-            "read from it (run `make repro`, or set serve.add_system_prompt=false)"
-        )
-    counts: Counter[str | None] = Counter()
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise ServeError(f"{path} line {number}: not JSON") from None
-            turns = record.get("messages") or record.get("prompt") or [{}]  # chat / preference
-            first = turns[0] if isinstance(turns, list) and isinstance(turns[0], dict) else {}
-            counts[first.get("content") if first.get("role") == "system" else None] += 1
-    if not counts:
-        return None, 0, 0
-    prompt, count = counts.most_common(1)[0]
-    return prompt, count, sum(counts.values())
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -357,9 +330,12 @@ def serve(port: int | None) -> None:
     port = port or settings["port"]
     key = api_key(settings)
     names = host_names(settings)
-    prompt, count, records = (
-        training_system_prompt() if settings["add_system_prompt"] else (None, 0, 0)
-    )
+    try:
+        prompt, count, records = (
+            training_system_prompt(TRAIN) if settings["add_system_prompt"] else (None, 0, 0)
+        )
+    except StageError as err:
+        raise ServeError(str(err)) from None
     sock = listen(settings["host"], port)
 
     # caches in the project unless the environment says otherwise; the model is local

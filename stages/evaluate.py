@@ -8,23 +8,30 @@ always; format adherence, per-field accuracy and macro-F1 when the task declares
 format and labels. Both models' loss and perplexity on the test answers (on the whole text for
 raw-text records, which have no prompts to answer) come beside them.
 
+Both models also answer the red-team prompts of eval.safety.paths, asked as the served model is
+(stages/common/redteam.py), and each answer is checked by the rules task.safety declares for its
+category (and, when eval.safety.judge names one, graded by a judge model): `safety` in the
+metrics, with every failing prompt, and a gate (eval.min_safety) on the tuned model.
+
 A reward model (objective=reward) does not answer: each test pair is ranked instead, the base by
 its own mean loss on the chosen and the rejected answer, the reward model by its scores, and
 the metric is pairwise accuracy.
 
 Outputs: reports/metrics.json ({"base": ..., "tuned": ..., "delta": ...}),
-reports/predictions.jsonl (prompt, reference, both answers, per-metric correctness) and
-reports/plots/metrics.csv (base vs tuned bars).
+reports/predictions.jsonl (prompt, reference, both answers, per-metric correctness),
+reports/review_sheet.csv (a stratified sample of them, with empty verdict columns for people:
+stages/common/review.py) and reports/plots/metrics.csv (base vs tuned bars).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.common import memory, paths, tracking, tuned
+from stages.common import memory, paths, redteam, review, tracking, tuned
 from stages.common.config import (
     StageError,
     load_params,
@@ -41,12 +48,14 @@ from stages.common.files import (
     write_jsonl,
     write_text,
 )
-from stages.common.kinds import answer_of, prompt_of
+from stages.common.kinds import answer_of, prompt_of, training_system_prompt
 from stages.common.records import set_hash
 from stages.common.task import Task, load_metric
 
 BASE, TUNED = paths.BASE, paths.MERGED  # the tuned model as export wrote and checked it
 TEST, METRICS, PREDICTIONS = paths.TEST, paths.METRICS, paths.PREDICTIONS
+REVIEW_SHEET = paths.REVIEW_SHEET
+TRAIN = paths.TRAIN  # the training system prompt, which red-team prompts are asked with
 PLOT = paths.PLOTS / "metrics.csv"
 CONFUSION = paths.PLOTS / "confusion"
 
@@ -318,6 +327,12 @@ def eval_set(rows: list[dict], tokenizer) -> EvalSet:
     )
 
 
+def red_team_set(rows: list[dict], tokenizer, system: str | None, max_new_tokens: int) -> EvalSet:
+    """The red-team prompts as the served model gets them; nothing to score a loss on."""
+    prompts = [prompt_text(tokenizer, redteam.as_served(r, system)) for r in rows]
+    return EvalSet(rows, prompts, [], [], max_new_tokens)
+
+
 def run_model(
     folder: Path, sets: dict[str, EvalSet], tokenizer, device: str, dtype, batch_size: int
 ) -> dict[str, dict]:
@@ -444,6 +459,13 @@ def log_to_wandb(run, metrics: dict, predictions: list[dict]) -> None:
             for k, v in metrics[name].items()
         }
     )
+    if "safety" in metrics:
+        run.summary.update(
+            {
+                f"eval/safety/{name}/pass_rate": metrics["safety"][name]["pass_rate"]
+                for name in ("base", "tuned")
+            }
+        )
     columns = ["input", "reference", "base", "tuned"]
     scores = sorted({m for p in predictions for m in p["scores"]["tuned"]})
     run.log(
@@ -469,6 +491,20 @@ def summarize_and_gate(metrics: dict, cfg: dict) -> None:
         if k in metrics["base"]
     )
     print(f"evaluate: {metrics['n_examples']} test examples; {summary}")
+    if "safety" in metrics:
+        safety = metrics["safety"]
+        print(
+            f"evaluate: red team ({safety['examples']} prompts): passed "
+            f"{safety['base']['pass_rate']:.2f} (base) -> {safety['tuned']['pass_rate']:.2f} "
+            f"(tuned); {len(safety['failures']['tuned'])} tuned failures in reports/metrics.json"
+        )
+        floor = cfg["min_safety"]
+        if floor is not None and safety["tuned"]["pass_rate"] < float(floor):
+            raise StageError(
+                f"safety gate: the tuned model passed {safety['tuned']['pass_rate']} of the "
+                f"red-team prompts < eval.min_safety={floor}; the failing prompts are under "
+                f"safety.failures in reports/metrics.json"
+            )
     if "forgetting" not in metrics:
         return
     f = metrics["forgetting"]
@@ -485,9 +521,29 @@ def summarize_and_gate(metrics: dict, cfg: dict) -> None:
         )
 
 
-def write_outputs(run, metrics: dict, predictions: list[dict], task: Task, fields: list) -> None:
+def review_rows(
+    rows: list[dict], predictions: list[dict], task: Task, size: int, seed: int
+) -> list[dict]:
+    """The review sheet's rows: a stratified, seeded sample of the predictions (by the task's
+    strata of the reference), each with the prompt it answered, for a person to judge."""
+    prompts = {r["id"]: r.get("prompt") or prompt_of(r) for r in rows}
+    strata = [task.stratum(p["reference"]) if task.stratify_by else "" for p in predictions]
+    return [
+        {
+            **{k: predictions[i][k] for k in ("id", "input", "reference", "base", "tuned")},
+            "stratum": strata[i],
+            "prompt": json.dumps(prompts[predictions[i]["id"]], ensure_ascii=False),
+        }
+        for i in review.sample(predictions, strata, size, seed)
+    ]
+
+
+def write_outputs(
+    run, metrics: dict, predictions: list[dict], task: Task, fields: list, sheet: list[dict]
+) -> None:
     write_json(METRICS, metrics)
     write_jsonl(PREDICTIONS, predictions)
+    write_text(REVIEW_SHEET, review.sheet_text(sheet))
     write_plots(metrics, predictions, task, fields)
     log_to_wandb(run, metrics, predictions)
 
@@ -563,6 +619,10 @@ def main() -> None:
     inputs = {"test": md5_path(TEST), "base": md5_path(BASE), "tuned": md5_path(TUNED)}
     if cfg["general_path"]:
         require_dependency("evaluate", "eval.general_path", cfg["general_path"])
+    safety = cfg["safety"]
+    for path in safety["paths"]:
+        require_dependency("evaluate", "eval.safety.paths", path)
+        inputs[f"redteam:{path}"] = md5_path(Path(path))
 
     with tracking.stage_run("evaluate", params, ["eval", "task"], inputs) as run:
         import torch
@@ -576,7 +636,8 @@ def main() -> None:
         if tuned.is_reward_model(TUNED):  # objective=reward: it ranks pairs, it does not answer
             rows = read_jsonl(TEST)[: cfg["max_examples"]]
             metrics, predictions = rank_pairs(rows, tokenizer, device, dtype, batch)
-            write_outputs(run, metrics, predictions, task, fields=[])  # no labels to confuse
+            sheet = review_rows(rows, predictions, task, cfg["review_sample"], params["seed"])
+            write_outputs(run, metrics, predictions, task, [], sheet)  # no labels to confuse
             print(
                 f"evaluate: {len(rows)} test pairs; pairwise accuracy "
                 f"{metrics['base']['pairwise_accuracy']:.2f} (base, by its own likelihood) -> "
@@ -591,6 +652,14 @@ def main() -> None:
         if cfg["general_path"]:
             sets["general"] = eval_set(read_jsonl(Path(cfg["general_path"])), tokenizer)
             sets["general"].max_new_tokens = int(cfg["general_max_new_tokens"])
+        red_team = redteam.load(safety["paths"])  # a bad row stops here, before a model loads
+        if red_team:
+            system = (
+                training_system_prompt(TRAIN)[0] if params["serve"]["add_system_prompt"] else None
+            )
+            sets["safety"] = red_team_set(
+                red_team, tokenizer, system, int(safety["max_new_tokens"])
+            )
 
         # 2. a plan that cannot fit stops here, before a model loads, not in the OOM killer
         require_memory(tokenizer, device, dtype, batch, sets.values())
@@ -615,9 +684,24 @@ def main() -> None:
 
         # 4. the outputs: metrics, per-example predictions, plots, the W&B run
         metrics = build_metrics(test, runs, scored, sets.get("general"))
-        write_outputs(run, metrics, prediction_rows(test, runs, scored), task, list(task.labels))
+        if red_team:
+            answers = {name: runs[name]["safety"]["answers"] for name in runs}
+            judged = (
+                {
+                    name: redteam.judge_verdicts(red_team, answers[name], system, safety["judge"])
+                    for name in runs
+                }
+                if safety["judge"]
+                else None
+            )
+            metrics["safety"] = redteam.grade(task, red_team, answers, system, judged)
+            metrics["safety"]["judge"] = safety["judge"]["model"] if safety["judge"] else None
+            metrics["safety"]["sha256"] = set_hash(red_team)  # which red-team set was asked
+        predictions = prediction_rows(test, runs, scored)
+        sheet = review_rows(test.rows, predictions, task, cfg["review_sample"], params["seed"])
+        write_outputs(run, metrics, predictions, task, list(task.labels), sheet)
 
-        # 5. base -> tuned, and the forgetting gate
+        # 5. base -> tuned, and the safety and forgetting gates
         summarize_and_gate(metrics, cfg)
 
 

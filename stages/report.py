@@ -82,12 +82,15 @@ def installed_lock() -> dict:
 def summary(reports: dict) -> dict:
     """The numbers experiments are compared by, flat and short-named so `make exps` fits a
     terminal: the tuned model's per-example metrics (the ones the regression gate resamples,
-    as evaluate lists them), the forgetting gap (general-set loss, tuned - base) and the rows
-    validation quarantined and split kept. A metric that was not finite stays null."""
+    as evaluate lists them), the forgetting gap (general-set loss, tuned - base), the share of
+    red-team prompts passed, and the rows validation quarantined and split kept. A metric
+    that was not finite stays null."""
     metrics, split = reports["metrics"], reports["split"]
     out = {k: metrics["tuned"].get(k) for k in metrics["per_example"]}
     if "forgetting" in metrics:
         out["forgetting"] = metrics["forgetting"]["loss_delta"]
+    if "safety" in metrics:
+        out["safety"] = metrics["safety"]["tuned"]["pass_rate"]
     return out | {
         "quarantined": reports["validate"]["rows_quarantined"],
         "train_rows": split["sizes"]["train"],
@@ -154,6 +157,47 @@ def objective_lines(params: dict, train: dict) -> str:
     )
 
 
+def safety_section(metrics: dict) -> str:
+    """The red-team results for the card: pass rates by category, and how many failed."""
+    safety = metrics.get("safety")
+    if not safety:
+        return ""
+    rows = "\n".join(
+        f"| {category} | {safety['base']['by_category'][category]:.2f} | {rate:.2f} |"
+        for category, rate in safety["tuned"]["by_category"].items()
+    )
+    judge = f", and graded by the judge model `{safety['judge']}`" if safety["judge"] else ""
+    return f"""
+## Safety: red-team prompts ({safety["examples"]})
+
+Asked as the served model is asked, checked by the rules the task declares{judge}
+(`{", ".join(safety["sources"])}`). Share of prompts whose answer passed every check:
+
+| category | base | tuned |
+|---|---|---|
+| **all** | **{safety["base"]["pass_rate"]:.2f}** | **{safety["tuned"]["pass_rate"]:.2f}** |
+{rows}
+
+{len(safety["failures"]["tuned"])} tuned answer(s) failed; each is listed, with its prompt, under
+`safety.failures` in `reports/metrics.json`.
+"""
+
+
+def review_line(validate: dict) -> str:
+    """What people said about an earlier run's answers (filled sheets in data/review/)."""
+    done = validate.get("review") or {}
+    if not done.get("reviewed"):
+        return ""
+    verdicts = ", ".join(f"{k} {v}" for k, v in done["verdicts"].items())
+    unmatched = f"; {len(done['unmatched'])} matched no record" if done["unmatched"] else ""
+    return (
+        f"\n- human review: {done['reviewed']} answers in {len(done['sheets'])} sheet(s) of "
+        f"`data/review/` ({verdicts}); {done['corrections']} corrections, "
+        f"{done['records_corrected']} records corrected (data.review.corrections "
+        f"{done['mode']}){unmatched}"
+    )
+
+
 def model_card(manifest: dict, params: dict, reports: dict) -> str:
     metrics, train, split = reports["metrics"], reports["train"], reports["split"]
     validate, dedup = reports["validate"], reports["dedup"]
@@ -185,15 +229,16 @@ pipeline at git revision `{manifest["git"]["rev"][:12]}`{dirty}.
 |---|---|---|---|
 {rows}
 
-{how_scored(metrics)} Predictions: `reports/predictions.jsonl`.
-
+{how_scored(metrics)} Predictions: `reports/predictions.jsonl`; a sample of them for people
+to judge: `reports/review_sheet.csv` (filled, it goes in `data/review/`).
+{safety_section(metrics)}
 ## Data lineage
 
 - raw: {validate["rows_in"]} rows read; {validate["rows_quarantined"]} quarantined by validation
   ({", ".join(f"{k} {v}" for k, v in validate["quarantined_by_reason"].items()) or "none"})
 - dedup: {dedup["rows_in"]} in, {dedup["rows_out"]} kept
   ({", ".join(f"{k} {v}" for k, v in dedup["removed_by_reason"].items()) or "none removed"})
-- split: {splits}{replay_line(split)}
+- split: {splits}{replay_line(split)}{review_line(validate)}
 
 | file | md5 |
 |---|---|
@@ -269,12 +314,23 @@ def main() -> None:
             "objective_settings": params["objective"],  # GRPO's rewards and reward model, ...
             "reward_model_md5": reward_model_md5(params["objective"]),
             "replay": reports["split"].get("replay"),
+            "review": reports["validate"].get("review"),  # filled sheets read, and what they did
             "grpo": reports["train"].get("grpo"),
             "packages": package_versions(),
             "lock": installed_lock(),
             "tracking_mode": tracking.mode_in_effect(params),  # and whether the env overrode it
             "test_set": reports["metrics"].get("test_set"),
             "metrics": {k: reports["metrics"][k] for k in ("base", "tuned", "delta")},
+            "safety": {  # the red-team set asked (by content hash) and what each model passed
+                k: v
+                for k, v in (reports["metrics"].get("safety") or {}).items()
+                if k in ("examples", "sources", "sha256", "judge", "delta")
+            }
+            | {
+                name: reports["metrics"]["safety"][name]["pass_rate"]
+                for name in ("base", "tuned")
+                if "safety" in reports["metrics"]
+            },
         }
         write_json(MANIFEST, manifest)
         write_text(CARD, model_card(manifest, params, reports))

@@ -236,6 +236,9 @@ def carve(records, groups, strata, fixed, removed, fractions, seed) -> list[str]
     for name, rows in fixed.items():
         for i in rows:
             assignment[i] = name
+    for i, record in enumerate(records):
+        if record.get("fixed_split") == "train":  # a reviewed correction, moved into train
+            assignment[i] = "train"
     return assignment
 
 

@@ -13,6 +13,9 @@ the rest.
    tokenizer and chat template, trainable tokens left after truncation) into a table, and run
    one GX expectation per rule over it. Failing rows go to the quarantine file with all their
    reason codes, the detail of a structural error, and their source file and line.
+   Filled review sheets in `data.review.path` (stages/common/review.py) are read first: their
+   verdicts are counted, and each correction replaces the answer of the records with its
+   prompt (`data.review.corrections`), so the corrected record is what gets checked.
 4. Too-long rows follow `data.length_policy`: reject (quarantine, counts against the gate),
    drop (quarantine, not counted against the gate) or truncate (kept; training cuts them at
    train.max_length; rows left with no trainable token are quarantined).
@@ -30,7 +33,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from stages.common import expectations, paths, tracking
+from stages.common import expectations, paths, review, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
 from stages.common.examples import (
     ExampleError,
@@ -291,11 +294,20 @@ def main() -> None:
     data, task = params["data"], Task.from_params(params)
     sources, fixed = input_files(data)
     inputs = {str(p): md5_path(p) for p in sources}
+    if data["review"]["path"]:
+        require_dependency("validate", "data.review.path", data["review"]["path"])
+        inputs["review"] = md5_path(Path(data["review"]["path"]))
     with tracking.stage_run("validate", params, ["data", "task", "train"], inputs) as run:
         files, rows = read_rows(sources, data["columns"])
         kinds = choose_kinds(files, data["kind"])
         drift = check_drift(files, data["schema_drift"])
         converted = canonical_records(rows, kinds, data["kind"], fixed)
+        reviewed = (
+            review.read_sheets(Path(data["review"]["path"])) if data["review"]["path"] else []
+        )
+        corrected = review.apply_corrections(
+            [record for record, _, _ in converted], reviewed, data["review"]["corrections"]
+        )
         os.environ["TOKENIZERS_PARALLELISM"] = "true"  # batch encoding below; no forks follow
         tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
         facts, max_length, chosen = measure_rows(converted, tokenizer, params, task)
@@ -312,6 +324,7 @@ def main() -> None:
             "class_balance": class_balance(facts, failures, task),
             "expectations": summary,
             "data_docs": str(DATA_DOCS / "index.html"),
+            "review": corrected,
         }
         write_json(REPORT, report)
         # the number alone, apart from the report: new rows that leave it as it was retrain nothing

@@ -37,6 +37,8 @@ TEMPLATE_PATHS = [
     "requirements",
     "data/general",
     "data/replay",
+    "data/redteam",
+    "data/review",
 ]
 
 
@@ -87,6 +89,7 @@ def tiny_overrides(model_dir: Path) -> list[str]:
         "eval.max_examples=8",
         "eval.max_new_tokens=12",
         "data.max_rejected_fraction=0.5",
+        "eval.min_safety=null",  # an untrained tiny model passes no red-team check
     ]
 
 

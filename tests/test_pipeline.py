@@ -55,7 +55,7 @@ def make_repo(tmp_path: Path, tiny_model_dir: Path) -> Path:
     )
     (repo / "conf/config.yaml").write_text(config)
     evaluation = yaml.safe_load((repo / "conf/eval/default.yaml").read_text())
-    evaluation.update(max_new_tokens=12, batch_size=8, max_examples=8)
+    evaluation.update(max_new_tokens=12, batch_size=8, max_examples=8, min_safety=None)
     (repo / "conf/eval/default.yaml").write_text(yaml.safe_dump(evaluation))
     (repo / "conf/data/tickets.yaml").write_text(
         (repo / "conf/data/tickets.yaml")

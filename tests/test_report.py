@@ -69,3 +69,40 @@ def test_the_card_says_what_the_objective_and_replay_added():
     assert "48 general rows from `r.jsonl`" in report.replay_line({"replay": replay})
     assert report.replay_line({"replay": {"fraction": 0.0, "rows_mixed": 0}}) == ""
     assert report.replay_line({}) == ""  # a split report written before replay existed
+
+
+def test_the_card_and_summary_show_the_red_team_results():
+    safety = {
+        "examples": 3,
+        "sources": ["data/redteam/t.jsonl"],
+        "judge": None,
+        "base": {"pass_rate": 0.0, "by_category": {"abuse": 0.0, "empty_input": 0.0}},
+        "tuned": {"pass_rate": 0.6667, "by_category": {"abuse": 1.0, "empty_input": 0.5}},
+        "failures": {"base": [{}, {}, {}], "tuned": [{"id": "e2"}]},
+    }
+    section = report.safety_section({"safety": safety})
+    assert "## Safety: red-team prompts (3)" in section
+    assert "| **all** | **0.00** | **0.67** |" in section
+    assert "| empty_input | 0.00 | 0.50 |" in section
+    assert "1 tuned answer(s) failed" in section
+    assert report.safety_section({}) == ""  # a reward model answers no red-team prompt
+    out = reports({"exact_match": 1.0}, ["exact_match"])
+    out["metrics"]["safety"] = safety
+    assert report.summary(out)["safety"] == 0.6667
+
+
+def test_the_card_counts_the_human_review():
+    done = {
+        "sheets": {"data/review/a.csv": "x"},
+        "reviewed": 5,
+        "verdicts": {"right": 3, "wrong": 2, "unsure": 0},
+        "corrections": 2,
+        "records_corrected": 1,
+        "mode": "relabel",
+        "unmatched": [{"sheet": "data/review/a.csv", "line": 4}],
+    }
+    line = report.review_line({"review": done})
+    assert "human review: 5 answers in 1 sheet(s) of `data/review/` (right 3, wrong 2" in line
+    assert "2 corrections, 1 records corrected (data.review.corrections relabel); 1 matched" in line
+    assert report.review_line({"review": {**done, "reviewed": 0}}) == ""
+    assert report.review_line({}) == ""  # a validate report from before review sheets

@@ -242,7 +242,7 @@ def test_the_system_prompt_is_the_training_records_most_common(tmp_path):
         row["messages"] = row["messages"][1:]
     write_jsonl(path, rows + [{"prompt": [{"role": "system", "content": "P"}], "chosen": []}])
     assert serve.training_system_prompt(path) == (None, 4, 7)
-    with pytest.raises(serve.ServeError, match="not found: the system prompt"):
+    with pytest.raises(serve.StageError, match="not found: the system prompt"):
         serve.training_system_prompt(tmp_path / "missing.jsonl")
 
 

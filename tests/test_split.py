@@ -354,3 +354,16 @@ def test_replay_is_for_chat_training_only(project):
     set_params(project, **{"data.replay.fraction": 0.2})
     with pytest.raises(StageError, match="set data.replay.fraction=0"):
         split.main()
+
+
+def test_a_reviewed_correction_moved_into_train_lands_in_train(project):
+    """data.review.corrections=train: validate tags the corrected example `fixed_split: train`;
+    split puts it in train whatever the carve says, and the fixed test set keeps the rest."""
+    fixed = fixed_rows(10)
+    moved = {**fixed_rows(1, start=5000)[0], "fixed_split": "train"}
+    write_jsonl(project / "data/interim/dedup.jsonl", rows(200) + [moved] + fixed)
+    run(project)
+    report = json.loads((project / "reports/split.json").read_text())
+    train = read_jsonl(project / "data/processed/train.jsonl")
+    assert moved["id"] in {r["id"] for r in train}
+    assert report["sizes"]["test"] == 10 and report["rows_in"] == report["rows_out"] == 211

@@ -695,3 +695,73 @@ def test_gate_counts_dropped_too_long_rows_only_when_rejected():
         validate.gate(quarantined, 10, facts, {**data, "length_policy": "reject"}, task)
     with pytest.raises(StageError, match=r"fatal reasons \['too_long'\]"):
         validate.gate(quarantined, 10, facts, {**data, "fatal_reasons": ["too_long"]}, task)
+
+
+def write_sheet(path, reviewed: list[tuple[dict, str, str]]) -> None:
+    """A filled review sheet: (record, verdict, correction) per row."""
+    from stages.common import review
+
+    path.parent.mkdir(exist_ok=True)
+    rows = [
+        {"id": "x", "prompt": json.dumps(r["messages"][:-1]), "verdict": v, "correction": c}
+        for r, v, c in reviewed
+    ]
+    path.write_text(review.sheet_text(rows), encoding="utf-8")
+
+
+def test_review_corrections_relabel_in_place_or_move_to_train(base):
+    """A filled review sheet in data/review/: its verdicts are counted; a correction replaces the
+    answer of the record with that prompt (the fixed test row keeps its place, with the right
+    reference), or moves it into train; one that matches no record is listed."""
+    (base / "data/eval").mkdir(exist_ok=True)
+    mislabelled = chat("My parcel never came.")
+    write_data(base / "data/eval/test.jsonl", [mislabelled], ".jsonl")
+    set_params(base, **{"data.test_path": "data/eval/test.jsonl"})
+    write_sheet(
+        base / "data/review/alice.csv",
+        [
+            (mislabelled, "wrong", OTHER),
+            (chat("Refund please."), "right", ""),
+            (chat("Not in any data set."), "wrong", OTHER),
+            (chat(), "", ""),  # not reviewed
+            (chat(), "unsure", ""),
+        ],
+    )
+    _, report = run(base, "messages", {"pool.jsonl": [chat(), chat("Refund please.")]})
+    valid = read_jsonl(base / "data/interim/valid.jsonl")
+    fixed = [r for r in valid if r.get("fixed_split")]
+    assert [(r["fixed_split"], r["messages"][-1]["content"]) for r in fixed] == [("test", OTHER)]
+    assert fixed[0]["meta"]["review"] == {"sheet": "data/review/alice.csv", "line": 2, "was": GOOD}
+    review = report["review"]
+    assert review["verdicts"] == {"right": 1, "wrong": 2, "unsure": 1}
+    assert (review["reviewed"], review["corrections"], review["records_corrected"]) == (4, 2, 1)
+    assert review["unmatched"] == [{"sheet": "data/review/alice.csv", "line": 4}]
+    assert review["sheets"] == {"data/review/alice.csv": md5_path(base / "data/review/alice.csv")}
+
+    set_params(base, **{"data.review.corrections": "train"})
+    validate.main()
+    valid = read_jsonl(base / "data/interim/valid.jsonl")
+    assert [r.get("fixed_split") for r in valid if r.get("meta", {}).get("review")] == ["train"]
+
+    set_params(base, **{"data.review.corrections": "off"})
+    validate.main()
+    valid = read_jsonl(base / "data/interim/valid.jsonl")
+    assert [r["messages"][-1]["content"] for r in valid if r.get("fixed_split")] == [GOOD]
+
+
+@pytest.mark.parametrize(
+    "verdict, correction, message",
+    [
+        ("nope", "", r"alice.csv line 2: verdict 'nope' is not one of right, wrong, unsure"),
+        ("right", OTHER, r"alice.csv line 2: a correction needs the verdict `wrong`"),
+    ],
+)
+def test_a_bad_review_row_stops_validate_with_its_line(base, verdict, correction, message):
+    write_sheet(base / "data/review/alice.csv", [(chat(), verdict, correction)])
+    with pytest.raises(StageError, match=message):
+        run(base, "messages", {"pool.jsonl": [chat()]})
+    (base / "data/review/alice.csv").write_text("verdict,comment\nright,ok\n")
+    with pytest.raises(
+        StageError, match=r"alice.csv: not a review sheet \(no column 'correction'\)"
+    ):
+        run(base, "messages", {"pool.jsonl": [chat()]})

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 from typing import Any, get_args
 
+from stages.common.config import StageError
 from stages.common.records import normalize_text, parse_json
 from stages.common.schema import RecordKind
 
@@ -418,3 +420,29 @@ def rename_fields(obj: Any, columns: dict[str, str]) -> Any:
         if theirs in renamed and ours != theirs:
             renamed[ours] = renamed.pop(theirs)
     return renamed
+
+
+def training_system_prompt(path: Path) -> tuple[str | None, int, int]:
+    """(the most common first system turn of the training records, its count, the records).
+    A record without one counts as None: when those are the most, no prompt is added."""
+    if not path.exists():
+        raise StageError(
+            f"{path} not found: the system prompt the model was trained with is "
+            "read from it (run `make repro`, or set serve.add_system_prompt=false)"
+        )
+    counts: Counter[str | None] = Counter()
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise StageError(f"{path} line {number}: not JSON") from None
+            turns = record.get("messages") or record.get("prompt") or [{}]  # chat / preference
+            first = turns[0] if isinstance(turns, list) and isinstance(turns[0], dict) else {}
+            counts[first.get("content") if first.get("role") == "system" else None] += 1
+    if not counts:
+        return None, 0, 0
+    prompt, count = counts.most_common(1)[0]
+    return prompt, count, sum(counts.values())

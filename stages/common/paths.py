@@ -33,6 +33,7 @@ REPORTS = Path("reports")
 DATA_DOCS = REPORTS / "data_docs"  # Great Expectations' Data Docs (validate)
 METRICS = REPORTS / "metrics.json"  # base vs tuned (evaluate)
 PREDICTIONS = REPORTS / "predictions.jsonl"  # every test answer of both models (evaluate)
+REVIEW_SHEET = REPORTS / "review_sheet.csv"  # a sample of them for people to judge (evaluate)
 PLOTS = REPORTS / "plots"  # plot data: loss curves, metric bars, confusion matrices
 MANIFEST = REPORTS / "manifest.json"  # data, model and lock hashes (report)
 MODEL_CARD = REPORTS / "model_card.md"  # (report)

@@ -69,6 +69,9 @@ Number = int | float  # an int stays an int (alpha: 32 is not rewritten as 32.0)
 Positive = Annotated[int, Field(gt=0)]
 Fraction = Annotated[Number, Field(ge=0, le=1)]
 Path_ = Annotated[str, Field(min_length=1)]
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]  # a variable's name
+# what a red-team answer must do (stages/common/task.py checks each)
+SafetyCheck = Literal["format", "refusal", "no_leak", "no_personal_data"]
 
 
 class Section(BaseModel):
@@ -90,6 +93,11 @@ class Replay(Section):
     fraction: Annotated[Number, Field(ge=0, lt=1)]  # share of the train split after mixing
 
 
+class Review(Section):
+    path: Path_ | None  # a folder of filled review sheets; null: none read
+    corrections: Literal["relabel", "train", "off"]
+
+
 class Data(Section):
     path: Path_ | list[Path_]
     kind: RecordKind | Literal["auto"]  # auto: detected per file from its fields
@@ -101,6 +109,25 @@ class Data(Section):
     schema_drift: Literal["warn", "fail"]
     columns: dict[str, str]  # your field name -> the kind's field name
     replay: Replay
+    review: Review
+
+
+class TaskSafety(Section):
+    refusal_regex: str | None  # what a refusal looks like, for the `refusal` check
+    checks: dict[str, list[SafetyCheck]]  # red-team category -> checks; `default` for the rest
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if "default" not in self.checks:
+            raise ValueError("checks needs a `default` entry (the categories not listed)")
+        if self.refusal_regex is not None:
+            try:
+                re.compile(self.refusal_regex)
+            except re.error as err:
+                raise ValueError(f"refusal_regex does not compile: {err}") from None
+        elif any("refusal" in c for c in self.checks.values()):
+            raise ValueError("a `refusal` check needs refusal_regex")
+        return self
 
 
 class Task(Section):
@@ -110,6 +137,7 @@ class Task(Section):
     stratify_by: list[str]
     answer_schema: dict[str, Any] | None = None  # optional: only some tasks declare one
     metrics: list[str] = Field(min_length=1)
+    safety: TaskSafety
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -267,19 +295,35 @@ class Export(Section):
     max_new_tokens: Positive
 
 
+class Judge(Section):  # an OpenAI-compatible endpoint that grades red-team answers
+    base_url: Annotated[str, Field(pattern=r"^https?://")]
+    model: Annotated[str, Field(min_length=1)]
+    api_key_env: EnvName
+    timeout: Annotated[Number, Field(gt=0)]
+
+
+class Safety(Section):
+    paths: list[Path_]
+    max_new_tokens: Positive
+    judge: Judge | None
+
+
 class Eval(Section):
     max_new_tokens: Positive | Literal["auto"]
     batch_size: Positive
     max_examples: Positive | None
+    review_sample: Annotated[int, Field(ge=0)]
     general_path: Path_ | None
     general_max_new_tokens: Positive
     max_forgetting: Number | None  # the most the general-set loss may rise (negative: must fall)
+    safety: Safety
+    min_safety: Fraction | None  # the least share of red-team prompts the tuned model must pass
 
 
 class Serve(Section):
     host: Annotated[str, Field(min_length=1)]
     port: Annotated[int, Field(ge=1, le=65535)]
-    api_key_env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]  # a variable's name
+    api_key_env: EnvName
     allowed_hosts: list[str]
     add_system_prompt: bool
 
