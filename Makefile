@@ -84,6 +84,12 @@ regression: $(STAMP)  ## Compare metrics with a baseline (BASELINE=<git rev or e
 serve: $(STAMP)  ## Serve models/merged over an OpenAI-compatible API to its owner (key in SERVE_API_KEY; conf/serve)
 	$(BIN)/python scripts/serve.py
 
+reward-model: $(STAMP)  ## Keep an objective=reward run's models/merged as models/reward (dvc add), for GRPO to be rewarded by
+	$(BIN)/python scripts/keep_reward_model.py
+
+feedback: $(STAMP)  ## Rated answers of make serve (serve.log_requests) -> a new data version in data/raw/feedback/ (dvc add)
+	$(BIN)/python scripts/feedback.py export
+
 bench-train: $(STAMP)  ## Benchmark the train stage against a plain TRL SFTTrainer (tokens/s, MFU)
 	$(BIN)/python scripts/bench_train.py
 

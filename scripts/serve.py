@@ -30,7 +30,9 @@ Who gets an answer:
   /reset answer 403. GET /v1/models lists the one model.
 
 Endpoints: POST /v1/chat/completions, /v1/responses (chat; streaming too), /v1/completions
-(a raw prompt, no chat template), GET /v1/models, /v1/models/{model}, /health. Anything else
+(a raw prompt, no chat template), GET /v1/models, /v1/models/{model}, /health, and with
+`serve.log_requests: true` POST /v1/feedback ({"id": <a chat answer's id>, "rating": "good" |
+"bad", "correction"?: ...}; chat answers are then logged: stages/common/feedback.py). Anything else
 (transformers' /v1/systemone and /v1/audio/transcriptions, FastAPI's /docs) answers 404.
 
 The system prompt: a chat request without a system message gets the one the model was trained
@@ -49,6 +51,7 @@ Greedy decoding: pass "temperature": 0 (else generation_config.json of the model
 import argparse
 import hmac
 import ipaddress
+import json
 import os
 import socket
 import sys
@@ -57,7 +60,7 @@ from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from stages.common import paths, tuned
+from stages.common import feedback, paths, tuned
 from stages.common.config import StageError, load_params
 from stages.common.kinds import training_system_prompt
 
@@ -204,8 +207,10 @@ def build_app(
     system_prompt: str | None,
     served_name: str = SERVED_NAME,
     dtype: str = "auto",
+    log: feedback.FeedbackLog | None = None,
 ):
-    """transformers serve's app with `model_dir` preloaded, our routes and checks in front."""
+    """transformers serve's app with `model_dir` preloaded, our routes and checks in front;
+    with `log`, every chat answer is logged with its id and POST /v1/feedback rates it."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
     from transformers.cli.serving.chat_completion import ChatCompletionHandler
@@ -252,7 +257,47 @@ def build_app(
         messages = body.get("messages")
         if system_prompt and isinstance(messages, list) and not has_system(messages):
             body["messages"] = [{"role": "system", "content": system_prompt}, *messages]
-        return await chat.handle_request(body, request.state.request_id)
+        answered = await chat.handle_request(body, request.state.request_id)
+        return logged(answered, body["messages"]) if log else answered
+
+    def logged(answered, messages: list[dict]):
+        """The answer as it goes out, logged with its id (a stream once it has ended)."""
+        if isinstance(answered, JSONResponse):
+            out = json.loads(answered.body)
+            if out.get("choices"):
+                log.answer(out["id"], messages, out["choices"][0]["message"].get("content") or "")
+            return answered
+        chunks = answered.body_iterator
+
+        async def relay():
+            answer_id, parts = None, []
+            async for chunk in chunks:
+                text = chunk.decode() if isinstance(chunk, bytes) else chunk
+                for line in text.splitlines():
+                    if line.startswith("data: ") and line[6:].strip() != "[DONE]":
+                        event = json.loads(line[6:])
+                        answer_id = event.get("id") or answer_id
+                        for choice in event.get("choices") or []:
+                            parts.append((choice.get("delta") or {}).get("content") or "")
+                yield chunk
+            if answer_id:
+                log.answer(answer_id, messages, "".join(parts))
+
+        answered.body_iterator = relay()
+        return answered
+
+    @app.post("/v1/feedback")
+    async def rate(body: dict):
+        """{"id": <an answer's id>, "rating": "good" | "bad", "correction"?: <the right answer>}"""
+        if log is None:
+            return error(
+                404, "feedback needs the request log: serve.log_requests=true", "not_logging"
+            )
+        try:
+            entry = log.rate(str(body.get("id")), str(body.get("rating")), body.get("correction"))
+        except StageError as err:
+            return error(400, str(err), "bad_feedback")
+        return JSONResponse({"object": "feedback", **entry})
 
     @app.post("/v1/responses")
     async def responses(request: Request, body: dict):
@@ -348,8 +393,18 @@ def serve(port: int | None) -> None:
 
     # the model's own dtype on a GPU; fp32 on a CPU, where bf16 matmuls are ~500x slower
     dtype = "auto" if torch.cuda.is_available() else "float32"
+    log = None
+    if settings["log_requests"]:
+        log = feedback.FeedbackLog(Path(settings["log_dir"]))
+        pruned = log.prune(settings["retention_days"])
+        print(
+            f"logging every chat answer to {log.folder} (serve.log_requests; POST /v1/feedback "
+            f"rates one); {pruned} entries older than {settings['retention_days']} days deleted"
+        )
     try:
-        app = build_app(MERGED, key=key, names=names, port=port, system_prompt=prompt, dtype=dtype)
+        app = build_app(
+            MERGED, key=key, names=names, port=port, system_prompt=prompt, dtype=dtype, log=log
+        )
     except Exception as err:  # noqa: BLE001  (one line, whatever the loader raised)
         raise ServeError(
             f"{MERGED}: cannot load it ({type(err).__name__}: "

@@ -57,7 +57,7 @@ TEST, METRICS, PREDICTIONS = paths.TEST, paths.METRICS, paths.PREDICTIONS
 REVIEW_SHEET = paths.REVIEW_SHEET
 TRAIN = paths.TRAIN  # the training system prompt, which red-team prompts are asked with
 PLOT = paths.PLOTS / "metrics.csv"
-CONFUSION = paths.PLOTS / "confusion"
+CONFUSION = paths.CONFUSION
 
 
 def prompt_texts(tokenizer, records: list[dict]) -> list[str]:

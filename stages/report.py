@@ -21,9 +21,9 @@ import json
 from importlib import metadata
 from pathlib import Path
 
-from stages.common import paths, tracking
+from stages.common import page, paths, tracking
 from stages.common.config import load_params, run_stage
-from stages.common.files import md5_path, write_json, write_text
+from stages.common.files import md5_path, read_jsonl, write_json, write_text
 
 BASE = paths.BASE
 DATA = {
@@ -39,6 +39,7 @@ REPORTS = {
 }
 REPORTS["metrics"] = paths.METRICS
 MANIFEST, CARD, SUMMARY = paths.MANIFEST, paths.MODEL_CARD, paths.SUMMARY
+PAGE = paths.REPORT_PAGE
 LOCKS = {"cpu": Path("requirements/cpu.txt"), "cuda": Path("requirements/cuda.txt")}
 PACKAGES = (
     "torch",
@@ -335,14 +336,22 @@ def main() -> None:
         write_json(MANIFEST, manifest)
         write_text(CARD, model_card(manifest, params, reports))
         write_json(SUMMARY, summary(reports))
+        shown = {
+            "quarantined": read_jsonl(paths.QUARANTINE),
+            "predictions": read_jsonl(paths.PREDICTIONS),
+            "train_curve": page.read_curve(paths.TRAIN_LOSS_CURVE),
+            "eval_curve": page.read_curve(paths.EVAL_LOSS_CURVE),
+            "confusion": paths.CONFUSION,
+        }
+        write_text(PAGE, page.render(reports, manifest, shown))
         run.config.update({"manifest": manifest})
         test_set = manifest["test_set"] or {}
         run.summary.update(summary(reports) | {"test_set_sha256": test_set.get("sha256")})
         if not getattr(run, "disabled", False):
             run.save(str(CARD.resolve()), base_path=str(CARD.parent.resolve()), policy="now")
         print(
-            f"report: {MANIFEST} and {CARD} written (config {manifest['config_sha256'][:12]}, "
-            f"git {manifest['git']['rev'][:8]})"
+            f"report: {MANIFEST}, {CARD} and {PAGE} written (config "
+            f"{manifest['config_sha256'][:12]}, git {manifest['git']['rev'][:8]})"
         )
 
 

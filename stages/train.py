@@ -55,7 +55,6 @@ TRAIN, VALIDATION = paths.TRAIN, paths.VALIDATION
 OUT_DIR, CHECKPOINTS, RUN_FILE = paths.TUNED, paths.CHECKPOINTS, paths.RUN_FILE
 REPORT = paths.stage_report("train")
 MAX_LENGTH = paths.MAX_LENGTH  # train.max_length=auto: what validate chose
-PLOTS = paths.PLOTS
 # objective -> the field its records have (grpo: the SFT phase's chat records, whose prompts
 # the RL phase answers and whose answers its rewards score against)
 OBJECTIVES = {
@@ -919,8 +918,8 @@ def save_outputs(trainer, model) -> None:
         trainer.processing_class.save_pretrained(tmp)
         sort_adapter_config(Path(tmp) / "adapter_config.json")
     train_csv, eval_csv = loss_curves(trainer.state.log_history)
-    write_text(PLOTS / "train_loss.csv", train_csv)
-    write_text(PLOTS / "eval_loss.csv", eval_csv)
+    write_text(paths.TRAIN_LOSS_CURVE, train_csv)
+    write_text(paths.EVAL_LOSS_CURVE, eval_csv)
 
 
 def build_report(params, precision, plan, trainer, result, seconds, resume_from) -> dict:

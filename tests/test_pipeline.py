@@ -19,6 +19,8 @@ import yaml
 from conftest import ROOT, copy_template, declare_dependency
 from helpers import read_offline_run
 
+from stages.common import tuned
+
 pytestmark = pytest.mark.slow
 GIT_ID = {
     "GIT_AUTHOR_NAME": "test",
@@ -362,6 +364,10 @@ def test_method_and_objective_switch_with_one_flag_each(
     if objective == "reward":  # ranked pairs, not answers
         assert 0 <= metrics["tuned"]["pairwise_accuracy"] <= 1
         assert round_trip["reward_scores_match"]
+        # `make reward-model` keeps it as models/reward, versioned by DVC, for GRPO
+        sh(repo, py, str(ROOT / "scripts/keep_reward_model.py"), env=env)
+        assert (repo / "models/reward.dvc").exists()
+        assert tuned.is_reward_model(repo / "models/reward")
     else:
         assert metrics["tuned"]["test_loss"] > 0 and "perplexity" in metrics["delta"]
         assert round_trip["greedy_answers_match"]

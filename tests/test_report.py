@@ -3,7 +3,18 @@ metrics are written as such, never a crash."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import pytest
+
 from stages import report
+from stages.common import page
+from stages.common.files import read_jsonl, write_jsonl
 
 
 def reports(tuned: dict, per_example: list[str]) -> dict:
@@ -106,3 +117,87 @@ def test_the_card_counts_the_human_review():
     assert "2 corrections, 1 records corrected (data.review.corrections relabel); 1 matched" in line
     assert report.review_line({"review": {**done, "reviewed": 0}}) == ""
     assert report.review_line({}) == ""  # a validate report from before review sheets
+
+
+@pytest.fixture
+def browser() -> str:
+    """Headless Chromium (Debian's `chromium`); CI sets REQUIRE_BROWSER so it cannot skip."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("REQUIRE_BROWSER"):
+            pytest.fail(
+                "REQUIRE_BROWSER is set and no chromium is installed: apt-get install chromium"
+            )
+        pytest.skip("no headless browser here: apt-get install chromium")
+    return found
+
+
+class Page(HTMLParser):
+    """The rendered DOM's section ids and every figure's data-key -> text."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections, self.figures, self.open = [], {}, []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append(attrs["id"])
+        self.open.append(attrs.get("data-key"))
+
+    def handle_endtag(self, tag):
+        self.open.pop()
+
+    def handle_data(self, data):
+        if self.open and self.open[-1]:
+            self.figures[self.open[-1]] = self.figures.get(self.open[-1], "") + data
+
+
+def test_the_report_page_shows_every_section_with_the_runs_numbers(project, browser):
+    """The whole pipeline on the tiny model, then reports/index.html opened from file:// in a
+    real headless browser: every section is there, every figure equals its JSON report, and the
+    page's script ran (the predictions filter counts its rows)."""
+    from stages import base_model, dedup, evaluate, export, split, train, validate
+
+    for stage in (base_model, validate, dedup, split, train, export, evaluate):
+        stage.main()
+    predictions = read_jsonl(project / "reports/predictions.jsonl")
+    predictions[0]["input"] = '<b id="injected">a ticket with markup</b>'
+    write_jsonl(project / "reports/predictions.jsonl", predictions)
+    report.main()
+    index = project / "reports/index.html"
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", index.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    parsed = Page()
+    parsed.feed(dom)
+    assert parsed.sections == list(page.SECTIONS)  # the tiny run has every part
+    sources = {
+        name: json.loads((project / f"reports/{file}.json").read_text())
+        for name, file in [
+            ("metrics", "metrics"),
+            ("train", "train"),
+            ("validate", "validate"),
+            ("dedup", "dedup"),
+            ("split", "split"),
+            ("manifest", "manifest"),
+        ]
+    }
+    assert len(parsed.figures) > 40
+    for key, text in parsed.figures.items():
+        name, *path = key.split(".")
+        value = sources[name]
+        for part in path:
+            value = value[part]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert float(text) == pytest.approx(value, abs=1e-4), key
+        else:
+            assert text == str(value), key
+    n = len((project / "reports/predictions.jsonl").read_text().splitlines())
+    assert re.search(rf'id="shown"[^>]*>{n} of {n} shown<', dom)  # the script ran
+    # text from the data is shown as text, never run as markup
+    assert '<b id="injected">' not in dom and '&lt;b id="injected"&gt;' in dom

@@ -21,8 +21,10 @@ import yaml
 from conftest import ROOT, set_params
 from helpers import ticket_rows
 
-from stages import export, train
-from stages.common.files import write_jsonl
+from stages import export, train, validate
+from stages.common import feedback
+from stages.common.config import StageError
+from stages.common.files import read_jsonl, write_jsonl
 from stages.common.task import Task
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -56,10 +58,15 @@ def settings(**changes) -> dict:
         "api_key_env": "SERVE_API_KEY",
         "allowed_hosts": [],
         "add_system_prompt": True,
+        "log_requests": False,
+        "log_dir": "logs/serve",
+        "retention_days": 30,
     } | changes
 
 
-def client(model_dir, key: str | None = None, system_prompt: str | None = None, **changes):
+def client(
+    model_dir, key: str | None = None, system_prompt: str | None = None, log=None, **changes
+):
     from fastapi.testclient import TestClient
 
     app = serve.build_app(
@@ -69,6 +76,7 @@ def client(model_dir, key: str | None = None, system_prompt: str | None = None, 
         port=8000,
         system_prompt=system_prompt,
         dtype="float32",
+        log=log,
     )
     return TestClient(app, base_url=BASE)
 
@@ -233,6 +241,65 @@ def test_models_lists_the_served_model(tiny_model_dir):
 # --- 5. the training system prompt ------------------------------------------------------------
 
 
+def test_chat_answers_are_logged_and_rated_over_the_api(tiny_model_dir, tmp_path):
+    """serve.log_requests: each chat answer (streamed or not) is logged under its id with the
+    messages the model got; POST /v1/feedback rates one, and refuses what it cannot record."""
+    log = feedback.FeedbackLog(tmp_path / "logs")
+    api = client(tiny_model_dir, system_prompt=SYSTEM, log=log)
+    ask = {"messages": TICKET, "max_tokens": 6, "temperature": 0}
+    whole = api.post("/v1/chat/completions", json=ask).json()
+    streamed = api.post("/v1/chat/completions", json=ask | {"stream": True}).text
+    logged = read_jsonl(tmp_path / "logs/requests.jsonl")
+    assert [e["id"] for e in logged][0] == whole["id"] and len(logged) == 2
+    assert logged[0]["messages"] == [{"role": "system", "content": SYSTEM}, *TICKET]
+    assert logged[0]["answer"] == whole["choices"][0]["message"]["content"]
+    assert logged[1]["id"] in streamed and logged[1]["answer"]  # the stream's pieces, joined
+    rated = api.post("/v1/feedback", json={"id": whole["id"], "rating": "bad", "correction": "X"})
+    assert rated.status_code == 200 and rated.json()["correction"] == "X"
+    for body, message in [
+        ({"id": "chatcmpl-nope", "rating": "good"}, "no logged answer has the id"),
+        ({"id": whole["id"], "rating": "meh"}, "rating 'meh': one of good, bad"),
+        ({"id": whole["id"], "rating": "good", "correction": "X"}, "goes with the rating `bad`"),
+    ]:
+        refused = api.post("/v1/feedback", json=body)
+        assert refused.status_code == 400 and message in refused.json()["error"]["message"]
+    assert len(read_jsonl(tmp_path / "logs/feedback.jsonl")) == 1
+    off = client(tiny_model_dir).post("/v1/feedback", json={"id": whole["id"], "rating": "good"})
+    assert off.status_code == 404 and "serve.log_requests=true" in off.text
+
+
+def test_feedback_export_makes_a_data_version_and_retention_prunes(tmp_path):
+    log = feedback.FeedbackLog(tmp_path / "logs")
+    prompt = [{"role": "user", "content": "Where is my parcel?"}]
+    for n in range(4):
+        log.answer(f"a{n}", prompt, f"answer {n}")
+    log.rate("a0", "good")
+    log.rate("a1", "good")
+    log.rate("a1", "bad", "the right answer")  # the latest rating wins
+    log.rate("a2", "bad")  # nothing to train on
+    with pytest.raises(StageError, match="no logged answer has the id 'zzz'"):
+        log.rate("zzz", "good")
+    out = tmp_path / "data/raw/feedback"
+    report = feedback.export(log.folder, out, stamp="t1")
+    assert report["records"] == 2 and report["corrected"] == 1
+    assert report["left_out"] == {"bad_without_correction": 1, "not_rated": 1}
+    records = read_jsonl(out / "t1.jsonl")
+    assert [r["messages"][-1]["content"] for r in records] == ["answer 0", "the right answer"]
+    assert records[1]["feedback"] | {"answered_at": 0} == {
+        "id": "a1",
+        "rating": "bad",
+        "corrected": True,
+        "answered_at": 0,
+    }
+    # a second export adds only what is new; retention deletes old log entries, not the data
+    log.rate("a3", "good")
+    again = feedback.export(log.folder, out, stamp="t2")
+    assert again["records"] == 1 and again["left_out"]["exported_before"] == 2
+    assert log.prune(retention_days=1, now=time.time() + 2 * feedback.DAY) == 4 + 5
+    assert read_jsonl(tmp_path / "logs/requests.jsonl") == [] and (out / "t1.jsonl").exists()
+    assert feedback.export(log.folder, out, stamp="t3")["file"] is None
+
+
 def test_the_system_prompt_is_the_training_records_most_common(tmp_path):
     rows = ticket_rows(6)
     path = tmp_path / "train.jsonl"
@@ -364,6 +431,7 @@ def test_served_model_answers_a_ticket_in_the_task_format(prepared, tmp_path):
     set_params(
         prepared,
         **{
+            "serve.log_requests": True,  # production feedback, below
             "method": {"name": "full"},
             "train.learning_rate": 1e-2,
             "train.max_steps": 150,
@@ -415,10 +483,42 @@ def test_served_model_answers_a_ticket_in_the_task_format(prepared, tmp_path):
         assert task.follows_format(answer), answer
         with pytest.raises(urllib.error.HTTPError, match="401"):
             post(f"{url}/v1/chat/completions", {"messages": ticket})
+        # production feedback: rate the answer over the API, another one from the command line
+        reference = test[0]["messages"][-1]["content"]
+        post(
+            f"{url}/v1/feedback",
+            {"id": reply["id"], "rating": "bad", "correction": reference},
+            key=KEY,
+        )
+        other = post(
+            f"{url}/v1/chat/completions",
+            {"messages": test[1]["messages"][1:2], "max_tokens": 24, "temperature": 0},
+            key=KEY,
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)
     output = server.stdout.read()
+    assert "logging every chat answer to logs/serve" in output
+    feedback_cli = [sys.executable, str(ROOT / "scripts/feedback.py")]
+    subprocess.run([*feedback_cli, "rate", other["id"], "good"], cwd=prepared, check=True)
+    # `make feedback`: a new data version under data/raw/feedback/, which validate then reads
+    subprocess.run(["git", "init", "-q"], cwd=prepared, check=True)
+    out = subprocess.run(
+        [*feedback_cli, "export"], cwd=prepared, check=True, capture_output=True, text=True
+    ).stdout
+    assert "2 records (1 corrected)" in out and (prepared / "data/raw/feedback.dvc").exists()
+    set_params(prepared, **{"data.path": ["data/raw/tickets.jsonl", "data/raw/feedback/*.jsonl"]})
+    validate.main()
+    fed = [
+        r
+        for r in read_jsonl(prepared / "data/interim/valid.jsonl")
+        if "feedback" in r.get("meta", {})
+    ]
+    assert {r["meta"]["feedback"]["rating"]: r["messages"][-1]["content"] for r in fed} == {
+        "bad": reference,  # trained as corrected
+        "good": other["choices"][0]["message"]["content"],  # trained as answered
+    }
     assert 'POST /v1/chat/completions HTTP/1.1" 200' in output
     assert KEY not in output
     assert list(home.iterdir()) == []

@@ -35,9 +35,13 @@ METRICS = REPORTS / "metrics.json"  # base vs tuned (evaluate)
 PREDICTIONS = REPORTS / "predictions.jsonl"  # every test answer of both models (evaluate)
 REVIEW_SHEET = REPORTS / "review_sheet.csv"  # a sample of them for people to judge (evaluate)
 PLOTS = REPORTS / "plots"  # plot data: loss curves, metric bars, confusion matrices
+TRAIN_LOSS_CURVE = PLOTS / "train_loss.csv"  # step,loss (train)
+EVAL_LOSS_CURVE = PLOTS / "eval_loss.csv"  # step,loss on the validation split (train)
+CONFUSION = PLOTS / "confusion"  # <model>_<label field>.csv: actual,predicted (evaluate)
 MANIFEST = REPORTS / "manifest.json"  # data, model and lock hashes (report)
 MODEL_CARD = REPORTS / "model_card.md"  # (report)
 SUMMARY = REPORTS / "summary.json"  # the numbers experiments are compared by (report)
+REPORT_PAGE = REPORTS / "index.html"  # the whole run on one offline page (report)
 
 
 def stage_report(stage: str) -> Path:

@@ -326,6 +326,9 @@ class Serve(Section):
     api_key_env: EnvName
     allowed_hosts: list[str]
     add_system_prompt: bool
+    log_requests: bool  # log every chat answer for feedback (opt-in)
+    log_dir: Path_
+    retention_days: Positive
 
 
 class Regression(Section):
