@@ -337,7 +337,7 @@ def main() -> None:
         write_text(CARD, model_card(manifest, params, reports))
         write_json(SUMMARY, summary(reports))
         shown = {
-            "quarantined": read_jsonl(paths.QUARANTINE),
+            "quarantined": page.jsonl_rows(paths.QUARANTINE),  # read lazily: it can be long
             "predictions": read_jsonl(paths.PREDICTIONS),
             "train_curve": page.read_curve(paths.TRAIN_LOSS_CURVE),
             "eval_curve": page.read_curve(paths.EVAL_LOSS_CURVE),

@@ -9,6 +9,7 @@ inject markup) lays out the sections; this module turns the reports into what it
 from __future__ import annotations
 
 import csv
+import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -102,7 +103,15 @@ def confusion_tables(folder: Path) -> list[dict]:
     return tables
 
 
-def quarantine_examples(quarantined: list[dict]) -> dict[str, list[dict]]:
+def jsonl_rows(path: Path):
+    """The rows of a JSONL file, one at a time."""
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def quarantine_examples(quarantined) -> dict[str, list[dict]]:
     """A few quarantined rows per reason: where they are and what they hold (cut short)."""
     out: dict[str, list[dict]] = defaultdict(list)
     for q in quarantined:
