@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from conftest import set_params
 from helpers import GOOD, GOOD_ROWS, SYSTEM, chat, msgs
 
@@ -446,16 +447,8 @@ def test_foreign_data_under_the_ticket_task_says_which_task_to_pick(base):
     foreign = {"instruction": "Summarise.", "output": "A short summary."}
     with pytest.raises(StageError, match="task=generic"):
         run(base, "alpaca", {"a.jsonl": [foreign] * 3})
-    set_params(
-        base,
-        task={
-            "name": "generic",
-            "answer_regex": None,
-            "labels": {},
-            "stratify_by": [],
-            "metrics": ["exact_match", "rouge_l", "bleu"],
-        },
-    )
+    generic = yaml.safe_load((base / "conf/task/generic.yaml").read_text())
+    set_params(base, task=generic)
     _, report = run(base, "alpaca", {"a.jsonl": [foreign] * 3})
     assert report["rows_out"] == 3
 
