@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from stages.common.config import StageError
+from stages.common.files import read_jsonl, write_json, write_jsonl
 
 REQUESTS, FEEDBACK = "requests.jsonl", "feedback.jsonl"
 RATINGS = ("good", "bad")
@@ -77,20 +78,13 @@ class FeedbackLog:
                 kept = [e for e in entries if e["time"] >= cutoff]
                 removed += len(entries) - len(kept)
                 if len(kept) != len(entries):
-                    tmp = path.with_suffix(".tmp")
-                    tmp.write_text(
-                        "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept),
-                        encoding="utf-8",
-                    )
-                    tmp.replace(path)
+                    write_jsonl(path, kept)
         return removed
 
 
 def read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """A log file's entries; none before the first answer."""
+    return read_jsonl(path) if path.exists() else []
 
 
 def export(folder: Path, out_dir: Path = EXPORT_DIR, stamp: str | None = None) -> dict:
@@ -135,10 +129,6 @@ def export(folder: Path, out_dir: Path = EXPORT_DIR, stamp: str | None = None) -
     out_dir.mkdir(parents=True, exist_ok=True)
     if records:
         report["file"] = str(out_dir / f"{stamp}.jsonl")
-        Path(report["file"]).write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
-        )
-        (out_dir / f"{stamp}.report.json").write_text(
-            json.dumps(report, indent=1) + "\n", encoding="utf-8"
-        )
+        write_jsonl(Path(report["file"]), records)
+        write_json(out_dir / f"{stamp}.report.json", report)
     return report
