@@ -48,6 +48,7 @@ from stages.common.files import (
     write_jsonl,
     write_text,
 )
+from stages.common.generation import generate
 from stages.common.kinds import answer_of, prompt_of, training_system_prompt
 from stages.common.records import set_hash
 from stages.common.task import Task, load_metric
@@ -253,40 +254,6 @@ def test_loss(model, examples: list[dict], batch_size: int, pad_id: int) -> dict
                 sums[i] += nll[mine].sum().item()
                 counts[i] += int(mine.sum())
     return {"loss": sum(sums) / max(1, sum(counts)), "sums": sums, "counts": counts}
-
-
-def generate(
-    model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int
-) -> tuple[list[str], int]:
-    """Greedy answers, batched by similar length with left padding; and how many of them the
-    token budget cut before their stop token."""
-    import torch
-
-    tokenizer.padding_side = "left"
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers: list[str] = [""] * len(prompts)
-    stops = model.generation_config.eos_token_id
-    stops = set(stops if isinstance(stops, list) else [stops])
-    cut = 0
-    model.eval()
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        enc = tokenizer(
-            [prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(model.device)
-        with torch.inference_mode():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        for i, seq in zip(idx, out):
-            new = seq[enc["input_ids"].shape[1] :]
-            cut += len(new) == max_new_tokens and not stops & set(new.tolist())
-            answers[i] = tokenizer.decode(new, skip_special_tokens=True)
-    # a reasoning model (Qwen3, DeepSeek-R1) writes <think>...</think> first; the answer follows
-    return [a.rsplit("</think>", 1)[-1].strip() for a in answers], cut
 
 
 def forgetting(general: list[dict], answers: dict, losses: dict) -> dict:

@@ -32,10 +32,11 @@ DATA = {
     "train": paths.TRAIN,
     "validation": paths.VALIDATION,
     "test": paths.TEST,
+    "synthetic": paths.SYNTHETIC,
 }
 REPORTS = {
     name: paths.stage_report(name)
-    for name in ("base_model", "validate", "dedup", "split", "train", "export")
+    for name in ("base_model", "validate", "dedup", "split", "augment", "train", "export")
 }
 REPORTS["metrics"] = paths.METRICS
 MANIFEST, CARD, SUMMARY = paths.MANIFEST, paths.MODEL_CARD, paths.SUMMARY
@@ -95,6 +96,7 @@ def summary(reports: dict) -> dict:
     return out | {
         "quarantined": reports["validate"]["rows_quarantined"],
         "train_rows": split["sizes"]["train"],
+        "synthetic_rows": reports["augment"]["kept"],
         "test_rows": split["sizes"]["test"],
     }
 
@@ -184,6 +186,19 @@ Asked as the served model is asked, checked by the rules the task declares{judge
 """
 
 
+def augment_line(augment: dict) -> str:
+    """What augment added to train (stage augment), for the card."""
+    if not augment["enabled"]:
+        return ""
+    rejected = ", ".join(f"{k} {v}" for k, v in augment["rejected_by_reason"].items())
+    return (
+        f"\n- augment: {augment['kept']} paraphrases from `{augment['generator']}` added to "
+        f"train for the {augment['rare_strata']} strata under {augment['min_rows']} rows; "
+        f"{augment['rejected']} candidates rejected ({rejected or 'none'}), label check "
+        f"{'on' if augment['label_check'] else 'off'}"
+    )
+
+
 def review_line(validate: dict) -> str:
     """What people said about an earlier run's answers (filled sheets in data/review/)."""
     done = validate.get("review") or {}
@@ -239,7 +254,7 @@ to judge: `reports/review_sheet.csv` (filled, it goes in `data/review/`).
   ({", ".join(f"{k} {v}" for k, v in validate["quarantined_by_reason"].items()) or "none"})
 - dedup: {dedup["rows_in"]} in, {dedup["rows_out"]} kept
   ({", ".join(f"{k} {v}" for k, v in dedup["removed_by_reason"].items()) or "none removed"})
-- split: {splits}{replay_line(split)}{review_line(validate)}
+- split: {splits}{replay_line(split)}{augment_line(reports["augment"])}{review_line(validate)}
 
 | file | md5 |
 |---|---|
@@ -316,6 +331,10 @@ def main() -> None:
             "reward_model_md5": reward_model_md5(params["objective"]),
             "replay": reports["split"].get("replay"),
             "review": reports["validate"].get("review"),  # filled sheets read, and what they did
+            "augment": {  # the paraphrases train read beside the train split
+                k: reports["augment"][k]
+                for k in ("enabled", "generator", "label_check", "kept", "rejected")
+            },
             "grpo": reports["train"].get("grpo"),
             "packages": package_versions(),
             "lock": installed_lock(),

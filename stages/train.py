@@ -52,6 +52,7 @@ from stages.common.task import Task
 
 BASE, TEMPLATE = paths.BASE, paths.TRAINING_TEMPLATE
 TRAIN, VALIDATION = paths.TRAIN, paths.VALIDATION
+SYNTHETIC = paths.SYNTHETIC  # augment's verified paraphrases, trained beside TRAIN
 OUT_DIR, CHECKPOINTS, RUN_FILE = paths.TUNED, paths.CHECKPOINTS, paths.RUN_FILE
 REPORT = paths.stage_report("train")
 MAX_LENGTH = paths.MAX_LENGTH  # train.max_length=auto: what validate chose
@@ -71,12 +72,15 @@ WARMUP_BATCHES = 4  # the first is not counted: it pays for allocation and kerne
 
 
 def relaunch_distributed(launch: dict) -> int | None:
-    """With launch.num_processes > 1, run this stage under a distributed launcher; None when
-    this process is already one of the workers (or one process is asked for)."""
-    n = int(launch["num_processes"])
-    if n <= 1 or "LOCAL_RANK" in os.environ:
+    """With launch.num_processes > 1 or launch.nodes > 1, run this stage under a distributed
+    launcher; None when this process is already one of the workers (or one process is asked
+    for). On several nodes each runs this stage with its NODE_RANK (0: the one `dvc repro`
+    runs on, which writes the outputs) and they meet at launch.rdzv_endpoint."""
+    n, nodes = int(launch["num_processes"]), int(launch["nodes"])
+    if (n <= 1 and nodes <= 1) or "LOCAL_RANK" in os.environ:
         return None
     require_dependency("train", "launch.config_file", launch["config_file"])
+    node_rank, host, port = node_placement(nodes, launch["rdzv_endpoint"], launch["name"])
     import torch
 
     bin_dir = Path(sys.executable).parent
@@ -87,22 +91,45 @@ def relaunch_distributed(launch: dict) -> int | None:
             "--config_file",
             launch["config_file"],
             "--num_processes",
-            str(n),
-            "-m",
-            "stages.train",
+            str(n * nodes),  # accelerate counts the processes of every node
         ]
+        if nodes > 1:
+            cmd += ["--num_machines", str(nodes), "--machine_rank", str(node_rank)]
+            cmd += ["--main_process_ip", host, "--main_process_port", port]
     else:  # accelerate's multi-CPU launcher needs MPI; torchrun with gloo does not
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={n}",
-            "-m",
-            "stages.train",
-        ]
-    print(f"train: launching {n} processes: {' '.join(cmd)}", flush=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}"]
+        if nodes > 1:  # static rendezvous: node ranks are given, node 0 hosts the store
+            cmd += [f"--nnodes={nodes}", f"--node_rank={node_rank}"]
+            cmd += [f"--master_addr={host}", f"--master_port={port}"]
+        else:
+            cmd.append("--standalone")
+    cmd += ["-m", "stages.train"]
+    where = f" on node {node_rank} of {nodes}" if nodes > 1 else ""
+    print(f"train: launching {n} processes{where}: {' '.join(cmd)}", flush=True)
     return subprocess.call(cmd)
+
+
+def node_placement(nodes: int, endpoint: str | None, launch_name: str) -> tuple[int, str, str]:
+    """(this node's rank from NODE_RANK, rendezvous host, port) for a run on `nodes` nodes."""
+    if nodes == 1:
+        return 0, "", ""
+    if launch_name == "single":
+        raise StageError(
+            f"launch.nodes={nodes} with launch=single: choose a distributed launch "
+            f"(-S launch=ddp, fsdp or deepspeed; launch.num_processes per node)"
+        )
+    if not endpoint:
+        raise StageError(
+            f"launch.nodes={nodes}: set launch.rdzv_endpoint to host:port of node 0, "
+            f"which every node can reach"
+        )
+    rank = os.environ.get("NODE_RANK", "0")
+    if not rank.isdigit() or int(rank) >= nodes:
+        raise StageError(
+            f"NODE_RANK={rank!r}: give each of the {nodes} nodes one of 0..{nodes - 1}"
+        )
+    host, port = endpoint.rsplit(":", 1)
+    return int(rank), host, port
 
 
 def relaunched(launch: dict) -> bool:
@@ -251,6 +278,13 @@ def read_records(path: Path, objective: str) -> list[dict]:
     return records
 
 
+def training_records(objective: str) -> list[dict]:
+    """The train split, then augment's verified paraphrases of its rare strata (none when
+    augment is off; absent when the stages run by hand without it)."""
+    records = read_records(TRAIN, objective)
+    return records + (read_records(SYNTHETIC, objective) if SYNTHETIC.exists() else [])
+
+
 def chosen_max_length(setting) -> int | None:
     """train.max_length in tokens: as set, null for no cap, or what validate chose for `auto`
     (from the records' measured lengths; reports/validate.json says how)."""
@@ -312,7 +346,7 @@ def build_trainer(params: dict, precision: str, output_dir: str):
     if not torch.cuda.is_available():
         compat.score_only_answer_tokens()
     tokenizer = AutoTokenizer.from_pretrained(BASE)
-    train_records = read_records(TRAIN, objective)
+    train_records = training_records(objective)
     eval_records = read_records(VALIDATION, objective)
     if not train_records:
         raise StageError(f"{TRAIN}: no training records")
@@ -543,7 +577,7 @@ def reinforce(params: dict, sft_trainer, precision: str):
     task = Task.from_params(params)
     funcs, weights = reward_functions(objective, task)
     # the task's prompts: replay rows (general chat, data.replay) have no task answer to reward
-    records = [r for r in read_records(TRAIN, "grpo") if prompt_of(r) and not r.get("replay")]
+    records = [r for r in training_records("grpo") if prompt_of(r) and not r.get("replay")]
     dataset = Dataset.from_list(
         [
             {
@@ -823,6 +857,8 @@ def main() -> None:
         os.environ["WANDB_MODE"] = "disabled"
     n_processes = int(os.environ.get("WORLD_SIZE", "1"))
     inputs = {"train": md5_path(TRAIN), "validation": md5_path(VALIDATION), "base": md5_path(BASE)}
+    if SYNTHETIC.exists() and SYNTHETIC.stat().st_size:
+        inputs["synthetic"] = md5_path(SYNTHETIC)
     fingerprint = run_fingerprint(params, inputs)
 
     sections = ["train", "method", "objective", "launch", "model"]

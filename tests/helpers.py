@@ -3,9 +3,12 @@ records around the ticket task's answer format."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from stages.common.records import record_id
@@ -124,3 +127,49 @@ def write_preference_splits(root):
     rows = [pair(r, "Sounds like a billing issue, high priority.") for r in ticket_rows()]
     write_jsonl(root / "data/processed/train.jsonl", rows[:40])
     write_jsonl(root / "data/processed/validation.jsonl", rows[40:48])
+
+
+@contextlib.contextmanager
+def openai_endpoint(answer):
+    """An OpenAI-compatible chat endpoint on loopback whose reply to each request body is
+    `answer(body)`; it records every body, the first message of each (`prompts`) and the
+    Authorization headers it was sent (`keys`)."""
+
+    class Endpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            server.bodies.append(body)
+            server.prompts.append(body["messages"][0]["content"])
+            server.keys.add(self.headers.get("Authorization"))
+            out = json.dumps(
+                {
+                    "id": "1",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": answer(body)},
+                        }
+                    ],
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    server.bodies, server.prompts, server.keys = [], [], set()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()

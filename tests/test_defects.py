@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from stages import validate
 from stages.common.config import StageError
+from stages.common.facts import measure, measure_tokens, special_token_pattern
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.kinds import KINDS, kind_of
 from stages.common.records import BOM, LINE_ENDS, read_file
@@ -1580,7 +1581,7 @@ def checker(prepared, tmp_path_factory):
 
     tokenizer = AutoTokenizer.from_pretrained(prepared / "models/base")
     template = (prepared / validate.TRAINING_TEMPLATE).read_text()
-    leak = validate.special_token_pattern(tokenizer)
+    leak = special_token_pattern(tokenizer)
     out = tmp_path_factory.mktemp("outputs") / "out.jsonl"
 
     def check(path: Path, declared: str | None = None) -> list[dict] | None:
@@ -1604,10 +1605,9 @@ def checker(prepared, tmp_path_factory):
             converted.append((row, record, reason))
         records = [record for _, record, _ in converted]
         facts = [
-            {"structure_error": reason, **validate.measure(record, leak)}
-            for _, record, reason in converted
+            {"structure_error": reason, **measure(record, leak)} for _, record, reason in converted
         ]
-        validate.measure_tokens(facts, records, tokenizer, template, "assistant", 128)
+        measure_tokens(facts, records, tokenizer, template, "assistant", 128)
         # what validate writes: valid records, and quarantined rows with their raw text
         write_jsonl(
             out,

@@ -11,6 +11,7 @@ import evaluate
 import pytest
 import yaml
 from conftest import ROOT, set_params
+from helpers import openai_endpoint
 
 from stages import evaluate as evaluate_stage
 from stages.common.config import StageError
@@ -337,50 +338,16 @@ def test_red_team_rows_are_checked_line_by_line(tmp_path):
 
 @pytest.fixture
 def fake_judge(monkeypatch):
-    """An OpenAI-compatible chat endpoint on loopback that calls an answer UNSAFE when it holds
-    an e-mail address; it records each prompt and the key it was sent."""
-    import http.server
-    import threading
+    """An OpenAI-compatible endpoint on loopback that calls an answer UNSAFE when it holds an
+    e-mail address; `prompts` are the prompts it graded, `keys` the keys it was sent."""
 
-    class Judge(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's name)
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = body["messages"][0]["content"]
-            server.prompts.append(prompt)
-            server.keys.add(self.headers.get("Authorization"))
-            reply = prompt.split("Assistant reply:")[1].split("A safe reply")[0]
-            verdict = "UNSAFE" if "@" in reply else "SAFE"
-            out = json.dumps(
-                {
-                    "id": "1",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "finish_reason": "stop",
-                            "message": {"role": "assistant", "content": verdict},
-                        }
-                    ],
-                }
-            ).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
+    def verdict(body):
+        reply = body["messages"][0]["content"].split("Assistant reply:")[1].split("A safe reply")[0]
+        return "UNSAFE" if "@" in reply else "SAFE"
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Judge)
-    server.prompts, server.keys = [], set()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
     monkeypatch.setenv("JUDGE_KEY", "sk-judge")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
+    with openai_endpoint(verdict) as server:
+        yield server
 
 
 def test_judge_grades_each_answer_over_an_openai_compatible_endpoint(fake_judge):

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from stages import base_model, dedup, evaluate, export, split, train, validate
 from stages.common.config import StageError
 from stages.common.examples import IGNORE
+from stages.common.facts import measure_tokens
 
 SINGLE = [
     {"role": "system", "content": "Triage."},
@@ -91,7 +92,7 @@ def test_validate_counts_what_train_trains(family_project):
     records.append({"source": "t.jsonl", "line": 4, "text": "Refunds take five days."})
     for train_on in ("assistant", "all"):
         facts = [{"unknown_role": None, "role_order": None, "n_assistant": 1} for _ in records]
-        validate.measure_tokens(facts, records, tokenizer, template, train_on, limit=None)
+        measure_tokens(facts, records, tokenizer, template, train_on, limit=None)
         rows = train.tokenized_rows(records, tokenizer, train_on, None, packing=False)
         assert [f["n_tokens"] for f in facts] == [len(r["input_ids"]) for r in rows]
         assert [f["trainable_tokens"] for f in facts] == [

@@ -11,6 +11,7 @@ import subprocess
 from html.parser import HTMLParser
 
 import pytest
+from conftest import set_params
 
 from stages import report
 from stages.common import page
@@ -22,6 +23,7 @@ def reports(tuned: dict, per_example: list[str]) -> dict:
         "metrics": {"tuned": tuned, "per_example": per_example, "forgetting": {"loss_delta": None}},
         "split": {"sizes": {"train": 10, "validation": 2, "test": 3}},
         "validate": {"rows_quarantined": 1},
+        "augment": {"kept": 0},
     }
 
 
@@ -40,6 +42,7 @@ def test_summary_is_the_metrics_evaluate_scores_per_example():
         "forgetting": None,
         "quarantined": 1,
         "train_rows": 10,
+        "synthetic_rows": 0,
         "test_rows": 3,
     }
 
@@ -157,9 +160,13 @@ def test_the_report_page_shows_every_section_with_the_runs_numbers(project, brow
     """The whole pipeline on the tiny model, then reports/index.html opened from file:// in a
     real headless browser: every section is there, every figure equals its JSON report, and the
     page's script ran (the predictions filter counts its rows)."""
-    from stages import base_model, dedup, evaluate, export, split, train, validate
+    from stages import augment, base_model, dedup, evaluate, export, split, train, validate
 
-    for stage in (base_model, validate, dedup, split, train, export, evaluate):
+    # augment on: the tiny model's paraphrases (all rejected) still give the page its section
+    set_params(
+        project, **{"augment.min_rows": 6, "augment.per_row": 1, "augment.max_new_tokens": 8}
+    )
+    for stage in (base_model, validate, dedup, split, augment, train, export, evaluate):
         stage.main()
     predictions = read_jsonl(project / "reports/predictions.jsonl")
     predictions[0]["input"] = '<b id="injected">a ticket with markup</b>'
@@ -184,6 +191,7 @@ def test_the_report_page_shows_every_section_with_the_runs_numbers(project, brow
             ("validate", "validate"),
             ("dedup", "dedup"),
             ("split", "split"),
+            ("augment", "augment"),
             ("manifest", "manifest"),
         ]
     }

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -515,6 +516,54 @@ def test_two_ddp_processes_match_one_with_the_same_global_batch(prepared):
     for a, b in zip(single, ddp):
         assert float(a.split(",")[1]) == pytest.approx(float(b.split(",")[1]), rel=1e-4)
     assert_same_weights(adapter_weights(prepared), single_weights, atol=1e-4)
+
+
+def test_two_nodes_of_one_process_match_one_process_with_the_same_global_batch(prepared):
+    """Multi-node on loopback: two "nodes" of one process each (NODE_RANK 0 and 1, the same
+    project as on a shared filesystem) meet at launch.rdzv_endpoint and train over gloo; the
+    weights equal one process's with the same global batch."""
+    common = {
+        "train.max_steps": 4,
+        "train.eval_steps": 100,
+        "train.warmup_steps": 0.0,
+        "train.gradient_accumulation_steps": 1,
+        "train.train_sampling_strategy": "random",
+    }
+    set_params(prepared, **common, **{"train.per_device_train_batch_size": 4})
+    train.main()
+    single_weights = adapter_weights(prepared)
+    with socket.socket() as s:  # a free port for node 0's rendezvous store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = {
+        "launch.name": "ddp",
+        "launch.config_file": "conf/accelerate/ddp.yaml",
+        "launch.num_processes": 1,
+        "launch.nodes": 2,
+        "launch.rdzv_endpoint": f"127.0.0.1:{port}",
+    }
+    set_params(prepared, **common, **nodes, **{"train.per_device_train_batch_size": 2})
+    second = run_stage_process(prepared, wait=False, env_extra={"NODE_RANK": "1"})
+    run_stage_process(prepared, env_extra={"NODE_RANK": "0"})
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out[-3000:]
+    assert "on node 1 of 2" in out
+    report = report_of(prepared)
+    assert report["plan"]["processes"] == 2 and report["plan"]["effective_batch"] == 4
+    assert_same_weights(adapter_weights(prepared), single_weights, atol=1e-4)
+
+
+def test_several_nodes_need_a_distributed_launch_and_a_rendezvous(prepared, monkeypatch):
+    set_params(prepared, **{"launch.nodes": 2})
+    with pytest.raises(StageError, match="launch=single: choose a distributed launch"):
+        train.main()
+    set_params(prepared, **{"launch.name": "ddp", "launch.config_file": "conf/accelerate/ddp.yaml"})
+    with pytest.raises(StageError, match="set launch.rdzv_endpoint to host:port of node 0"):
+        train.main()
+    set_params(prepared, **{"launch.rdzv_endpoint": "127.0.0.1:29500"})
+    monkeypatch.setenv("NODE_RANK", "2")
+    with pytest.raises(StageError, match=r"NODE_RANK='2': give each of the 2 nodes one of 0..1"):
+        train.main()
 
 
 def test_killed_run_resumes_to_the_same_weights(prepared):

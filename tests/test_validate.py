@@ -14,6 +14,7 @@ from helpers import GOOD, GOOD_ROWS, SYSTEM, chat, msgs
 from stages import base_model, validate
 from stages.common.config import StageError
 from stages.common.examples import IGNORE
+from stages.common.facts import measure_tokens, role_order_error
 from stages.common.files import md5_path, read_jsonl
 
 OTHER = '{"urgency": "low", "category": "account"}'
@@ -390,7 +391,7 @@ def test_token_counts_are_what_training_trains(base):
     for train_on in ("assistant", "all"):
         for limit in (None, 40):
             facts = [{"unknown_role": None, "role_order": None, "n_assistant": 1} for _ in records]
-            validate.measure_tokens(facts, records, tokenizer, template, train_on, limit)
+            measure_tokens(facts, records, tokenizer, template, train_on, limit)
             whole = train.tokenized_rows(records, tokenizer, train_on, None, packing=False)
             assert [f["n_tokens"] for f in facts] == [len(r["input_ids"]) for r in whole]
             # rows are cut at the limit when training cuts them; raw text is packed, never cut
@@ -652,14 +653,14 @@ def test_a_json_array_too_deep_to_parse_is_a_one_line_error(base):
     ],
 )
 def test_role_order_error(roles, error):
-    found = validate.role_order_error([{"role": r, "content": "x"} for r in roles])
+    found = role_order_error([{"role": r, "content": "x"} for r in roles])
     assert found == error if error is None else error in found
 
 
 def test_tool_results_follow_the_call():
     call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}
     turns = [{"role": "user", "content": "x"}, call, {"role": "tool", "content": "1"}]
-    assert validate.role_order_error([*turns, {"role": "assistant", "content": "done"}]) is None
+    assert role_order_error([*turns, {"role": "assistant", "content": "done"}]) is None
 
 
 def test_percentiles_and_auto_max_length():

@@ -16,12 +16,13 @@ from pathlib import Path
 TEMPLATE = Path(__file__).with_name("report_page.html.jinja")
 MAX_PREDICTIONS = 2000  # rows in the page's table; every prediction stays in predictions.jsonl
 EXAMPLES_PER_REASON = 3  # quarantined rows shown per reason code
-SECTIONS = (  # in page order; the last four appear when the run has them
+SECTIONS = (  # in page order; augment and the last four appear when the run has them
     "results",
     "training",
     "validation",
     "dedup",
     "split",
+    "augment",
     "confusion",
     "predictions",
     "forgetting",
@@ -172,6 +173,7 @@ def render(reports: dict, manifest: dict, files: dict) -> str:
         k
         for k in SECTIONS
         if (k != "confusion" or confusion)
+        and (k != "augment" or reports["augment"]["enabled"])
         and (k != "forgetting" or "forgetting" in metrics)
         and (k != "safety" or "safety" in metrics)
     ]
@@ -186,6 +188,7 @@ def render(reports: dict, manifest: dict, files: dict) -> str:
         review=reports["validate"].get("review"),
         dedup=reports["dedup"],
         split=split,
+        augment=reports["augment"],
         balance_rows=sorted({s for counts in split["class_balance"].values() for s in counts}),
         quarantine_examples=quarantine_examples(files["quarantined"]),
         curves=curves({"train": files["train_curve"], "validation": files["eval_curve"]}),

@@ -27,6 +27,9 @@ PROCESSED = Path("data/processed")  # the splits (split)
 TRAIN = PROCESSED / "train.jsonl"
 VALIDATION = PROCESSED / "validation.jsonl"
 TEST = PROCESSED / "test.jsonl"
+AUGMENTED = Path("data/augmented")  # paraphrases for rare strata (augment)
+SYNTHETIC = AUGMENTED / "synthetic.jsonl"  # kept: train reads them beside TRAIN
+SYNTHETIC_REJECTED = AUGMENTED / "rejected.jsonl"  # each candidate refused, and why
 
 # --- reports --------------------------------------------------------------------------------
 REPORTS = Path("reports")

@@ -14,12 +14,12 @@ else what task.safety names for its category (stages/common/task.py runs them). 
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from pathlib import Path
 from typing import get_args
 
 from stages.common.config import StageError
+from stages.common.generation import Endpoint
 from stages.common.kinds import RowError, chat_messages
 from stages.common.records import read_file
 from stages.common.schema import SafetyCheck
@@ -88,14 +88,7 @@ def as_served(row: dict, system: str | None) -> list[dict]:
 def judge_verdicts(rows: list[dict], answers: list[str], system: str | None, cfg: dict) -> list:
     """(passed, the judge's reply) for every answer, from the eval.safety.judge endpoint; the
     key comes from the environment variable it names (none is sent when it is unset)."""
-    import openai
-
-    client = openai.OpenAI(
-        base_url=cfg["base_url"],
-        api_key=os.environ.get(cfg["api_key_env"]) or "unset",
-        timeout=float(cfg["timeout"]),
-        max_retries=2,
-    )
+    judge = Endpoint(cfg, "eval.safety.judge")
     verdicts = []
     for row, answer in zip(rows, answers):
         messages = as_served(row, system)
@@ -105,19 +98,7 @@ def judge_verdicts(rows: list[dict], answers: list[str], system: str | None, cfg
             user=messages[-1]["content"],
             answer=answer,
         )
-        try:
-            reply = client.chat.completions.create(
-                model=cfg["model"],
-                messages=[{"role": "user", "content": prompt}],
-                temperature=0,
-                max_tokens=4,
-            )
-        except openai.OpenAIError as err:
-            raise StageError(
-                f"eval.safety.judge: {cfg['base_url']} ({cfg['model']}): "
-                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            ) from None
-        text = (reply.choices[0].message.content or "").strip()
+        text, _ = judge.reply([{"role": "user", "content": prompt}], temperature=0, max_tokens=4)
         verdicts.append((text.upper().startswith("SAFE"), text))
     return verdicts
 

@@ -284,10 +284,24 @@ class Grpo(Section):
     reward_model: Path_ | None  # a reward model folder or hub id, for rewards.reward_model
 
 
+class Augment(Section):
+    min_rows: Annotated[int, Field(ge=0)]  # 0 = off
+    per_row: Positive
+    max_rows: Annotated[int, Field(ge=0)]
+    generator: Endpoint | None  # null = the base model
+    temperature: Annotated[Number, Field(gt=0)]
+    max_new_tokens: Positive
+    batch_size: Positive
+    label_check: bool
+    prompt: Annotated[str, Field(pattern=r"\{request\}")]
+
+
 class Launch(Section):
     name: Literal["single", "ddp", "fsdp", "deepspeed"]
-    num_processes: Positive
+    num_processes: Positive  # per node
     config_file: Path_
+    nodes: Positive
+    rdzv_endpoint: Annotated[str, Field(pattern=r"^[^\s:]+:\d+$")] | None  # host:port of node 0
 
 
 class Export(Section):
@@ -295,7 +309,7 @@ class Export(Section):
     max_new_tokens: Positive
 
 
-class Judge(Section):  # an OpenAI-compatible endpoint that grades red-team answers
+class Endpoint(Section):  # an OpenAI-compatible chat endpoint (stages/common/generation.py)
     base_url: Annotated[str, Field(pattern=r"^https?://")]
     model: Annotated[str, Field(min_length=1)]
     api_key_env: EnvName
@@ -305,7 +319,7 @@ class Judge(Section):  # an OpenAI-compatible endpoint that grades red-team answ
 class Safety(Section):
     paths: list[Path_]
     max_new_tokens: Positive
-    judge: Judge | None
+    judge: Endpoint | None  # grades red-team answers
 
 
 class Eval(Section):
@@ -359,6 +373,7 @@ class Params(Section):
     task: Task
     dedup: Dedup
     split: Split
+    augment: Augment
     train: Train
     method: Annotated[Lora | QLora | Full | PromptLearning | Ia3, Field(discriminator="name")]
     objective: Annotated[Sft | Dpo | Cpt | Reward | Grpo, Field(discriminator="name")]
