@@ -85,20 +85,21 @@ def summary(reports: dict) -> dict:
     """The numbers experiments are compared by, flat and short-named so `make exps` fits a
     terminal: the tuned model's per-example metrics (the ones the regression gate resamples,
     as evaluate lists them), the forgetting gap (general-set loss, tuned - base), the share of
-    red-team prompts passed, and the rows validation quarantined and split kept. A metric
-    that was not finite stays null."""
+    red-team prompts passed, the rows validation quarantined and split kept, and the rows
+    augment added when it ran. A metric that was not finite stays null."""
     metrics, split = reports["metrics"], reports["split"]
     out = {k: metrics["tuned"].get(k) for k in metrics["per_example"]}
     if "forgetting" in metrics:
         out["forgetting"] = metrics["forgetting"]["loss_delta"]
     if "safety" in metrics:
         out["safety"] = metrics["safety"]["tuned"]["pass_rate"]
-    return out | {
+    out |= {
         "quarantined": reports["validate"]["rows_quarantined"],
         "train_rows": split["sizes"]["train"],
-        "synthetic_rows": reports["augment"]["kept"],
-        "test_rows": split["sizes"]["test"],
     }
+    if reports["augment"]["enabled"]:  # a column only where augment ran: `make exps` stays narrow
+        out["synthetic_rows"] = reports["augment"]["kept"]
+    return out | {"test_rows": split["sizes"]["test"]}
 
 
 def reward_model_md5(objective: dict) -> str | None:

@@ -23,7 +23,7 @@ def reports(tuned: dict, per_example: list[str]) -> dict:
         "metrics": {"tuned": tuned, "per_example": per_example, "forgetting": {"loss_delta": None}},
         "split": {"sizes": {"train": 10, "validation": 2, "test": 3}},
         "validate": {"rows_quarantined": 1},
-        "augment": {"kept": 0},
+        "augment": {"enabled": False, "kept": 0},
     }
 
 
@@ -42,7 +42,6 @@ def test_summary_is_the_metrics_evaluate_scores_per_example():
         "forgetting": None,
         "quarantined": 1,
         "train_rows": 10,
-        "synthetic_rows": 0,
         "test_rows": 3,
     }
 
