@@ -79,7 +79,9 @@ def main() -> None:
                 "augment: the rare strata hold no chat row that ends with a user request and "
                 "an answer, so there is nothing to paraphrase (augment works on chat records)"
             )
-        kept, rejected, asked = augment(sources, rare, splits, params) if rare else ([], [], {})
+        kept, rejected, asked = (
+            augment(sources, rare, splits, params, task) if rare else ([], [], {})
+        )
         write_jsonl(SYNTHETIC, kept)
         write_jsonl(REJECTED, rejected)
         report = build_report(cfg, counts, rare, asked, kept, rejected)
@@ -197,12 +199,12 @@ def synthetic_record(source: dict, paraphrase: str, stratum: str, generator: str
     }
 
 
-def augment(sources: dict, rare: dict, splits: dict, params: dict):
+def augment(sources: dict, rare: dict, splits: dict, params: dict, task: Task):
     """(kept rows, rejected rows, candidates asked per stratum): rounds of paraphrases over the
     sources of each rare stratum until it is topped up, each round checked before the next."""
-    cfg, seed, task = params["augment"], int(params["seed"]), Task.from_params(params)
+    cfg, seed = params["augment"], int(params["seed"])
     generator = Generator(cfg, seed)
-    checker = Checker(params, splits, generator)
+    checker = Checker(params, task, splits, generator)
     kept: list[dict] = []
     rejected: list[dict] = []
     asked: Counter[str] = Counter()
@@ -236,9 +238,7 @@ def augment(sources: dict, rare: dict, splits: dict, params: dict):
         ]
         for s, _ in batch:
             asked[s] += 1
-        reasons = checker.check(
-            candidates, [src for _, src in batch], [c for _, c in replies], task
-        )
+        reasons = checker.check(candidates, [src for _, src in batch], [c for _, c in replies])
         for candidate, reason in zip(candidates, reasons):
             if reason is None and len(kept) < cfg["max_rows"]:
                 candidate["meta"]["synthetic"]["label_checked"] = bool(cfg["label_check"])
@@ -258,10 +258,12 @@ class Checker:
     """The checks of a candidate, in order; `accept` adds a kept row to what later ones are
     compared with."""
 
-    def __init__(self, params: dict, splits: dict[str, list[dict]], generator: Generator):
+    def __init__(
+        self, params: dict, task: Task, splits: dict[str, list[dict]], generator: Generator
+    ):
         from transformers import AutoTokenizer
 
-        self.params, self.generator = params, generator
+        self.params, self.task, self.generator = params, task, generator
         self.tokenizer = AutoTokenizer.from_pretrained(paths.BASE)
         self.leak_pattern = special_token_pattern(self.tokenizer)
         self.template = paths.TRAINING_TEMPLATE.read_text(encoding="utf-8")
@@ -277,9 +279,7 @@ class Checker:
         self.known.append((text, "synthetic", row["id"]))
         self.seen.setdefault(text, ("synthetic", row["id"]))
 
-    def check(
-        self, rows: list[dict], sources: list[dict], cut: list[bool], task: Task
-    ) -> list[str | None]:
+    def check(self, rows: list[dict], sources: list[dict], cut: list[bool]) -> list[str | None]:
         reasons: list[str | None] = [None] * len(rows)
         for i, (row, src) in enumerate(zip(rows, sources)):
             said = row["messages"][-2]["content"]
@@ -297,9 +297,7 @@ class Checker:
             reasons[i] = reason
         if self.params["augment"]["label_check"]:
             open_rows = [i for i, r in enumerate(reasons) if r is None]
-            checked = self.labels(
-                [rows[i] for i in open_rows], [sources[i] for i in open_rows], task
-            )
+            checked = self.labels([rows[i] for i in open_rows], [sources[i] for i in open_rows])
             for i, reason in zip(open_rows, checked):
                 reasons[i] = reason
         return reasons
@@ -313,11 +311,15 @@ class Checker:
         policy = self.params["data"]["length_policy"]
         limit = self.max_length if policy == "truncate" else None
         measure_tokens(facts, rows, self.tokenizer, self.template, trained_turns(objective), limit)
-        task = Task.from_params(self.params)
-        label_columns(facts, task)
+        label_columns(facts, self.task)
         with tempfile.TemporaryDirectory() as docs:  # validate's Data Docs are the ones kept
             failures, _ = expectations.check_rows(
-                fact_table(facts), task, self.max_length, policy, rows[0]["kind"], Path(docs) / "d"
+                fact_table(facts),
+                self.task,
+                self.max_length,
+                policy,
+                rows[0]["kind"],
+                Path(docs) / "d",
             )
         return [failures[i][0] if i in failures else None for i in range(len(rows))]
 
@@ -352,7 +354,7 @@ class Checker:
             out[b - n] = f"near_duplicate of {name}:{rid}"
         return out
 
-    def labels(self, rows: list[dict], sources: list[dict], task: Task) -> list[str | None]:
+    def labels(self, rows: list[dict], sources: list[dict]) -> list[str | None]:
         """The generator answers each paraphrase as its training row asks it (greedy); the
         task's label fields of that answer must equal the source's."""
         if not rows:
@@ -363,11 +365,11 @@ class Checker:
         replies = self.generator.answers([prompt_of(r) for r in rows], 0.0, budget)
         out: list[str | None] = []
         for (text, _), src in zip(replies, sources):
-            got, want = task.parse(text), task.parse(answer_of(src)) or {}
+            got, want = self.task.parse(text), self.task.parse(answer_of(src)) or {}
             if got is None:
                 out.append(f"label_off_format: {text[:80]!r}")
                 continue
-            differ = {f: got.get(f) for f in task.labels if got.get(f) != want.get(f)}
+            differ = {f: got.get(f) for f in self.task.labels if got.get(f) != want.get(f)}
             out.append(f"label_mismatch: {differ}" if differ else None)
         return out
 

@@ -493,20 +493,23 @@ def run_stage_process(root, env_extra=None, wait=True):
     return proc
 
 
+# four optimizer steps, one per batch, in a seeded order: runs of 1 and 2 processes compare
+SAME_RUN = {
+    "train.max_steps": 4,
+    "train.eval_steps": 100,
+    "train.warmup_steps": 0.0,
+    "train.gradient_accumulation_steps": 1,
+    "train.train_sampling_strategy": "random",
+}
+
+
 def test_two_ddp_processes_match_one_with_the_same_global_batch(prepared):
-    common = {
-        "train.max_steps": 4,
-        "train.eval_steps": 100,
-        "train.warmup_steps": 0.0,
-        "train.gradient_accumulation_steps": 1,
-        "train.train_sampling_strategy": "random",
-    }
-    set_params(prepared, **common, **{"train.per_device_train_batch_size": 4})
+    set_params(prepared, **SAME_RUN, **{"train.per_device_train_batch_size": 4})
     train.main()
     single = (prepared / "reports/plots/train_loss.csv").read_text().splitlines()[1:]
     single_weights = adapter_weights(prepared)
     set_params(
-        prepared, **common, **{"train.per_device_train_batch_size": 2, "launch.num_processes": 2}
+        prepared, **SAME_RUN, **{"train.per_device_train_batch_size": 2, "launch.num_processes": 2}
     )
     run_stage_process(prepared)
     report = report_of(prepared)
@@ -522,14 +525,7 @@ def test_two_nodes_of_one_process_match_one_process_with_the_same_global_batch(p
     """Multi-node on loopback: two "nodes" of one process each (NODE_RANK 0 and 1, the same
     project as on a shared filesystem) meet at launch.rdzv_endpoint and train over gloo; the
     weights equal one process's with the same global batch."""
-    common = {
-        "train.max_steps": 4,
-        "train.eval_steps": 100,
-        "train.warmup_steps": 0.0,
-        "train.gradient_accumulation_steps": 1,
-        "train.train_sampling_strategy": "random",
-    }
-    set_params(prepared, **common, **{"train.per_device_train_batch_size": 4})
+    set_params(prepared, **SAME_RUN, **{"train.per_device_train_batch_size": 4})
     train.main()
     single_weights = adapter_weights(prepared)
     with socket.socket() as s:  # a free port for node 0's rendezvous store
@@ -542,7 +538,7 @@ def test_two_nodes_of_one_process_match_one_process_with_the_same_global_batch(p
         "launch.nodes": 2,
         "launch.rdzv_endpoint": f"127.0.0.1:{port}",
     }
-    set_params(prepared, **common, **nodes, **{"train.per_device_train_batch_size": 2})
+    set_params(prepared, **SAME_RUN, **nodes, **{"train.per_device_train_batch_size": 2})
     second = run_stage_process(prepared, wait=False, env_extra={"NODE_RANK": "1"})
     run_stage_process(prepared, env_extra={"NODE_RANK": "0"})
     out, _ = second.communicate(timeout=600)
