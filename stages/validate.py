@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.common import expectations, paths, review, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
+from stages.common.engine import Spool, chunked, map_chunks
 from stages.common.examples import trained_turns
 from stages.common.facts import (
     fact_table,
@@ -42,16 +44,15 @@ from stages.common.facts import (
     measure_tokens,
     special_token_pattern,
 )
-from stages.common.files import md5_path, write_json, write_jsonl
+from stages.common.files import jsonl_writer, md5_path, write_json
 from stages.common.kinds import (
     KINDS,
     RowError,
     canonical,
-    detect_kind,
     kind_of,
     rename_fields,
 )
-from stages.common.records import read_file, record_id, resolve_paths
+from stages.common.records import iter_file, record_id, resolve_paths
 from stages.common.task import Task
 
 VALID, QUARANTINE, DATA_DOCS = paths.VALID, paths.QUARANTINE, paths.DATA_DOCS
@@ -64,23 +65,31 @@ FIXED_SETS = ("test", "validation")  # data.<name>_path: evaluation sets that ne
 # --- 1-2. rows -> canonical records --------------------------------------------------------
 
 
-def choose_kinds(files: dict[Path, list[dict]], declared: str) -> dict[Path, str]:
-    """The kind of each file: declared, or detected; files of different kinds are an error."""
+def choose_kinds(sources: list[Path], declared: str, columns: dict) -> dict[Path, str]:
+    """The kind of each file: declared, or detected from its rows (one streaming read of each
+    file, for `auto` only); files of different kinds are an error."""
     if declared != "auto":
-        return dict.fromkeys(files, declared)
+        return dict.fromkeys(sources, declared)
     kinds = {}
-    for path, rows in files.items():
-        objects = [r["obj"] for r in rows if r["parse_error"] is None]
-        kind, counts = detect_kind(objects)
-        if kind is None:
-            if not rows:
+    for path in sources:
+        counts, n_rows, keys = Counter(), 0, set()
+        for row in iter_file(path):
+            n_rows += 1
+            if row["parse_error"] is None:
+                obj = rename_fields(row["obj"], columns)
+                counts[kind_of(obj)] += 1
+                if isinstance(obj, dict):
+                    keys.update(obj)
+        counts.pop(None, None)
+        if not counts:
+            if not n_rows:
                 continue  # an empty file has no kind; it is reported, not guessed
-            keys = sorted({k for o in objects if isinstance(o, dict) for k in o})[:8]
             raise StageError(
-                f"{path}: cannot tell the record kind from its fields {keys}; "
+                f"{path}: cannot tell the record kind from its fields {sorted(keys)[:8]}; "
                 f"set data.kind to one of {', '.join(KINDS)}"
             )
-        print(f"validate: {path}: detected kind '{kind}' ({counts[kind]} of {len(rows)} rows)")
+        kind = counts.most_common(1)[0][0]
+        print(f"validate: {path}: detected kind '{kind}' ({counts[kind]} of {n_rows} rows)")
         kinds[path] = kind
     if len(set(kinds.values())) > 1:
         listing = "; ".join(f"{p}: {k}" for p, k in kinds.items())
@@ -91,15 +100,8 @@ def choose_kinds(files: dict[Path, list[dict]], declared: str) -> dict[Path, str
     return kinds
 
 
-def schema_drift(files: dict[Path, list[dict]]) -> dict[str, dict]:
+def schema_drift(keysets: dict[Path, set]) -> dict[str, dict]:
     """Top-level fields each file has or lacks against the first file (same kind, other keys)."""
-    keysets = {}
-    for path, rows in files.items():
-        objects = [
-            r["obj"] for r in rows if r["parse_error"] is None and isinstance(r["obj"], dict)
-        ]
-        if objects:
-            keysets[path] = set().union(*(o.keys() for o in objects))
     if len(keysets) < 2:
         return {}
     first_path, first = next(iter(keysets.items()))
@@ -166,10 +168,9 @@ def auto_max_length(lengths: list[int], context: int) -> tuple[int | None, str]:
 
 
 def main() -> None:
-    """1. read the files; 2. canonical records; 3. measure every row; 4. run the GX suite;
-    5. write the valid rows and the quarantine; 6. report; 7. the gate."""
-    from transformers import AutoTokenizer
-
+    """1. the kinds of the files; 2. read, convert and measure every row, a chunk at a time
+    (worker processes), keeping only the facts; 3. max_length; 4. run the GX suite over the
+    facts; 5. write the valid rows and the quarantine; 6. report; 7. the gate."""
     params = load_params()
     data, task = params["data"], Task.from_params(params)
     sources, fixed = input_files(data)
@@ -178,51 +179,112 @@ def main() -> None:
         require_dependency("validate", "data.review.path", data["review"]["path"])
         inputs["review"] = md5_path(Path(data["review"]["path"]))
     with tracking.stage_run("validate", params, ["data", "task", "train"], inputs) as run:
-        files, rows = read_rows(sources, data["columns"])
-        kinds = choose_kinds(files, data["kind"])
-        drift = check_drift(files, data["schema_drift"])
-        converted = canonical_records(rows, kinds, data["kind"], fixed)
+        kinds = choose_kinds(sources, data["kind"], data["columns"])
         reviewed = (
             review.read_sheets(Path(data["review"]["path"])) if data["review"]["path"] else []
         )
-        corrected = review.apply_corrections(
-            [record for record, _, _ in converted], reviewed, data["review"]["corrections"]
-        )
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"  # batch encoding below; no forks follow
-        tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-        facts, max_length, chosen = measure_rows(converted, tokenizer, params, task)
-        kind = next(iter(kinds.values()), data["kind"])
-        failures, summary = expectations.check_rows(
-            fact_table(facts), task, max_length, data["length_policy"], kind, DATA_DOCS
-        )
-        valid, quarantined = sort_rows(rows, converted, failures)
-        write_jsonl(VALID, valid)
-        write_jsonl(QUARANTINE, quarantined)
+        mode = data["review"]["corrections"]
+        fixes = review.correction_index(reviewed, mode)
+        setting, policy = params["train"]["max_length"], data["length_policy"]
+        settings = {
+            "columns": data["columns"],
+            "kinds": kinds,
+            "declared": data["kind"],
+            "fixed": fixed,
+            "fixes": fixes,
+            "corrections": mode,
+            "task": task,
+            "train_on": trained_turns(params["objective"]),
+            # rows are measured as training cuts them: known now unless max_length is auto
+            "limit": setting if policy == "truncate" and setting != "auto" else None,
+        }
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"  # batch encoding; workers turn it off
+        with Spool(VALID.parent) as spool:
+            survey = survey_rows(sources, settings, spool)
+            drift = check_drift(survey.keysets, data["schema_drift"])
+            max_length, chosen = resolve_max_length(survey, spool, settings, setting, policy)
+            kind = next(iter(kinds.values()), data["kind"])
+            failures, summary = expectations.check_rows(
+                fact_table(survey.facts), task, max_length, policy, kind, DATA_DOCS
+            )
+            tally = write_rows(spool, failures)
         report = {
-            **build_report(rows, valid, quarantined, facts, failures, files, kinds, fixed, drift),
-            **length_report(facts, failures, max_length, chosen, data["length_policy"]),
-            "class_balance": class_balance(facts, failures, task),
+            **build_report(survey, tally, failures, kinds, fixed, drift),
+            **length_report(survey.facts, failures, max_length, chosen, policy),
+            "class_balance": class_balance(survey.facts, failures, task),
             "expectations": summary,
             "data_docs": str(DATA_DOCS / "index.html"),
-            "review": corrected,
+            "review": review.review_report(reviewed, fixes, survey.matched, mode),
         }
         write_json(REPORT, report)
         # the number alone, apart from the report: new rows that leave it as it was retrain nothing
         write_json(MAX_LENGTH, {"max_length": max_length})
-        by_reason = Counter(r for q in quarantined for r in q["reasons"])
         run.summary.update(
             {
-                "validate/rows_in": len(rows),
-                "validate/rows_out": len(valid),
+                "validate/rows_in": survey.n_rows,
+                "validate/rows_out": tally.rows_out,
                 "validate/pass_rate": report["pass_rate"],
-                **{f"validate/quarantined/{k}": v for k, v in by_reason.items()},
+                **{f"validate/quarantined/{k}": v for k, v in tally.by_reason.items()},
             }
         )
         print(
-            f"validate: {len(rows)} rows in, {len(valid)} valid, {len(quarantined)} quarantined "
-            f"{dict(by_reason)}"
+            f"validate: {survey.n_rows} rows in, {tally.rows_out} valid, {tally.rows} "
+            f"quarantined {dict(tally.by_reason)}"
         )
-        gate(quarantined, len(rows), facts, data, task)
+        longest = max((n or 0 for n in survey.facts["n_tokens"]), default=0)
+        gate(tally, survey.n_rows, longest, data, task)
+
+
+# --- the per-record work: engine.map_chunks runs it on each chunk, in worker processes ------
+
+_WORK: dict = {}  # what setup_worker prepared in this process
+
+
+def setup_worker(settings: dict) -> None:
+    """Load what measuring a row needs (the tokenizer, the training template) once per process."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    _WORK.update(
+        settings,
+        tokenizer=tokenizer,
+        leak_pattern=special_token_pattern(tokenizer),
+        template=TRAINING_TEMPLATE.read_text(encoding="utf-8"),
+    )
+
+
+def measure_chunk(numbered: tuple[int, list[dict]]) -> tuple[list[dict], Counter, dict]:
+    """Chunk `index` of raw rows -> (the facts of each row, the columns of the GX table; the
+    corrections matched; rows and top-level fields per file). The rows (fields renamed by
+    `data.columns`) and their (canonical record, structural reason, detail), rows of a fixed
+    set tagged with it and reviewed corrections applied, go to the spool."""
+    index, rows = numbered
+    work = _WORK
+    for row in rows:
+        row["obj"] = rename_fields(row["obj"], work["columns"])
+    converted = [
+        to_record(row, work["kinds"].get(Path(row["source"]), work["declared"])) for row in rows
+    ]
+    for record, _, _ in converted:
+        if record is not None and Path(record["source"]) in work["fixed"]:
+            record["fixed_split"] = work["fixed"][Path(record["source"])]
+    records = [record for record, _, _ in converted]
+    matched = review.correct_records(records, work["fixes"], work["corrections"])
+    facts = [
+        {"structure_error": reason, **measure(record, work["leak_pattern"])}
+        for record, reason, _ in converted
+    ]
+    tokenizer, template = work["tokenizer"], work["template"]
+    measure_tokens(facts, records, tokenizer, template, work["train_on"], work["limit"])
+    label_columns(facts, work["task"])
+    Spool.put(work["spool"], index, (rows, converted))
+    files: dict[str, tuple[int, set]] = {}
+    for row in rows:
+        n, keys = files.get(row["source"], (0, set()))
+        if row["parse_error"] is None and isinstance(row["obj"], dict):
+            keys.update(row["obj"])
+        files[row["source"]] = (n + 1, keys)
+    return facts, matched, files
 
 
 # --- the steps of main ------------------------------------------------------------------------
@@ -235,23 +297,46 @@ def input_files(data: dict) -> tuple[list[Path], dict[Path, str]]:
     return sources + list(fixed), fixed
 
 
-def read_rows(sources: list[Path], columns: dict) -> tuple[dict[Path, list[dict]], list[dict]]:
-    """Every row of every file (fields renamed by `data.columns`), by file and in one list."""
-    files = {path: read_file(path) for path in sources}
-    for path, file_rows in files.items():
-        if not file_rows:
+@dataclass
+class Survey:
+    """What the first pass keeps in memory: counts, and the facts as columns (small values
+    per row); the rows themselves go to the spool."""
+
+    files: dict[Path, int]  # rows per file
+    keysets: dict[Path, set] = field(default_factory=dict)  # top-level fields per file
+    facts: dict[str, list] = field(default_factory=dict)  # GX column -> value per row
+    matched: Counter = field(default_factory=Counter)  # corrections -> records they fixed
+    n_rows: int = 0
+
+
+def survey_rows(sources: list[Path], settings: dict, spool: Spool) -> Survey:
+    """Read, convert and measure every row of every file, a chunk at a time; the rows and
+    their records go to the spool, their facts into the survey."""
+    survey = Survey(files=dict.fromkeys(sources, 0))
+    rows = (row for path in sources for row in iter_file(path))
+    settings = {**settings, "spool": spool.folder}
+    for facts, matched, files in map_chunks(
+        measure_chunk, enumerate(chunked(rows)), setup_worker, (settings,)
+    ):
+        survey.n_rows += len(facts)
+        survey.matched.update(matched)
+        for source, (n, keys) in files.items():
+            survey.files[Path(source)] += n
+            if keys:
+                survey.keysets.setdefault(Path(source), set()).update(keys)
+        for name in facts[0]:
+            survey.facts.setdefault(name, []).extend(f[name] for f in facts)
+    for path, n in survey.files.items():
+        if not n:
             print(f"validate: warning: {path} holds no records")
-        for row in file_rows:
-            row["obj"] = rename_fields(row["obj"], columns)
-    rows = [row for file_rows in files.values() for row in file_rows]
-    if not rows:
+    if not survey.n_rows:
         raise StageError(f"{', '.join(map(str, sources))}: no records")
-    return files, rows
+    return survey
 
 
-def check_drift(files: dict[Path, list[dict]], policy: str) -> dict[str, dict]:
+def check_drift(keysets: dict[Path, set], policy: str) -> dict[str, dict]:
     """Warn of fields that differ between files; `data.schema_drift: fail` stops the stage."""
-    drift = schema_drift(files)
+    drift = schema_drift(keysets)
     for path, change in drift.items():
         print(
             f"validate: warning: schema drift in {path} against {change['compared_to']}: "
@@ -262,114 +347,127 @@ def check_drift(files: dict[Path, list[dict]], policy: str) -> dict[str, dict]:
     return drift
 
 
-def canonical_records(
-    rows: list[dict], kinds: dict[Path, str], declared: str, fixed: dict[Path, str]
-) -> list[tuple[dict | None, str | None, str]]:
-    """(record, structural reason, detail) per row; rows of a fixed set are tagged with it."""
-    converted = [to_record(row, kinds.get(Path(row["source"]), declared)) for row in rows]
-    for record, _, _ in converted:
-        if record is not None and Path(record["source"]) in fixed:
-            record["fixed_split"] = fixed[Path(record["source"])]
-    return converted
-
-
-def measure_rows(
-    converted: list[tuple], tokenizer, params: dict, task: Task
-) -> tuple[list[dict], int | None, str]:
-    """The facts of every row (one dict each, the columns of the GX table), with
-    train.max_length resolved (`auto`: from the measured lengths) and how it was chosen."""
-    setting, policy = params["train"]["max_length"], params["data"]["length_policy"]
-    max_length = None if setting == "auto" else setting
-    records = [record for record, _, _ in converted]
-    leak_pattern = special_token_pattern(tokenizer)
-    facts = [
-        {"structure_error": reason, **measure(record, leak_pattern)}
-        for record, reason, _ in converted
-    ]
-    train_on = trained_turns(params["objective"])
-    template = TRAINING_TEMPLATE.read_text(encoding="utf-8")
-    limit = max_length if policy == "truncate" else None
-    measure_tokens(facts, records, tokenizer, template, train_on, limit)
-    chosen = f"train.max_length={setting}"
-    if setting == "auto":
-        max_length, chosen = auto_max_length(
-            [f["n_tokens"] for f in facts if f["n_tokens"]], tokenizer.model_max_length
-        )
-        print(f"validate: train.max_length=auto -> {max_length} ({chosen})")
-        if policy == "truncate":  # trainable tokens left after the cut, for the rows cut
-            over = [k for k, f in enumerate(facts) if (f["n_tokens"] or 0) > max_length]
-            measure_tokens(
-                [facts[k] for k in over],
-                [records[k] for k in over],
-                tokenizer,
-                template,
-                train_on,
-                max_length,
-            )
-    label_columns(facts, task)
-    return facts, max_length, chosen
-
-
-def sort_rows(
-    rows: list[dict], converted: list[tuple], failures: dict[int, list[str]]
-) -> tuple[list[dict], list[dict]]:
-    """Valid records, and quarantine entries (source, line, reasons, detail, the row as read)."""
-    valid, quarantined = [], []
-    for i, (row, (record, _, detail)) in enumerate(zip(rows, converted)):
-        if i not in failures:
-            valid.append(record)
+def resolve_max_length(survey: Survey, spool: Spool, settings: dict, setting, policy: str):
+    """train.max_length (`auto`: from the measured lengths) and how it was chosen; under
+    `truncate` the rows over an auto max_length are measured again as training cuts them."""
+    if setting != "auto":
+        return setting, f"train.max_length={setting}"
+    if not _WORK:
+        setup_worker(settings)  # the tokenizer, in this process (the pass ran in workers)
+    tokenizer = _WORK["tokenizer"]
+    lengths = survey.facts["n_tokens"]
+    max_length, chosen = auto_max_length([n for n in lengths if n], tokenizer.model_max_length)
+    print(f"validate: train.max_length=auto -> {max_length} ({chosen})")
+    over = {i for i, n in enumerate(lengths) if (n or 0) > max_length} if max_length else set()
+    if policy != "truncate" or not over:
+        return max_length, chosen
+    remeasured = ("template_error", "n_tokens", "trainable_tokens")
+    start = 0
+    for rows, converted in spool:  # trainable tokens left after the cut, for the rows cut
+        picked = [start + k for k in range(len(rows)) if start + k in over]
+        start += len(rows)
+        if not picked:
             continue
-        entry = {"source": row["source"], "line": row["line"], "reasons": failures[i]}
-        if detail:
-            entry["detail"] = detail
-        entry["record"] = row["obj"]
-        if "raw" in row:
-            entry["raw"] = row["raw"]
-        quarantined.append(entry)
-    return valid, quarantined
+        facts = [
+            {c: survey.facts[c][i] for c in ("unknown_role", "role_order", "n_assistant")}
+            for i in picked
+        ]
+        records = [converted[i - start + len(rows)][0] for i in picked]
+        template, train_on = _WORK["template"], _WORK["train_on"]
+        measure_tokens(facts, records, tokenizer, template, train_on, max_length)
+        for i, f in zip(picked, facts):
+            for c in remeasured:
+                survey.facts[c][i] = f[c]
+    return max_length, chosen
 
 
-def build_report(rows, valid, quarantined, facts, failures, files, kinds, fixed, drift) -> dict:
+@dataclass
+class Tally:
+    """The quarantine in counts: by reason, by set of reasons (for the gate), a few lines each."""
+
+    rows_out: int = 0
+    rows: int = 0
+    fixed_out: Counter = field(default_factory=Counter)  # valid rows per fixed set
+    by_reason: Counter = field(default_factory=Counter)
+    reason_sets: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first file:line
+
+    def add(self, entry: dict) -> None:
+        self.rows += 1
+        self.by_reason.update(entry["reasons"])
+        self.reason_sets[frozenset(entry["reasons"])] += 1
+        for reason in entry["reasons"]:
+            lines = self.examples.setdefault(reason, [])
+            if len(lines) < 3:
+                lines.append(f"{Path(entry['source']).name}:{entry['line']}")
+
+
+def write_rows(spool: Spool, failures: dict[int, list[str]]) -> Tally:
+    """Second pass: valid records to VALID, the rest to QUARANTINE (source, line, reasons,
+    detail, the row as read), in input order."""
+    tally, i = Tally(), 0
+    with jsonl_writer(VALID) as keep, jsonl_writer(QUARANTINE) as set_aside:
+        for rows, converted in spool:
+            for row, (record, _, detail) in zip(rows, converted):
+                if i not in failures:
+                    keep(record)
+                    tally.rows_out += 1
+                    if record.get("fixed_split"):
+                        tally.fixed_out[record["fixed_split"]] += 1
+                else:
+                    entry = {"source": row["source"], "line": row["line"], "reasons": failures[i]}
+                    if detail:
+                        entry["detail"] = detail
+                    entry["record"] = row["obj"]
+                    if "raw" in row:
+                        entry["raw"] = row["raw"]
+                    set_aside(entry)
+                    tally.add(entry)
+                i += 1
+    return tally
+
+
+def build_report(survey: Survey, tally: Tally, failures, kinds, fixed, drift) -> dict:
     """What came in, what went out and why, and the token lengths of what is kept."""
-    by_reason = Counter(r for q in quarantined for r in q["reasons"])
-    kept = [f for i, f in enumerate(facts) if i not in failures]
+    facts = survey.facts
+    kept_tokens = [n for i, n in enumerate(facts["n_tokens"]) if i not in failures]
+    kept_trainable = [n for i, n in enumerate(facts["trainable_tokens"]) if i not in failures]
     report = {
-        "rows_in": len(rows),
-        "rows_out": len(valid),
-        "rows_quarantined": len(quarantined),
-        "pass_rate": round(len(valid) / len(rows), 4),
-        "quarantined_by_reason": dict(sorted(by_reason.items())),
+        "rows_in": survey.n_rows,
+        "rows_out": tally.rows_out,
+        "rows_quarantined": tally.rows,
+        "pass_rate": round(tally.rows_out / survey.n_rows, 4),
+        "quarantined_by_reason": dict(sorted(tally.by_reason.items())),
         "kinds": {str(p): k for p, k in kinds.items()},
-        "files": {str(p): len(r) for p, r in files.items()},
+        "files": {str(p): n for p, n in survey.files.items()},
         "fixed_sets": {
             name: {
                 "files": [str(p) for p in set_files],
-                "rows_in": sum(len(files[p]) for p in set_files),
-                "rows_out": sum(r.get("fixed_split") == name for r in valid),
+                "rows_in": sum(survey.files[p] for p in set_files),
+                "rows_out": tally.fixed_out[name],
             }
             for name in FIXED_SETS
             if (set_files := [p for p, n in fixed.items() if n == name])
         },
-        "empty_files": [str(p) for p, r in files.items() if not r],
+        "empty_files": [str(p) for p, n in survey.files.items() if not n],
         "schema_drift": drift,
-        "token_length": percentiles([f["n_tokens"] for f in kept if f["n_tokens"] is not None]),
-        "trainable_tokens": percentiles(
-            [f["trainable_tokens"] for f in kept if f["trainable_tokens"]]
-        ),
+        "token_length": percentiles([n for n in kept_tokens if n is not None]),
+        "trainable_tokens": percentiles([n for n in kept_trainable if n]),
     }
     assert report["rows_in"] == report["rows_out"] + report["rows_quarantined"]
     return report
 
 
 def length_report(
-    facts: list[dict], failures: dict, max_length: int | None, chosen: str, policy: str
+    facts: dict[str, list], failures: dict, max_length: int | None, chosen: str, policy: str
 ) -> dict:
     """max_length and how it was chosen; rows kept longer than it (training cuts them), and
     every row over it, whatever its fate."""
     cap = max_length or float("inf")
-    kept = [f["n_tokens"] for i, f in enumerate(facts) if i not in failures]
+    lengths = facts["n_tokens"]
+    kept = [n for i, n in enumerate(lengths) if i not in failures]
     truncated = [n - max_length for n in kept if n and n > cap]
-    over = [f["n_tokens"] - max_length for f in facts if f["n_tokens"] and f["n_tokens"] > cap]
+    over = [n - max_length for n in lengths if n and n > cap]
     return {
         "max_length": max_length,  # what training cuts at (train reads it when auto)
         "max_length_chosen": chosen,
@@ -379,27 +477,29 @@ def length_report(
     }
 
 
-def class_balance(facts: list[dict], failures: dict, task: Task) -> dict[str, int]:
+def class_balance(facts: dict[str, list], failures: dict, task: Task) -> dict[str, int]:
     """Kept rows per stratum of the task's answer (task.stratify_by)."""
+    if not task.stratify_by:
+        return {}
     balance = Counter(
-        task.stratum(f["answer"])
-        for i, f in enumerate(facts)
-        if i not in failures and f["answer"] is not None and task.stratify_by
+        task.stratum(answer)
+        for i, answer in enumerate(facts["answer"])
+        if i not in failures and answer is not None
     )
     return dict(sorted(balance.items()))
 
 
-def gate(quarantined: list[dict], n_rows: int, facts: list[dict], data: dict, task: Task) -> None:
+def gate(tally: Tally, n_rows: int, longest: int, data: dict, task: Task) -> None:
     """Fail above data.max_rejected_fraction rejected rows or on a reason in
     data.fatal_reasons; `drop` means the user accepts losing too-long rows: they do not count."""
-    by_reason = Counter(r for q in quarantined for r in q["reasons"])
+    by_reason = tally.by_reason
     excused = {"too_long"} if data["length_policy"] == "drop" else set()
-    rejected = sum(1 for q in quarantined if set(q["reasons"]) - excused) / n_rows
+    rejected = sum(n for reasons, n in tally.reason_sets.items() if reasons - excused) / n_rows
     fatal = [r for r in data["fatal_reasons"] if by_reason.get(r)]
     if rejected <= float(data["max_rejected_fraction"]) and not fatal:
         return
     top = ", ".join(
-        f"{r} ({n}, e.g. {example_lines(quarantined, r)})" for r, n in by_reason.most_common(3)
+        f"{r} ({n}, e.g. {', '.join(tally.examples[r])})" for r, n in by_reason.most_common(3)
     )
     why = (
         f"fatal reasons {fatal}"
@@ -414,7 +514,6 @@ def gate(quarantined: list[dict], n_rows: int, facts: list[dict], data: dict, ta
             f"e.g. -S task=generic for free text)"
         )
     elif top_reason == "too_long":
-        longest = max(f["n_tokens"] or 0 for f in facts)
         hint = (
             f" (rows run to {longest} tokens: raise train.max_length, set it to null "
             f"for no cap, or choose data.length_policy: truncate or drop)"
@@ -437,11 +536,6 @@ def fixed_set_paths(data: dict, pool: list[Path]) -> dict[Path, str]:
                 )
             fixed[require_dependency("validate", f"data.{name}_path", path)] = name
     return fixed
-
-
-def example_lines(quarantined: list[dict], reason: str, n: int = 3) -> str:
-    hits = [q for q in quarantined if reason in q["reasons"]][:n]
-    return ", ".join(f"{Path(q['source']).name}:{q['line']}" for q in hits)
 
 
 if __name__ == "__main__":

@@ -342,6 +342,36 @@ def test_bundled_data_defects_all_caught(project):
     assert len(pages) == 3 and not any("?d=20" in page for page in pages)
 
 
+@pytest.mark.parametrize("length_policy", ["reject", "truncate"])
+def test_chunks_and_workers_change_no_output_byte(project, monkeypatch, length_policy):
+    """validate streams the rows a chunk at a time (DATA_CHUNK_ROWS) through worker processes
+    (DATA_WORKERS), keeping only their facts in memory: the outputs are the same bytes however
+    the rows were cut and shared."""
+    base_model.main()
+    set_params(project, **{"data.length_policy": length_policy, "train.max_length": "auto"})
+    with (project / "data/raw/tickets.jsonl").open("a") as f:  # one row far past the p99
+        f.write(json.dumps(chat(user="My invoice is wrong again. " * 300)) + "\n")
+    outputs = (validate.VALID, validate.QUARANTINE, validate.REPORT, validate.MAX_LENGTH)
+    runs = []
+    for chunk_rows, workers in (("100000", "1"), ("7", "2"), ("1", "1")):
+        monkeypatch.setenv("DATA_CHUNK_ROWS", chunk_rows)
+        monkeypatch.setenv("DATA_WORKERS", workers)
+        validate.main()
+        runs.append(
+            {str(p): (project / p).read_bytes() for p in outputs}
+            | {"docs": md5_path(project / validate.DATA_DOCS)}
+        )
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+    report = json.loads(runs[0][str(validate.REPORT)])
+    assert report["rows_quarantined"] > 0 and report["rows_out"] > 200
+    # the long row: cut at the auto max_length it keeps no answer token, found by measuring
+    # it again as training cuts it (under reject it is too_long)
+    reason = "zero_trainable_tokens" if length_policy == "truncate" else "too_long"
+    assert report["over_max_length"]["rows"] >= 1
+    assert report["quarantined_by_reason"][reason] >= 1
+    assert not list(project.glob("data/interim/.spool-*"))  # the spool is gone
+
+
 def test_missing_data_file_is_one_line_error(project):
     set_params(project, **{"data.path": "data/raw/nothing.jsonl"})
     with pytest.raises(StageError, match="nothing.jsonl: no such file"):
@@ -680,15 +710,16 @@ def test_percentiles_and_auto_max_length():
 
 
 def test_gate_counts_dropped_too_long_rows_only_when_rejected():
-    quarantined = [{"source": "a.jsonl", "line": i, "reasons": ["too_long"]} for i in range(3)]
-    facts = [{"n_tokens": 900}]
+    tally = validate.Tally()
+    for i in range(3):
+        tally.add({"source": "a.jsonl", "line": i, "reasons": ["too_long"]})
     data = {"length_policy": "drop", "fatal_reasons": [], "max_rejected_fraction": 0.1}
     task = type("T", (), {"name": "t"})()
-    validate.gate(quarantined, 10, facts, data, task)  # 30% dropped, by choice: passes
-    with pytest.raises(StageError, match=r"30.0% of rows rejected.*rows run to 900 tokens"):
-        validate.gate(quarantined, 10, facts, {**data, "length_policy": "reject"}, task)
+    validate.gate(tally, 10, 900, data, task)  # 30% dropped, by choice: passes
+    with pytest.raises(StageError, match=r"30.0% of rows rejected.*a.jsonl:0, a.jsonl:1.*900"):
+        validate.gate(tally, 10, 900, {**data, "length_policy": "reject"}, task)
     with pytest.raises(StageError, match=r"fatal reasons \['too_long'\]"):
-        validate.gate(quarantined, 10, facts, {**data, "fatal_reasons": ["too_long"]}, task)
+        validate.gate(tally, 10, 900, {**data, "fatal_reasons": ["too_long"]}, task)
 
 
 def write_sheet(path, reviewed: list[tuple[dict, str, str]]) -> None:

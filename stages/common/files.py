@@ -58,10 +58,33 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     return len(lines)
 
 
+@contextmanager
+def jsonl_writer(path: Path):
+    """Yield a function that appends one row to `path`, written like write_jsonl's rows; the
+    file appears whole when the block succeeds (a failed run leaves the old file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("w", encoding="utf-8", buffering=1 << 20) as out:
+            yield lambda row: out.write(_dumps(row) + "\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def iter_jsonl(path: Path):
+    """read_jsonl's rows one at a time."""
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Read a file this pipeline wrote (trusted format; raw input goes through records)."""
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return list(iter_jsonl(path))
 
 
 @contextmanager

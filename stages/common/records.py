@@ -17,6 +17,7 @@ import io
 import json
 import re
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,29 +135,47 @@ def has_surrogate(value: Any) -> bool:
 
 
 def read_jsonl_rows(path: Path, data: bytes) -> list[dict]:
-    """Raw input rows of a JSONL file, each with its line and parse error (the pipeline's own
+    """Raw input rows of JSONL bytes, each with its line and parse error (the pipeline's own
     files, trusted, are read by files.read_jsonl)."""
-    rows = []
-    # LF, CRLF or CR-only line ends; blank lines are skipped, numbering is preserved
-    for number, raw in enumerate(LINE_ENDS.split(data), start=1):
-        # a UTF-8 byte order mark from an editor export (on any line: exports concatenated)
-        raw = raw.removeprefix(BOM)
-        if not raw.strip():
-            continue
-        if b"\x00" in raw:
-            rows.append(_row(path, number, error="nul_byte", raw=raw.replace(b"\x00", b"")))
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            rows.append(_row(path, number, error="invalid_utf8", raw=raw))
-            continue
-        obj, error = parse_json(text)
-        if error:
-            rows.append(_row(path, number, error=error, raw=SURROGATE.sub("\ufffd", text)))
-            continue
-        rows.append(_row(path, number, obj))
-    return rows
+    rows = (_jsonl_row(path, number, raw) for number, raw in enumerate(LINE_ENDS.split(data), 1))
+    return [row for row in rows if row is not None]
+
+
+def _jsonl_row(path: Path, number: int, raw: bytes) -> dict | None:
+    """One JSONL line as a row (None for a blank line: skipped, numbering is preserved)."""
+    # a UTF-8 byte order mark from an editor export (on any line: exports concatenated)
+    raw = raw.removeprefix(BOM)
+    if not raw.strip():
+        return None
+    if b"\x00" in raw:
+        return _row(path, number, error="nul_byte", raw=raw.replace(b"\x00", b""))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _row(path, number, error="invalid_utf8", raw=raw)
+    obj, error = parse_json(text)
+    if error:
+        return _row(path, number, error=error, raw=SURROGATE.sub("\ufffd", text))
+    return _row(path, number, obj)
+
+
+def iter_jsonl_rows(path: Path, stream, block: int = 1 << 20) -> Iterator[dict]:
+    """read_jsonl_rows over a binary stream, a block at a time: the same rows, in memory that
+    does not grow with the file. LF, CRLF or CR-only line ends."""
+    rest, number = b"", 0
+    while True:
+        data = stream.read(block)
+        buffer = rest + data
+        # a CR at the end may be the first half of a CRLF: keep it for the next block
+        held = b"\r" if data and buffer.endswith(b"\r") else b""
+        lines = LINE_ENDS.split(buffer[: len(buffer) - len(held)])
+        rest = (lines.pop() + held) if data else b""
+        for raw in lines:
+            number += 1
+            if (row := _jsonl_row(path, number, raw)) is not None:
+                yield row
+        if not data:
+            return
 
 
 def read_json_array(path: Path, data: bytes) -> list[dict]:
@@ -279,37 +298,57 @@ def read_csv(path: Path, data: bytes) -> list[dict]:
 
 
 def read_parquet(path: Path) -> list[dict]:
+    return list(iter_parquet(path))
+
+
+def iter_parquet(path: Path, batch_rows: int = 10_000) -> Iterator[dict]:
+    """The rows of a Parquet file, a record batch at a time."""
     import pyarrow.parquet as pq
 
+    def unreadable(err: Exception) -> StageError:
+        return StageError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})")
+
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path)
+        batches = parquet.iter_batches(batch_size=batch_rows)
     except Exception as err:  # pyarrow raises several types for a damaged file
-        raise StageError(
-            f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})"
-        ) from err
-    try:
-        objects = table.to_pylist()
-    except Exception:  # noqa: BLE001  (a value Python cannot hold: find its rows one by one)
-        objects = None
-    rows = []
-    for i in range(table.num_rows):
+        raise unreadable(err) from err
+    names = parquet.schema_arrow.names
+    if len(set(names)) != len(names):  # a record would keep one of the values, silently
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise unreadable(ValueError(f"duplicate column names {twice}"))
+    number = 0
+    while True:
         try:
-            obj = objects[i] if objects is not None else table.slice(i, 1).to_pylist()[0]
-            rows.append(_row(path, i + 1, _plain_value(obj)))
-        except TypeError as err:  # a binary cell: bytes are not text data
-            rows.append(_row(path, i + 1, error="binary_value", raw=str(err)))
-        except UnicodeDecodeError as err:  # a string column holding bytes that are not UTF-8
-            rows.append(_row(path, i + 1, error="invalid_utf8", raw=str(err)))
-        except Exception as err:  # noqa: BLE001  (a date past year 9999, ...: pyarrow's error)
-            rows.append(
-                _row(
-                    path,
-                    i + 1,
-                    error="unreadable_value",
-                    raw=f"{type(err).__name__}: {err}".splitlines()[0],
-                )
-            )
-    return rows
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as err:  # noqa: BLE001  (a damaged page further on)
+            raise unreadable(err) from err
+        try:
+            objects = batch.to_pylist()
+        except Exception:  # noqa: BLE001  (a value Python cannot hold: find its rows one by one)
+            objects = None
+        for i in range(batch.num_rows):
+            number += 1
+            yield _parquet_row(path, number, batch, i, objects)
+
+
+def _parquet_row(path: Path, number: int, batch, i: int, objects: list | None) -> dict:
+    try:
+        obj = objects[i] if objects is not None else batch.slice(i, 1).to_pylist()[0]
+        return _row(path, number, _plain_value(obj))
+    except TypeError as err:  # a binary cell: bytes are not text data
+        return _row(path, number, error="binary_value", raw=str(err))
+    except UnicodeDecodeError as err:  # a string column holding bytes that are not UTF-8
+        return _row(path, number, error="invalid_utf8", raw=str(err))
+    except Exception as err:  # noqa: BLE001  (a date past year 9999, ...: pyarrow's error)
+        return _row(
+            path,
+            number,
+            error="unreadable_value",
+            raw=f"{type(err).__name__}: {err}".splitlines()[0],
+        )
 
 
 def _plain_value(value: Any) -> Any:
@@ -334,13 +373,26 @@ def _plain_value(value: Any) -> Any:
 
 def read_file(path: Path) -> list[dict]:
     """One row per record of a JSONL, JSON-array, CSV or Parquet file."""
+    return list(iter_file(path))
+
+
+def iter_file(path: Path) -> Iterator[dict]:
+    """read_file's rows one at a time. JSONL and Parquet stream, in memory that does not grow
+    with the file; a JSON array or a CSV file is read whole first (convert a large one to
+    JSONL or Parquet). A file that cannot be read raises StageError before the first row."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return read_parquet(path)
+        return iter_parquet(path)
     try:
-        data = path.read_bytes()
+        stream = path.open("rb")
+        head = stream.read(8192)
     except OSError as err:
         raise StageError(f"{path}: cannot be read ({err.strerror or err})") from err
+    if suffix == ".jsonl" and not head.startswith(UTF16_BOMS) and not looks_binary(head):
+        stream.seek(0)
+        return _closing(iter_jsonl_rows(path, stream), stream)
+    data = head + stream.read()
+    stream.close()
     if data.startswith(UTF16_BOMS):  # Windows tools save "Unicode" text as UTF-16
         try:
             data = data.decode("utf-16").encode("utf-8", errors="surrogatepass")
@@ -354,10 +406,15 @@ def read_file(path: Path) -> list[dict]:
             )
         raise StageError(f"{path}: looks like a binary file, not {suffix[1:].upper()} text")
     if suffix == ".json":
-        return read_json_array(path, data)
+        return iter(read_json_array(path, data))
     if suffix == ".csv":
-        return read_csv(path, data)
-    return read_jsonl_rows(path, data)
+        return iter(read_csv(path, data))
+    return iter(read_jsonl_rows(path, data))
+
+
+def _closing(rows: Iterator[dict], stream) -> Iterator[dict]:
+    with stream:
+        yield from rows
 
 
 def normalize_text(text: str) -> str:

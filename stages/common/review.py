@@ -130,18 +130,22 @@ def prompt_key(prompt: list[dict]) -> str:
     return record_id([{"role": m["role"], "content": m["content"]} for m in prompt])
 
 
-def apply_corrections(records: list[dict | None], reviewed: list[dict], mode: str) -> dict:
+def correction_index(reviewed: list[dict], mode: str) -> dict[str, dict]:
+    """The corrections of the sheets by the prompt they answer (a later sheet wins)."""
+    if mode == "off":
+        return {}
+    return {prompt_key(row["prompt"]): row for row in reviewed if row["correction"]}
+
+
+def correct_records(records: list[dict | None], fixes: dict[str, dict], mode: str) -> Counter:
     """Give every chat record whose prompt a correction names the corrected answer (in place;
-    `train` also moves it into train); returns the `review` block of validate's report."""
-    fixes = {}
-    for row in reviewed:
-        if row["correction"] and mode != "off":
-            fixes[prompt_key(row["prompt"])] = row  # a later sheet wins
+    `train` also moves it into train); returns how many records each correction matched."""
     matched: Counter[str] = Counter()
     for record in records:
         if record is None or "messages" not in record or len(record["messages"]) < 2:
             continue
-        fix = fixes.get(prompt_key(record["messages"][:-1]))
+        key = prompt_key(record["messages"][:-1])
+        fix = fixes.get(key)
         if fix is None or record["messages"][-1]["role"] != "assistant":
             continue
         was = record["messages"][-1]["content"]
@@ -154,7 +158,12 @@ def apply_corrections(records: list[dict | None], reviewed: list[dict], mode: st
         }
         if mode == "train":
             record["fixed_split"] = "train"
-        matched[prompt_key(fix["prompt"])] += 1
+        matched[key] += 1
+    return matched
+
+
+def review_report(reviewed: list[dict], fixes: dict[str, dict], matched: Counter, mode: str):
+    """The `review` block of validate's report: the sheets, their verdicts, what was corrected."""
     sheets = sorted({r["sheet"] for r in reviewed})
     return {
         "sheets": {s: md5_path(Path(s)) for s in sheets},

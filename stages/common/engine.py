@@ -1,0 +1,109 @@
+"""How the data stages run their per-record work: a chunk of rows at a time, so memory does not
+grow with the data set, on the cores of this machine.
+
+A stage streams its input through `chunked`, hands each chunk to `map_chunks` (a pool of
+worker processes when there is more than one chunk and more than one core; in process
+otherwise) and gets the results back in input order, whatever the number of workers: the
+outputs do not depend on it. What a stage must see whole (the GX table of per-row facts,
+MinHash signatures, group ids) it keeps as small per-record arrays; the records themselves
+wait in a `Spool` on disk for the pass that writes them out.
+
+Two environment variables tune it without touching params (they never change an output):
+DATA_CHUNK_ROWS (rows per chunk, 10000) and DATA_WORKERS (processes; the cores this process
+may use).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from itertools import count, islice
+from pathlib import Path
+
+CHUNK_ROWS = 10_000  # rows a worker takes at a time: a few MB of records, ~1 s of work
+
+
+def chunk_rows() -> int:
+    return max(1, int(os.environ.get("DATA_CHUNK_ROWS", CHUNK_ROWS)))
+
+
+def workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, int(os.environ.get("DATA_WORKERS", cores or 1)))
+
+
+def chunked(rows: Iterable, size: int | None = None) -> Iterator[list]:
+    """Lists of `size` (DATA_CHUNK_ROWS) consecutive rows."""
+    size = size or chunk_rows()
+    rows = iter(rows)
+    while chunk := list(islice(rows, size)):
+        yield chunk
+
+
+def map_chunks(
+    work: Callable, chunks: Iterable[list], setup: Callable, setup_args: tuple = ()
+) -> Iterator:
+    """work(chunk) for each chunk, in order. `setup(*setup_args)` prepares each worker (loads a
+    tokenizer, say) and `work` reads what it prepared; both are module-level functions, so a
+    worker process can import them. A few chunks are in flight at a time, not the whole input."""
+    chunks = iter(chunks)
+    first = next(chunks, None)
+    if first is None:
+        return
+    second = next(chunks, None)
+    if second is None or workers() == 1:
+        setup(*setup_args)
+        for chunk in [first] if second is None else _chain(first, second, chunks):
+            yield work(chunk)
+        return
+    import multiprocessing
+
+    # forked workers must not inherit a tokenizer's thread pool: each runs single-threaded
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    with multiprocessing.get_context().Pool(workers(), setup, setup_args) as pool:
+        pending: deque = deque()
+        for chunk in _chain(first, second, chunks):
+            pending.append(pool.apply_async(work, (chunk,)))
+            if len(pending) > 2 * workers():
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _chain(first, second, rest) -> Iterator:
+    yield first
+    yield second
+    yield from rest
+
+
+class Spool:
+    """Chunks written to a temporary folder and read back in order: what a stage holds between
+    its passes, on disk instead of in memory. A worker process writes its own chunk
+    (`Spool.put(folder, index, chunk)`), so records do not travel back to the parent."""
+
+    def __init__(self, parent: Path):
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(dir=parent, prefix=".spool-"))
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    @staticmethod
+    def put(folder: Path | str, index: int, chunk) -> None:
+        with (Path(folder) / f"{index:08d}.pickle").open("wb") as f:
+            pickle.dump(chunk, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def __iter__(self) -> Iterator:
+        for index in count():
+            path = self.folder / f"{index:08d}.pickle"
+            if not path.exists():
+                return
+            with path.open("rb") as f:
+                yield pickle.load(f)
