@@ -16,13 +16,20 @@ reason and the id it duplicates), reports/dedup.json.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import tempfile
 from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
 
 from stages.common import paths, tracking
 from stages.common.config import load_params, run_stage
-from stages.common.files import md5_path, read_jsonl, write_json, write_jsonl
+from stages.common.engine import Spool, chunked, map_chunks
+from stages.common.files import jsonl_writer, md5_path, write_json
 from stages.common.kinds import answer_key, request_text
-from stages.common.similarity import UnionFind, near_duplicate_pairs
+from stages.common.similarity import UnionFind, signatures, similar_pairs
 
 INPUT, OUTPUT, REMOVED = paths.VALID, paths.DEDUP, paths.DEDUP_REMOVED
 REPORT = paths.stage_report("dedup")
@@ -46,40 +53,31 @@ def resolve_cluster(members: list[int], answers: list[str], policy: str):
 
 
 def main() -> None:
-    """1. exact duplicates of the whole record; 2. clusters of the same request (equal or
-    near-equal by MinHash), resolved by dedup.conflict_policy; 3. write the kept rows (the
-    fixed evaluation sets pass untouched), the removed ones with their reason, the report."""
+    """1. read every row once, a chunk at a time (worker processes), keeping small arrays per
+    row (id, hashes of request and answer, MinHash signature on disk); 2. exact duplicates of
+    the whole record; 3. clusters of the same request (equal or near-equal by MinHash),
+    resolved by dedup.conflict_policy; 4. write the kept rows (the fixed evaluation sets pass
+    untouched), the removed ones with their reason, the report."""
     params = load_params()
     cfg, seed = params["dedup"], int(params["seed"])
 
     with tracking.stage_run("dedup", params, ["dedup"], {"valid": md5_path(INPUT)}) as run:
-        everything = read_jsonl(INPUT)
-        records = [r for r in everything if not r.get("fixed_split")]
-        fixed = [r for r in everything if r.get("fixed_split")]
-        removed = exact_duplicates(records)  # index -> (reason, index it duplicates)
-        remaining = [i for i in range(len(records)) if i not in removed]
-        texts = [request_text(records[i]) for i in remaining]
-        clusters = same_request_clusters(texts, cfg, seed)
-        examples = resolve_clusters(clusters, records, remaining, texts, cfg, removed)
-        kept_records = [r for i, r in enumerate(records) if i not in removed] + fixed
-        removed_rows = [
-            {
-                **records[i],
-                "reason": reason,
-                "duplicate_of": records[j]["id"],
-                "duplicate_of_line": records[j]["line"],
-            }
-            for i, (reason, j) in sorted(removed.items())
-        ]
-        write_jsonl(OUTPUT, kept_records)
-        write_jsonl(REMOVED, removed_rows)
-
-        by_reason = Counter(r["reason"] for r in removed_rows)
+        with Spool(OUTPUT.parent) as spool:
+            rows = survey_rows(cfg, seed, spool)
+            removed = exact_duplicates(rows.ids)  # index -> (reason, index it duplicates)
+            remaining = np.array([i for i in range(len(rows.ids)) if i not in removed])
+            clusters = same_request_clusters(
+                rows.requests, rows.signatures, float(cfg["threshold"]), remaining
+            )
+            resolve_clusters(clusters, rows, remaining, cfg, removed)
+            examples = write_rows(rows, removed, clusters[:10], remaining)
+        by_reason = Counter(reason for reason, _ in removed.values())
+        rows_out = rows.n_rows - len(removed)
         report = {
-            "rows_in": len(everything),
-            "fixed_rows_passed": dict(sorted(Counter(r["fixed_split"] for r in fixed).items())),
-            "rows_out": len(kept_records),
-            "rows_removed": len(removed_rows),
+            "rows_in": rows.n_rows,
+            "fixed_rows_passed": dict(sorted(rows.fixed.items())),
+            "rows_out": rows_out,
+            "rows_removed": len(removed),
             "removed_by_reason": dict(sorted(by_reason.items())),
             "clusters": len(clusters),
             "conflict_policy": cfg["conflict_policy"],
@@ -89,64 +87,181 @@ def main() -> None:
         write_json(REPORT, report)
         run.summary.update(
             {
-                "dedup/rows_in": len(everything),
-                "dedup/rows_out": len(kept_records),
+                "dedup/rows_in": rows.n_rows,
+                "dedup/rows_out": rows_out,
                 **{f"dedup/removed/{k}": v for k, v in by_reason.items()},
             }
         )
-        print(f"dedup: {len(everything)} in, {len(kept_records)} kept, removed {dict(by_reason)}")
+        print(f"dedup: {rows.n_rows} in, {rows_out} kept, removed {dict(by_reason)}")
+
+
+# --- the per-record work: engine.map_chunks runs it on each chunk, in worker processes ------
+
+_WORK: dict = {}
+
+
+def setup_worker(settings: dict) -> None:
+    _WORK.update(settings)
+
+
+def measure_chunk(lines: list[str]) -> dict:
+    """The small per-row values of a chunk of JSONL lines: for the rows of a fixed set, their
+    set; for the others, id, line, hashes of the request and the answer, MinHash signature."""
+    records = [json.loads(line) for line in lines]
+    fixed = [r.get("fixed_split") for r in records]
+    pool = [r for r in records if not r.get("fixed_split")]
+    texts = [request_text(r) for r in pool]
+    return {
+        "fixed": fixed,
+        "ids": np.array([int(r["id"], 16) for r in pool], dtype=np.uint64),
+        "lines": np.array([r["line"] for r in pool], dtype=np.int64),
+        "requests": digests(texts),
+        "answers": digests([answer_key(r) for r in pool]),
+        "signatures": signatures(texts, _WORK["shingle_size"], _WORK["num_perm"], _WORK["seed"]),
+    }
+
+
+def digests(texts: list[str]):
+    """A 128-bit hash of each text: equal texts, equal digests (a collision is ~2^-64 likely
+    among a billion texts), 16 bytes a row instead of the text."""
+    return np.array(
+        [hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts],
+        dtype=np.dtype((np.void, 16)),
+    )
 
 
 # --- the steps of main ----------------------------------------------------------------------
 
 
-def resolve_clusters(clusters, records, remaining, texts, cfg, removed) -> list[dict]:
-    """Keep or drop the rows of each cluster by dedup.conflict_policy (into `removed`, with the
-    row each duplicates); the first ten clusters as examples for the report."""
-    answers = [answer_key(records[i]) for i in remaining]
-    examples = []
-    for members in clusters:
-        kept, dropped = resolve_cluster(members, answers, cfg["conflict_policy"])
-        anchor = remaining[kept[0]] if kept else remaining[members[0]]
-        for k, reason in dropped.items():
-            removed[remaining[k]] = (reason, anchor)
-        if len(examples) < 10:
-            examples.append(
-                {
-                    "kept": [records[remaining[k]]["line"] for k in kept],
-                    "removed": {
-                        records[remaining[k]]["line"]: reason for k, reason in dropped.items()
-                    },
-                    "prompts": [texts[k][:160] for k in members[:3]],
-                }
-            )
-    return examples
+@dataclass
+class Rows:
+    """Per pool row (the rows not in a fixed set), in input order: small arrays only."""
+
+    n_rows: int  # every row, the fixed sets' included
+    fixed: Counter  # fixed set -> rows passed through
+    ids: np.ndarray  # record id as uint64 (ids are 16 hex digits)
+    lines: np.ndarray
+    requests: np.ndarray  # digests of request_text
+    answers: np.ndarray  # digests of answer_key
+    signatures: np.ndarray  # (rows, num_perm) uint32, memory-mapped from the spool
 
 
-def exact_duplicates(records: list[dict]) -> dict[int, tuple[str, int]]:
+def survey_rows(cfg: dict, seed: int, spool: Spool) -> Rows:
+    settings = {"shingle_size": cfg["shingle_size"], "num_perm": cfg["num_perm"], "seed": seed}
+    parts: dict[str, list] = {"ids": [], "lines": [], "requests": [], "answers": []}
+    fixed: Counter = Counter()
+    n_rows, n_pool = 0, 0
+    with (spool.folder / "signatures.u32").open("wb") as out, INPUT.open(encoding="utf-8") as f:
+        lines = (line for line in f if line.strip())
+        for chunk in map_chunks(measure_chunk, chunked(lines), setup_worker, (settings,)):
+            n_rows += len(chunk["fixed"])
+            fixed.update(name for name in chunk["fixed"] if name)
+            for key, values in parts.items():
+                values.append(chunk[key])
+            out.write(chunk["signatures"].tobytes())
+            n_pool += len(chunk["ids"])
+    concat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    shape = (n_pool, int(cfg["num_perm"]))
+    signatures_file = spool.folder / "signatures.u32"
+    sigs = (
+        np.memmap(signatures_file, dtype=np.uint32, mode="r", shape=shape)
+        if n_pool
+        else np.zeros(shape, dtype=np.uint32)
+    )
+    return Rows(n_rows=n_rows, fixed=fixed, signatures=sigs, **concat)
+
+
+def exact_duplicates(ids: np.ndarray) -> dict[int, tuple[str, int]]:
     """Rows whose whole content repeats an earlier row's (ids hash the normalised content)."""
-    removed: dict[int, tuple[str, int]] = {}
-    first_of: dict[str, int] = {}
-    for i, r in enumerate(records):
-        if r["id"] in first_of:
-            removed[i] = ("exact_duplicate", first_of[r["id"]])
-        else:
-            first_of[r["id"]] = i
-    return removed
+    _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    first_of = first[inverse]
+    return {
+        int(i): ("exact_duplicate", int(first_of[i]))
+        for i in np.flatnonzero(first_of != np.arange(len(ids)))
+    }
 
 
-def same_request_clusters(texts: list[str], cfg: dict, seed: int) -> list[list[int]]:
-    """Groups of two or more requests that are equal once normalised, or near-equal by MinHash
-    Jaccard >= dedup.threshold."""
-    uf = UnionFind(len(texts))
-    by_prompt: dict[str, int] = {}
-    for k, text in enumerate(texts):
-        uf.union(by_prompt.setdefault(text, k), k)
-    for a, b in near_duplicate_pairs(
-        texts, cfg["shingle_size"], cfg["num_perm"], float(cfg["threshold"]), seed
-    ):
+def same_request_clusters(
+    requests: np.ndarray, signatures, threshold: float, rows: np.ndarray
+) -> list[list[int]]:
+    """Groups (positions in `rows`) of two or more requests that are equal once normalised
+    (equal digests), or near-equal by MinHash Jaccard >= dedup.threshold."""
+    uf = UnionFind(len(rows))
+    by_prompt: dict[bytes, int] = {}
+    for k, digest in enumerate(requests[rows].tolist()):
+        uf.union(by_prompt.setdefault(digest, k), k)
+    del by_prompt
+    for a, b in similar_pairs(signatures, threshold, rows=rows).tolist():
         uf.union(a, b)
     return [members for members in uf.clusters().values() if len(members) > 1]
+
+
+def resolve_clusters(clusters, rows: Rows, remaining, cfg, removed) -> None:
+    """Keep or drop the rows of each cluster by dedup.conflict_policy (into `removed`, with the
+    row each duplicates)."""
+    answers = rows.answers[remaining]
+    for members in clusters:
+        kept, dropped = resolve_cluster(
+            members, {k: answers[k].tobytes() for k in members}, cfg["conflict_policy"]
+        )
+        anchor = remaining[kept[0]] if kept else remaining[members[0]]
+        for k, reason in dropped.items():
+            removed[int(remaining[k])] = (reason, int(anchor))
+
+
+def write_rows(rows: Rows, removed, example_clusters, remaining) -> list[dict]:
+    """Second pass: the kept rows of the pool in input order, then the fixed sets' rows (from
+    the spool); the removed rows with the id and line they duplicate; the first ten clusters
+    as examples for the report."""
+    wanted = {int(remaining[k]) for members in example_clusters for k in members[:3]}
+    texts: dict[int, str] = {}
+    with (
+        jsonl_writer(OUTPUT) as keep,
+        jsonl_writer(REMOVED) as drop,
+        INPUT.open(encoding="utf-8") as f,
+        tempfile.TemporaryFile("w+", encoding="utf-8", dir=OUTPUT.parent) as fixed_rows,
+    ):
+        i = 0
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if record.get("fixed_split"):
+                fixed_rows.write(line)
+                continue
+            if i in wanted:
+                texts[i] = request_text(record)
+            if i in removed:
+                reason, j = removed[i]
+                drop(
+                    {
+                        **record,
+                        "reason": reason,
+                        "duplicate_of": f"{int(rows.ids[j]):016x}",
+                        "duplicate_of_line": int(rows.lines[j]),
+                    }
+                )
+            else:
+                keep(record)
+            i += 1
+        fixed_rows.seek(0)
+        for line in fixed_rows:
+            keep(json.loads(line))
+    examples = []
+    for members in example_clusters:
+        kept = [k for k in members if int(remaining[k]) not in removed]
+        examples.append(
+            {
+                "kept": [int(rows.lines[remaining[k]]) for k in kept],
+                "removed": {
+                    int(rows.lines[remaining[k]]): removed[int(remaining[k])][0]
+                    for k in members
+                    if int(remaining[k]) in removed
+                },
+                "prompts": [texts[int(remaining[k])][:160] for k in members[:3]],
+            }
+        )
+    return examples
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import set_params
 
 from stages import dedup
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.records import record_id
+from stages.common.similarity import signatures
 
 A = '{"urgency": "high", "category": "billing"}'
 B = '{"urgency": "low", "category": "billing"}'
@@ -171,15 +173,49 @@ def test_resolve_cluster(policy, answers, kept, reasons):
 
 
 def test_exact_duplicates_point_at_the_first_copy():
-    records = [{"id": "x"}, {"id": "y"}, {"id": "x"}, {"id": "x"}]
-    assert dedup.exact_duplicates(records) == {
+    ids = np.array([int(x, 16) for x in ("0a", "0b", "0a", "0a")], dtype=np.uint64)
+    assert dedup.exact_duplicates(ids) == {
         2: ("exact_duplicate", 0),
         3: ("exact_duplicate", 0),
     }
 
 
 def test_same_request_clusters_join_equal_and_near_equal_requests():
-    cfg = {"shingle_size": 3, "num_perm": 128, "threshold": 0.7}
     base = "my invoice shows a charge twice for the same month and I want a refund please"
     texts = [base, "something else entirely about a parcel", base, base + " now", "unrelated"]
-    assert dedup.same_request_clusters(texts, cfg, seed=0) == [[0, 2, 3]]
+    requests, minhashes = dedup.digests(texts), signatures(texts, size=3, num_perm=128, seed=0)
+    every_row = np.arange(len(texts))
+    assert dedup.same_request_clusters(requests, minhashes, 0.7, every_row) == [[0, 2, 3]]
+    # the rows compared can be a subset (exact duplicates already removed): positions in it
+    assert dedup.same_request_clusters(requests, minhashes, 0.7, np.array([1, 2, 3])) == [[1, 2]]
+
+
+@pytest.mark.parametrize("policy", ["drop_all", "majority"])
+def test_chunks_and_workers_change_no_output_byte(project, monkeypatch, policy):
+    """dedup reads its input a chunk at a time (DATA_CHUNK_ROWS) in worker processes
+    (DATA_WORKERS) and keeps small arrays per row (ids, hashes, signatures on disk): the
+    outputs are the same bytes however the rows were cut and shared. Fixed-set rows pass
+    through after the pool, in their order."""
+    rows = [
+        {**r, "line": 10 * k + r["line"], "id": f"{int(r['id'], 16) ^ k:016x}"}
+        if k % 3
+        else {**r, "line": 10 * k + r["line"]}
+        for k in range(8)
+        for r in ROWS
+    ]
+    rows[5] = {**rows[5], "fixed_split": "test"}
+    outputs = ("data/interim/dedup.jsonl", "data/interim/dedup_removed.jsonl", "reports/dedup.json")
+    runs = []
+    for chunk_rows, workers in (("100000", "1"), ("5", "2")):
+        monkeypatch.setenv("DATA_CHUNK_ROWS", chunk_rows)
+        monkeypatch.setenv("DATA_WORKERS", workers)
+        write_jsonl(project / "data/interim/valid.jsonl", rows)
+        set_params(project, **{"dedup.conflict_policy": policy})
+        dedup.main()
+        runs.append({p: (project / p).read_bytes() for p in outputs})
+    assert runs[1] == runs[0]
+    report = json.loads(runs[0]["reports/dedup.json"])
+    assert report["fixed_rows_passed"] == {"test": 1}
+    assert report["removed_by_reason"]["exact_duplicate"] > 0
+    assert report["rows_in"] == len(rows) == report["rows_out"] + report["rows_removed"]
+    assert read_jsonl(project / "data/interim/dedup.jsonl")[-1]["fixed_split"] == "test"
