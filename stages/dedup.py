@@ -16,7 +16,6 @@ reason and the id it duplicates), reports/dedup.json.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from collections import Counter
@@ -29,7 +28,7 @@ from stages.common.config import load_params, run_stage
 from stages.common.engine import Spool, chunked, map_chunks
 from stages.common.files import jsonl_writer, md5_path, write_json
 from stages.common.kinds import answer_key, request_text
-from stages.common.similarity import UnionFind, signatures, similar_pairs
+from stages.common.similarity import UnionFind, signatures, similar_pairs, text_digests
 
 INPUT, OUTPUT, REMOVED = paths.VALID, paths.DEDUP, paths.DEDUP_REMOVED
 REPORT = paths.stage_report("dedup")
@@ -115,19 +114,10 @@ def measure_chunk(lines: list[str]) -> dict:
         "fixed": fixed,
         "ids": np.array([int(r["id"], 16) for r in pool], dtype=np.uint64),
         "lines": np.array([r["line"] for r in pool], dtype=np.int64),
-        "requests": digests(texts),
-        "answers": digests([answer_key(r) for r in pool]),
+        "requests": text_digests(texts),
+        "answers": text_digests([answer_key(r) for r in pool]),
         "signatures": signatures(texts, _WORK["shingle_size"], _WORK["num_perm"], _WORK["seed"]),
     }
-
-
-def digests(texts: list[str]):
-    """A 128-bit hash of each text: equal texts, equal digests (a collision is ~2^-64 likely
-    among a billion texts), 16 bytes a row instead of the text."""
-    return np.array(
-        [hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts],
-        dtype=np.dtype((np.void, 16)),
-    )
 
 
 # --- the steps of main ----------------------------------------------------------------------

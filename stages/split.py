@@ -31,17 +31,30 @@ reports/split.json.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
+import tempfile
 from collections import Counter, defaultdict
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from stages.common import paths, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
-from stages.common.files import md5_path, read_jsonl, write_json, write_jsonl
+from stages.common.engine import Spool, chunked, map_chunks
+from stages.common.files import jsonl_writer, md5_path, write_json
 from stages.common.kinds import answer_of, canonical, kind_of, request_text
 from stages.common.records import read_file, record_id, set_hash
-from stages.common.similarity import UnionFind, near_duplicate_pairs, ngrams
+from stages.common.similarity import (
+    UnionFind,
+    ngrams,
+    signatures,
+    similar_pairs,
+    text_digests,
+)
 from stages.common.task import Task
 
 INPUT, OUT_DIR, REMOVED = paths.DEDUP, paths.PROCESSED, paths.SPLIT_REMOVED
@@ -87,14 +100,16 @@ def stratified_group_split(
     return assignment
 
 
-def similar_groups(records: list[dict], cfg: dict, seed: int) -> list[list[int]]:
-    uf = UnionFind(len(records))
-    texts = [request_text(r) for r in records]
-    first: dict[str, int] = {}
-    for i, text in enumerate(texts):
-        uf.union(first.setdefault(text, i), i)
-    if cfg["group_threshold"]:
-        for a, b in near_duplicate_pairs(texts, 3, 128, float(cfg["group_threshold"]), seed):
+def similar_groups(requests, signatures, group_threshold: float) -> list[list[int]]:
+    """Every row in a group: rows with equal requests (equal digests) or near-alike ones
+    (MinHash Jaccard >= split.group_threshold) share one; groups sorted by their first row."""
+    uf = UnionFind(len(requests))
+    first: dict[bytes, int] = {}
+    for i, digest in enumerate(requests.tolist()):
+        uf.union(first.setdefault(digest, i), i)
+    del first
+    if group_threshold:
+        for a, b in similar_pairs(signatures, group_threshold).tolist():
             uf.union(a, b)
     return sorted(uf.clusters().values())
 
@@ -143,9 +158,11 @@ def external_records(path: str, key: str) -> list[dict]:
 
 
 def main() -> None:
-    """1. group near-alike requests; 2. set aside rows that copy a fixed evaluation set;
-    3. carve the splits; 4. check leakage; 5. rebalance train; 6. mix the replay rows into
-    train; 7. write the splits, the removed rows and the report."""
+    """1. read every row once, a chunk at a time (worker processes), keeping small values per
+    row (split, stratum, request digest, MinHash signature on disk, overlap with the fixed and
+    external sets); 2. group near-alike requests; 3. set aside rows that copy a fixed
+    evaluation set; 4. carve the splits; 5. check leakage; 6. rebalance train; 7. mix the
+    replay rows into train; 8. write the splits, the removed rows and the report."""
     params = load_params()
     cfg, leak_cfg = params["split"], params["split"]["leakage"]
     task, seed = Task.from_params(params), int(params["seed"])
@@ -158,44 +175,69 @@ def main() -> None:
         require_dependency("split", "split.leakage.external_eval", leak_cfg["external_eval"])
         inputs["external_eval"] = md5_path(Path(leak_cfg["external_eval"]))
 
-    with tracking.stage_run("split", params, ["split", "task"], inputs) as run:
-        records = read_jsonl(INPUT)
+    with (
+        tracking.stage_run("split", params, ["split", "task"], inputs) as run,
+        Spool(OUT_DIR) as spool,
+    ):
+        fixed_rows = fixed_set_rows()  # row -> record, of the fixed evaluation sets
+        external = (
+            external_records(leak_cfg["external_eval"], "split.leakage.external_eval")
+            if leak_cfg["external_eval"]
+            else []
+        )
+        rows = survey_rows(params, fixed_rows, external, spool)
+        n = len(rows.fixed_split)
         fixed = {
-            name: [i for i, r in enumerate(records) if r.get("fixed_split") == name]
+            name: [i for i, f in enumerate(rows.fixed_split) if f == name]
             for name in ("validation", "test")
         }
-        if len(records) - sum(map(len, fixed.values())) < len(SPLITS):
-            raise StageError(f"{INPUT}: {len(records)} records are too few to split")
-        strata = [task.stratum(answer_of(r)) if "text" not in r else "" for r in records]
-        groups = similar_groups(records, cfg, seed)
-        removed = copies_of_fixed_sets(records, groups)  # row -> why it was removed
+        if n - sum(map(len, fixed.values())) < len(SPLITS):
+            raise StageError(f"{INPUT}: {n} records are too few to split")
+        groups = similar_groups(rows.requests, rows.signatures, float(cfg["group_threshold"] or 0))
+        removed = copies_of_fixed_sets(rows, groups)  # row -> why it was removed
         fractions = {name: float(cfg[name]) for name in SPLITS}
-        assignment = carve(records, groups, strata, fixed, removed, fractions, seed)
+        assignment = carve(rows, groups, fixed, removed, fractions, seed)
         parts = {name: [i for i, a in enumerate(assignment) if a == name] for name in SPLITS}
         for i in removed:
             assignment[i] = "train"  # where it would have gone: the fixed sets hold no room
         leaks = [
-            *leaks_into_fixed_sets(records, fixed, parts, assignment, removed, leak_cfg),
-            *leaks_of_carved_test(records, fixed, parts, removed, leak_cfg),
-            *leaks_of_external_eval(records, assignment, removed, leak_cfg),
+            *leaks_into_fixed_sets(rows, fixed_rows, fixed, parts, assignment, removed, leak_cfg),
+            *leaks_of_carved_test(rows, fixed, parts, removed, leak_cfg),
+            *leaks_of_external_eval(rows, external, assignment, removed, leak_cfg),
         ]
         train_rows = [i for i in parts["train"] if i not in removed]
-        added = rebalance_train(train_rows, strata, removed, cfg, task, seed)
-        guarded = {"test": [records[i] for i in parts["test"] if i not in removed]}
-        if params["eval"]["general_path"]:
-            path = params["eval"]["general_path"]
-            guarded["general_probe"] = external_records(path, "eval.general_path")
+        added = rebalance_train(train_rows, rows.strata, removed, cfg, task, seed)
+        guarded = {}
+        if replay_cfg["fraction"] and replay_cfg["path"]:  # what replay rows must not copy
+            test_rows = {i for i in parts["test"] if i not in removed}
+            guarded["test"] = list(read_rows(test_rows).values())
+            if params["eval"]["general_path"]:
+                path = params["eval"]["general_path"]
+                guarded["general_probe"] = external_records(path, "eval.general_path")
         replay, replay_left_out, replay_report = replay_rows(
-            replay_cfg, records, len(train_rows) + len(added), guarded, leak_cfg, seed
+            replay_cfg, rows.all_chat, len(train_rows) + len(added), guarded, leak_cfg, seed
         )
-
-        outputs = write_splits(records, parts, assignment, removed, added, replay, replay_left_out)
+        del guarded
+        sizes, test_hash = write_splits(
+            rows, parts, assignment, removed, added, replay, replay_left_out
+        )
         report = build_report(
-            records, outputs, removed, added, fixed, groups, leaks, params, task, fractions
+            rows,
+            sizes,
+            test_hash,
+            parts,
+            removed,
+            added,
+            fixed,
+            groups,
+            leaks,
+            params,
+            task,
+            fractions,
         )
         report["replay"] = replay_report
         write_json(REPORT, report)
-        run.summary.update({f"split/{n}": len(rows) for n, rows in outputs.items()})
+        run.summary.update({f"split/{n}": size for n, size in sizes.items()})
         run.summary["split/leaks_flagged"] = len(leaks)
         print(
             f"split: {report['sizes']}, {report['groups']['multi_row']} groups of near-alike "
@@ -204,104 +246,253 @@ def main() -> None:
         )
 
 
+# --- the per-record work: engine.map_chunks runs it on each chunk, in worker processes ------
+
+_WORK: dict = {}
+
+
+def setup_worker(settings: dict) -> None:
+    _WORK.update(settings)
+    short = int(settings["short_record_words"])
+    _WORK["indexes"] = {
+        name: NgramIndex(records, short, {8, 13})
+        for name, records in settings["references"].items()
+        if records
+    }
+
+
+def measure_chunk(lines: list[str]) -> dict:
+    """The small per-row values of a chunk of JSONL lines (see Rows), and each row's overlap
+    (share, matching row) with the fixed sets and the external evaluation set."""
+    records = [json.loads(line) for line in lines]
+    texts = [request_text(r) for r in records]
+    task = _WORK["task"]
+    return {
+        "fixed_split": [r.get("fixed_split") for r in records],
+        "strata": [task.stratum(answer_of(r)) if "text" not in r else "" for r in records],
+        "chat": all("messages" in r for r in records),
+        "ids": [r["id"] for r in records],
+        "lines": [r["line"] for r in records],
+        "requests": text_digests(texts),
+        "words": [len(t.split()) for t in texts],
+        # only grouping near-alike requests needs them
+        "signatures": signatures(texts if _WORK["group"] else [], 3, 128, _WORK["seed"]),
+        "overlaps": {
+            name: [index.overlap(r) for r in records] for name, index in _WORK["indexes"].items()
+        },
+    }
+
+
 # --- the steps of main ------------------------------------------------------------------------
 
 
-def copies_of_fixed_sets(records: list[dict], groups: list[list[int]]) -> dict[int, dict]:
+@dataclass
+class Rows:
+    """Per input row, in order: small values only; the records stay in the input file."""
+
+    fixed_split: list  # validation | test | train (a reviewed correction) | None
+    strata: list[str]
+    all_chat: bool  # every row a chat record (replay mixes only into chat training)
+    ids: list[str]
+    lines: list
+    requests: object  # digests of request_text (numpy)
+    words: list[int]  # words of the request (the n-gram size of the leakage check)
+    signatures: object  # (rows, 128) uint32, memory-mapped from the spool
+    overlaps: dict[str, list]  # fixed set or "external_eval" -> (share, matching row) per row
+
+
+def fixed_set_rows() -> dict[int, dict]:
+    """The rows of the fixed evaluation sets (validation, test), by position: a first quick
+    read (only lines that mention fixed_split are parsed)."""
+    out = {}
+    for i, line in enumerate(input_lines()):
+        if '"fixed_split"' in line:
+            record = json.loads(line)
+            if record.get("fixed_split") in ("validation", "test"):
+                out[i] = record
+    return out
+
+
+def input_lines():
+    with INPUT.open(encoding="utf-8") as f:
+        yield from (line for line in f if line.strip())
+
+
+def read_rows(wanted: set[int]) -> dict[int, dict]:
+    """The records at the positions `wanted`, in input order (a read of the input)."""
+    return {i: json.loads(line) for i, line in enumerate(input_lines()) if i in wanted}
+
+
+def survey_rows(params: dict, fixed_rows: dict, external: list[dict], spool: Spool) -> Rows:
+    by_set = {
+        name: [r for r in fixed_rows.values() if r["fixed_split"] == name]
+        for name in ("validation", "test")
+    }
+    settings = {
+        "task": Task.from_params(params),
+        "seed": int(params["seed"]),
+        "group": bool(params["split"]["group_threshold"]),
+        "short_record_words": params["split"]["leakage"]["short_record_words"],
+        "references": {**by_set, "external_eval": external},
+    }
+    values: dict[str, list] = {}
+    strata: dict[str, str] = {}  # one string object per stratum, shared by its rows
+    all_chat, n_rows = True, 0
+    signatures_file = spool.folder / "signatures.u32"
+    with signatures_file.open("wb") as out:
+        for chunk in map_chunks(measure_chunk, chunked(input_lines()), setup_worker, (settings,)):
+            out.write(chunk.pop("signatures").tobytes())
+            all_chat &= chunk.pop("chat")
+            n_rows += len(chunk["ids"])
+            chunk["strata"] = [strata.setdefault(s, s) for s in chunk["strata"]]
+            overlaps = chunk.pop("overlaps")
+            for key, part in chunk.items():
+                values.setdefault(key, []).append(part)
+            for name, part in overlaps.items():
+                values.setdefault(f"overlap/{name}", []).extend(part)
+    requests = values.pop("requests", [])
+    return Rows(
+        fixed_split=[x for part in values.get("fixed_split", []) for x in part],
+        strata=[x for part in values.get("strata", []) for x in part],
+        all_chat=all_chat,
+        ids=[x for part in values.get("ids", []) for x in part],
+        lines=[x for part in values.get("lines", []) for x in part],
+        requests=np.concatenate(requests) if requests else text_digests([]),
+        words=[x for part in values.get("words", []) for x in part],
+        signatures=np.memmap(signatures_file, dtype=np.uint32, mode="r", shape=(n_rows, 128))
+        if n_rows and settings["group"]
+        else np.zeros((0, 128), dtype=np.uint32),
+        overlaps={
+            key.removeprefix("overlap/"): part
+            for key, part in values.items()
+            if key.startswith("overlap/")
+        },
+    )
+
+
+def copies_of_fixed_sets(rows: Rows, groups: list[list[int]]) -> dict[int, dict]:
     """Fixed evaluation sets stay whole: a training row that duplicates or paraphrases one of
     their rows (same group) is removed."""
     removed: dict[int, dict] = {}
     for members in groups:
-        anchor = next((i for i in members if records[i].get("fixed_split")), None)
+        anchor = next((i for i in members if rows.fixed_split[i]), None)
         for i in members if anchor is not None else []:
-            if not records[i].get("fixed_split"):
-                exact = request_text(records[i]) == request_text(records[anchor])
+            if not rows.fixed_split[i]:
+                exact = rows.requests[i] == rows.requests[anchor]
                 removed[i] = {
                     "reason": ("duplicate_of_" if exact else "near_duplicate_of_")
-                    + records[anchor]["fixed_split"],
-                    "matches_line": records[anchor]["line"],
+                    + rows.fixed_split[anchor],
+                    "matches_line": rows.lines[anchor],
                 }
     return removed
 
 
-def carve(records, groups, strata, fixed, removed, fractions, seed) -> list[str]:
+def carve(rows: Rows, groups, fixed, removed, fractions, seed) -> list[str]:
     """The split of each row: a fixed set's rows are that split; the other rows are carved by
     stratum and group, the carved splits sharing the fractions of the splits not fixed."""
     shares = {n: 0.0 if fixed.get(n) else f for n, f in fractions.items()}
     shares = {n: f / (sum(shares.values()) or 1) for n, f in shares.items()}
-    pool_groups = [
-        g for g in groups if not any(records[i].get("fixed_split") or i in removed for i in g)
-    ]
-    assignment = stratified_group_split(strata, pool_groups, shares, seed)
-    for name, rows in fixed.items():
-        for i in rows:
+    pool_groups = [g for g in groups if not any(rows.fixed_split[i] or i in removed for i in g)]
+    assignment = stratified_group_split(rows.strata, pool_groups, shares, seed)
+    for name, members in fixed.items():
+        for i in members:
             assignment[i] = name
-    for i, record in enumerate(records):
-        if record.get("fixed_split") == "train":  # a reviewed correction, moved into train
+    for i, fixed_split in enumerate(rows.fixed_split):
+        if fixed_split == "train":  # a reviewed correction, moved into train
             assignment[i] = "train"
     return assignment
 
 
-def leak_entry(record: dict, split: str, share: float, against: str, matches_line) -> dict:
+def leak_entry(rows: Rows, i: int, split: str, share: float, against: str, matches_line) -> dict:
     return {
         "split": split,
-        "id": record["id"],
-        "line": record["line"],
+        "id": rows.ids[i],
+        "line": rows.lines[i],
         "overlap": round(share, 3),
         "against": against,
         "matches_line": matches_line,
     }
 
 
-def leaks_into_fixed_sets(records, fixed, parts, assignment, removed, leak_cfg) -> list[dict]:
+def leaks_into_fixed_sets(rows, fixed_rows, fixed, parts, assignment, removed, leak_cfg):
     """A carved row sharing most of its n-grams with a fixed set is removed, whatever the
     policy: the fixed sets never move."""
-    min_overlap, short = float(leak_cfg["min_overlap"]), int(leak_cfg["short_record_words"])
+    min_overlap = float(leak_cfg["min_overlap"])
     leaks = []
-    for name, rows in fixed.items():
-        if not rows:
+    for name, members in fixed.items():
+        if not members:
             continue
-        index = NgramIndex([records[i] for i in rows], short, {8, 13})
         for i in [i for n in SPLITS if not fixed.get(n) for i in parts[n]]:
-            share, match = index.overlap(records[i])
+            share, match = rows.overlaps[name][i]
             if share >= min_overlap and i not in removed:
-                line = records[rows[match]]["line"]
+                line = fixed_rows[members[match]]["line"]
                 removed[i] = {"reason": f"leak_of_{name}", "matches_line": line}
-                leaks.append(leak_entry(records[i], assignment[i], share, f"fixed {name}", line))
+                leaks.append(leak_entry(rows, i, assignment[i], share, f"fixed {name}", line))
     return leaks
 
 
-def leaks_of_carved_test(records, fixed, parts, removed, leak_cfg) -> list[dict]:
-    """Each row of a carved test split against train; `remove` drops the leaking test rows."""
+def leaks_of_carved_test(rows: Rows, fixed, parts, removed, leak_cfg) -> list[dict]:
+    """Each row of a carved test split against train; `remove` drops the leaking test rows.
+    The n-grams of the test rows are indexed, and train is read once to find, for each, the
+    first train row that has it (what an index of train would say, in test's memory)."""
     min_overlap, short = float(leak_cfg["min_overlap"]), int(leak_cfg["short_record_words"])
     carved_test = [] if fixed["test"] else parts["test"]
-    sizes = {8 if len(request_text(records[i]).split()) < short else 13 for i in carved_test}
+    if not carved_test:
+        return []
+    sizes = {8 if rows.words[i] < short else 13 for i in carved_test}
     kept_train = [i for i in parts["train"] if i not in removed]
-    train_index = NgramIndex([records[i] for i in kept_train], short, sizes)
+    position = {i: k for k, i in enumerate(kept_train)}
+    test_records = read_rows(set(carved_test))
+    test_texts = {i: request_text(r) for i, r in test_records.items()}
+    grams = {n: set() for n in sizes}
+    for i, text in test_texts.items():
+        size = 8 if len(text.split()) < short else 13
+        grams[size] |= ngrams(text, size) or {text}
+    first: dict[int, dict[str, int]] = {n: {} for n in sizes}  # test n-gram -> first train row
+    requests: dict[str, int] = {}  # test request -> the last train row asking it
+    wanted_requests = {t for i, t in test_texts.items() if "text" not in test_records[i]}
+    for i, line in enumerate(input_lines()):
+        if i not in position:
+            continue
+        record = json.loads(line)
+        text = request_text(record)
+        for n, seen in first.items():
+            for gram in ngrams(text, n) & grams[n]:
+                seen.setdefault(gram, position[i])
+        if text in wanted_requests and "text" not in record:
+            requests[text] = position[i]
     leaks = []
     for i in carved_test:
-        share, match = train_index.overlap(records[i])
+        share, match = overlap(test_texts[i], test_records[i], first, requests, short)
         if share >= min_overlap:
-            line = records[kept_train[match]]["line"]
-            leaks.append(leak_entry(records[i], "test", share, "train", line))
+            line = rows.lines[kept_train[match]]
+            leaks.append(leak_entry(rows, i, "test", share, "train", line))
             if leak_cfg["policy"] == "remove":
                 removed[i] = {"reason": "leak_test_train", "matches_line": line}
     return leaks
 
 
-def leaks_of_external_eval(records, assignment, removed, leak_cfg) -> list[dict]:
+def overlap(text: str, record: dict, first, requests, short: int) -> tuple[float, int | None]:
+    """NgramIndex.overlap of a row against a reference given as its n-gram -> first row."""
+    if "text" not in record and text in requests:
+        return 1.0, requests[text]
+    size = 8 if len(text.split()) < short else 13
+    grams = ngrams(text, size) or {text}
+    hits = Counter(first[size][g] for g in grams if g in first[size])
+    best = min(hits, key=lambda k: (-hits[k], k)) if hits else None
+    return sum(hits.values()) / len(grams), best
+
+
+def leaks_of_external_eval(rows: Rows, external, assignment, removed, leak_cfg) -> list[dict]:
     """Every row against split.leakage.external_eval, when set."""
-    if not leak_cfg["external_eval"]:
+    if not external:
         return []
-    min_overlap, short = float(leak_cfg["min_overlap"]), int(leak_cfg["short_record_words"])
-    external = external_records(leak_cfg["external_eval"], "split.leakage.external_eval")
-    external_index = NgramIndex(external, short, {8, 13})
+    min_overlap = float(leak_cfg["min_overlap"])
     leaks = []
-    for i, record in enumerate(records):
-        share, match = external_index.overlap(record)
+    for i, (share, match) in enumerate(rows.overlaps["external_eval"]):
         if share >= min_overlap:
             line = external[match]["line"]
-            leaks.append(leak_entry(record, assignment[i], share, "external_eval", line))
+            leaks.append(leak_entry(rows, i, assignment[i], share, "external_eval", line))
             if leak_cfg["policy"] == "remove":
                 removed[i] = {"reason": "leak_external_eval", "matches_line": line}
     return leaks
@@ -328,7 +519,7 @@ def rebalance_train(train_rows, strata, removed, cfg, task, seed) -> list[int]:
 
 
 def replay_rows(
-    replay_cfg, records, n_train, guarded, leak_cfg, seed
+    replay_cfg, all_chat, n_train, guarded, leak_cfg, seed
 ) -> tuple[list[dict], list[dict], dict]:
     """data.replay: general chat records for train, `fraction` of it after mixing, taken in a
     seeded order (the set repeats whole when it is smaller than asked). A row that shares most
@@ -338,7 +529,7 @@ def replay_rows(
     if not fraction or not replay_cfg["path"]:
         return [], [], {"fraction": 0.0, "rows_mixed": 0}
     path = replay_cfg["path"]
-    if any("messages" not in r for r in records):
+    if not all_chat:
         raise StageError(
             f"data.replay: {path} holds chat records, which mix only into chat training; this "
             "data set is not chat records: set data.replay.fraction=0"
@@ -378,55 +569,74 @@ def replay_rows(
 
 
 def write_splits(
-    records, parts, assignment, removed, added, replay, replay_left_out
-) -> dict[str, list[dict]]:
-    """The rows of each split (train with its upsampled repeats and its replay rows), and the
-    removed rows with their split and reason (replay rows left out under split "replay")."""
-    outputs = {name: [records[i] for i in rows if i not in removed] for name, rows in parts.items()}
-    if not outputs["train"]:
+    rows: Rows, parts, assignment, removed, added, replay, replay_left_out
+) -> tuple[dict[str, int], str]:
+    """The rows of each split in input order (train then its upsampled repeats and its replay
+    rows), and the removed rows with their split and reason (replay rows left out under split
+    "replay"), written in one read of the input. Returns the sizes and the test set's hash."""
+    sizes = {name: sum(1 for i in members if i not in removed) for name, members in parts.items()}
+    if not sizes["train"]:
         raise StageError(
             "split: no training rows left after removing the rows too close to "
             "the fixed evaluation sets; see " + str(REMOVED)
         )
-    outputs["train"] += [records[i] for i in sorted(added)] + replay
-    for name, rows in outputs.items():
-        write_jsonl(OUT_DIR / f"{name}.jsonl", rows)
-    write_jsonl(
-        REMOVED,
-        [{**records[i], "split": assignment[i], **why} for i, why in sorted(removed.items())]
-        + [{**row, "split": "replay"} for row in replay_left_out],
-    )
-    return outputs
+    repeats = Counter(added)
+    test_records = []
+    with ExitStack() as stack:
+        write = {
+            name: stack.enter_context(jsonl_writer(OUT_DIR / f"{name}.jsonl")) for name in SPLITS
+        }
+        write_removed = stack.enter_context(jsonl_writer(REMOVED))
+        repeated = stack.enter_context(tempfile.TemporaryFile("w+", dir=OUT_DIR))
+        for i, line in enumerate(input_lines()):
+            record = json.loads(line)
+            if i in removed:
+                write_removed({**record, "split": assignment[i], **removed[i]})
+                continue
+            write[assignment[i]](record)
+            if assignment[i] == "test":
+                test_records.append(record)
+            if i in repeats:
+                repeated.write(f"{repeats[i]}\t{line}")
+        repeated.seek(0)
+        for entry in repeated:
+            times, line = entry.split("\t", 1)
+            for _ in range(int(times)):
+                write["train"](json.loads(line))
+        for row in replay:
+            write["train"](row)
+        for row in replay_left_out:
+            write_removed({**row, "split": "replay"})
+    sizes["train"] += len(added) + len(replay)
+    return sizes, set_hash(test_records)
 
 
 def build_report(
-    records, outputs, removed, added, fixed, groups, leaks, params, task, fractions
+    rows, sizes, test_hash, parts, removed, added, fixed, groups, leaks, params, task, fractions
 ) -> dict:
     cfg = params["split"]
     balance = {
         name: dict(
             sorted(
                 Counter(
-                    task.stratum(answer_of(r)) if "text" not in r else ""
-                    for r in rows
-                    if not r.get("replay")  # general chat records: no task label
+                    [rows.strata[i] for i in members if i not in removed]
+                    + ([rows.strata[i] for i in added] if name == "train" else [])
                 ).items()
             )
         )
-        for name, rows in outputs.items()
+        for name, members in parts.items()
     }
     by_reason = Counter(why["reason"] for why in removed.values())
     report = {
-        "rows_in": len(records),
-        "rows_out": sum(1 for rows in outputs.values() for r in rows if not r.get("replay"))
-        - len(added),
+        "rows_in": len(rows.fixed_split),
+        "rows_out": sum(1 for members in parts.values() for i in members if i not in removed),
         "rows_removed": len(removed),
         "removed_by_reason": dict(sorted(by_reason.items())),
         "rows_added_by_upsampling": len(added),
-        "sizes": {name: len(rows) for name, rows in outputs.items()},
+        "sizes": sizes,
         "fractions": fractions,
-        "fixed_sets": {name: len(rows) for name, rows in fixed.items() if rows},
-        "test_hash": set_hash(outputs["test"]),  # regression compares only equal test sets
+        "fixed_sets": {name: len(members) for name, members in fixed.items() if members},
+        "test_hash": test_hash,  # regression compares only equal test sets
         "seed": int(params["seed"]),
         "stratify_by": task.stratify_by,
         "groups": {
@@ -443,7 +653,7 @@ def build_report(
         },
     }
     assert report["rows_in"] == report["rows_out"] + report["rows_removed"]
-    if report["groups"]["largest"] > len(records) * fractions["test"]:
+    if report["groups"]["largest"] > len(rows.fixed_split) * fractions["test"]:
         print(
             f"split: warning: a group of {report['groups']['largest']} near-alike rows went "
             f"to train whole; raise split.group_threshold if groups chain too much"

@@ -11,7 +11,7 @@ from conftest import set_params
 from stages import dedup
 from stages.common.files import read_jsonl, write_jsonl
 from stages.common.records import record_id
-from stages.common.similarity import signatures
+from stages.common.similarity import signatures, text_digests
 
 A = '{"urgency": "high", "category": "billing"}'
 B = '{"urgency": "low", "category": "billing"}'
@@ -183,7 +183,7 @@ def test_exact_duplicates_point_at_the_first_copy():
 def test_same_request_clusters_join_equal_and_near_equal_requests():
     base = "my invoice shows a charge twice for the same month and I want a refund please"
     texts = [base, "something else entirely about a parcel", base, base + " now", "unrelated"]
-    requests, minhashes = dedup.digests(texts), signatures(texts, size=3, num_perm=128, seed=0)
+    requests, minhashes = text_digests(texts), signatures(texts, size=3, num_perm=128, seed=0)
     every_row = np.arange(len(texts))
     assert dedup.same_request_clusters(requests, minhashes, 0.7, every_row) == [[0, 2, 3]]
     # the rows compared can be a subset (exact duplicates already removed): positions in it

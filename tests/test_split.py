@@ -367,3 +367,44 @@ def test_a_reviewed_correction_moved_into_train_lands_in_train(project):
     train = read_jsonl(project / "data/processed/train.jsonl")
     assert moved["id"] in {r["id"] for r in train}
     assert report["sizes"]["test"] == 10 and report["rows_in"] == report["rows_out"] == 211
+
+
+def test_chunks_and_workers_change_no_output_byte(project, monkeypatch):
+    """split reads its input a chunk at a time (DATA_CHUNK_ROWS) in worker processes
+    (DATA_WORKERS), keeping small values per row (split, stratum, digests, signatures on
+    disk); the outputs are the same bytes however the rows were cut and shared, with groups,
+    a carved test set checked against train, upsampling and replay all at work."""
+    records = rows()
+    for k in range(10):
+        short = " ".join(f"w{k}x{j}" for j in range(15))  # a leak when its long form trains
+        long_ = short + " " + " ".join(f"tail{k}x{j}" for j in range(30))
+        for text in (short, long_, short + " please"):
+            messages = [{"role": "user", "content": text}, records[k]["messages"][1]]
+            records.append({**records[k], "id": record_id(messages), "messages": messages})
+    for i, r in enumerate(records):
+        r["line"] = i + 1
+    set_params(
+        project,
+        **{
+            "data.replay.fraction": 0.1,
+            "split.rebalance": "upsample",
+            "split.leakage.policy": "remove",
+            "split.test": 0.4,
+            "split.validation": 0.1,
+            "split.train": 0.5,
+        },
+    )
+    outputs = [f"data/processed/{n}.jsonl" for n in split.SPLITS]
+    outputs += ["data/interim/split_removed.jsonl", "reports/split.json"]
+    runs = []
+    for chunk_rows, workers in (("100000", "1"), ("13", "2")):
+        monkeypatch.setenv("DATA_CHUNK_ROWS", chunk_rows)
+        monkeypatch.setenv("DATA_WORKERS", workers)
+        write_jsonl(project / "data/interim/dedup.jsonl", records)
+        split.main()
+        runs.append({p: (project / p).read_bytes() for p in outputs})
+    assert runs[1] == runs[0]
+    report = json.loads(runs[0]["reports/split.json"])
+    assert report["groups"]["multi_row"] >= 10
+    assert report["removed_by_reason"]["leak_test_train"] > 0
+    assert report["rows_added_by_upsampling"] > 0 and report["replay"]["rows_mixed"] > 0

@@ -90,6 +90,19 @@ def similar_pairs(signatures, threshold: float, rows=None, verify_batch: int = 1
     return pairs[keep]
 
 
+def text_digests(texts: list[str]):
+    """A 128-bit hash of each text: equal texts, equal digests (a collision is ~2^-64 likely
+    among a billion texts), 16 bytes a row instead of the text."""
+    import hashlib
+
+    import numpy as np
+
+    return np.array(
+        [hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts],
+        dtype=np.dtype((np.void, 16)),
+    ).reshape(len(texts))
+
+
 class UnionFind:
     """Clusters from pairs; the smallest index of a cluster is its root (the row kept)."""
 
