@@ -8,6 +8,11 @@ size, and each size's time against the smallest (linear = the size ratio).
     python scripts/bench_data.py                          # 10k and 100k
     python scripts/bench_data.py --sizes 10000 100000 1000000
     DATA_WORKERS=1 python scripts/bench_data.py           # one process per stage
+    python scripts/bench_data.py --sizes 100000 --compare c3bb497
+
+--compare REV also runs the stages of git revision REV (a worktree of it) on the same records
+and checks that every output of the three stages is the same bytes: a change that makes the
+stages faster must not change what they write. Its times and peaks print beside ours.
 
 Needs models/base (the tokenizer): `dvc repro base_model` makes it.
 """
@@ -37,40 +42,71 @@ STAGES = ("validate", "dedup", "split")
 DATA_FOLDERS = ("data/eval", "data/replay", "data/general", "data/review")
 
 
+# Runs a command and writes its peak resident memory (KiB: the largest of the command and of
+# the worker processes it waited for) to a file. The stage starts from this small process, not
+# from the benchmark, because Linux counts the memory of the process that starts a program
+# towards the program's own peak (the benchmark holds a million generated records).
+MEASURE = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_stage(stage: str, project: Path, env: dict) -> tuple[float, float, str, str]:
-    """(seconds, peak MiB, stdout, stderr) of one stage run. The peak is the stage's largest
-    process, its workers included: their memory is reported to the stage when they end."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(
-            [sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env, stdout=out, stderr=err
+    """(seconds, peak MiB, stdout, stderr) of one stage run; the peak is the stage's largest
+    process, its workers included."""
+    with (
+        tempfile.TemporaryFile("w+") as out,
+        tempfile.TemporaryFile("w+") as err,
+        tempfile.NamedTemporaryFile("r") as peak,
+    ):
+        start = time.perf_counter()
+        code = subprocess.call(
+            [sys.executable, "-c", MEASURE, peak.name, sys.executable, "-m", f"stages.{stage}"],
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=err,
         )
-        _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        if child.returncode:
+        if code:
             sys.exit(f"{stage} failed in {project}:\n{err.read()[-2000:]}")
-        return seconds, usage.ru_maxrss / 1024, out.read(), err.read()
+        return seconds, int(peak.read()) / 1024, out.read(), err.read()
 
 
-def run_size(rows: int, scratch: Path) -> dict[str, tuple[float, float]]:
-    project = scratch / f"p{rows}"
-    for rel in ("stages", "conf", "params.yaml", *DATA_FOLDERS):
+# every output of the three stages (dvc.yaml's outs of validate, dedup and split)
+OUTPUTS = ("data/interim", "data/processed", "reports/data_docs") + tuple(
+    f"reports/{stage}.json" for stage in STAGES
+)
+
+
+def make_project(rows: int, project: Path, code: Path) -> None:
+    """A scratch project: the stages of `code`, this checkout's config and data folders, and
+    `rows` generated ticket records as data/raw/tickets.jsonl."""
+    shutil.copytree(code / "stages", project / "stages")
+    for rel in ("conf", "params.yaml", *DATA_FOLDERS):
         src = ROOT / rel
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, project / rel)
     (project / "models").mkdir()
     os.symlink(ROOT / "models/base", project / "models/base")
     (project / "data/raw").mkdir(parents=True, exist_ok=True)
-    (project / "data/raw/tickets.jsonl").write_text("\n".join(generate(rows, seed=1)) + "\n")
+    with (project / "data/raw/tickets.jsonl").open("w") as f:
+        f.writelines(line + "\n" for line in generate(rows, seed=1))
+
+
+def run_size(rows: int, project: Path, label: str = "") -> dict[str, tuple[float, float]]:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(project)}
     out = {}
     for stage in STAGES:
         seconds, peak, stdout, _ = run_stage(stage, project, env)
         last = [line for line in stdout.splitlines() if line.startswith(f"{stage}:")]
         print(
-            f"  {rows:>8} rows  {stage:<8} {seconds:6.1f} s  peak {peak:7.0f} MiB  "
+            f"  {label}{rows:>8} rows  {stage:<8} {seconds:6.1f} s  peak {peak:7.0f} MiB  "
             f"{last[-1][:110] if last else ''}",
             flush=True,
         )
@@ -81,6 +117,7 @@ def run_size(rows: int, scratch: Path) -> dict[str, tuple[float, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--compare", metavar="REV", help="check outputs against git revision REV")
     args = parser.parse_args()
     if not (ROOT / "models/base/tokenizer.json").exists():
         sys.exit("models/base is missing: run `dvc repro base_model` first")
@@ -94,8 +131,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         results = {}
         for size in sizes:
-            results[size] = run_size(size, Path(tmp))
-            shutil.rmtree(Path(tmp) / f"p{size}")  # a million records take gigabytes
+            project = Path(tmp) / f"p{size}"
+            make_project(size, project, ROOT)
+            results[size] = run_size(size, project)
+            if args.compare:
+                compare(args.compare, size, project, Path(tmp))
+            shutil.rmtree(project)  # a million records take gigabytes
     smallest = sizes[0]
     print(f"\n{'stage':<10}" + "".join(f"{s:>10}" for s in sizes) + "   time ratio to the first")
     for stage in (*STAGES, "total"):
@@ -114,6 +155,37 @@ def main() -> None:
     for size in sizes:
         peaks = ", ".join(f"{stage} {results[size][stage][1]:.0f}" for stage in STAGES)
         print(f"peak MiB at {size}: {peaks}")
+
+
+def compare(revision: str, size: int, project: Path, scratch: Path) -> None:
+    """Run revision's stages on the same records; every output must be the same bytes."""
+    code, reference = scratch / "reference-code", scratch / f"reference{size}"
+    if not code.exists():
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(code), revision],
+            check=True,
+            capture_output=True,
+        )
+    try:
+        make_project(0, reference, code)
+        shutil.copy2(project / "data/raw/tickets.jsonl", reference / "data/raw/tickets.jsonl")
+        run_size(size, reference, label=f"{revision[:10]} ")
+    finally:
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(code)], check=False
+        )
+    differ = []
+    for rel in OUTPUTS:
+        ours, theirs = project / rel, reference / rel
+        files = [ours] if ours.is_file() else sorted(p for p in ours.rglob("*") if p.is_file())
+        for path in files:
+            other = theirs / path.relative_to(ours) if path != ours else theirs
+            if not other.is_file() or other.read_bytes() != path.read_bytes():
+                differ.append(str(path.relative_to(project)))
+    shutil.rmtree(reference)
+    if differ:
+        sys.exit(f"outputs differ from {revision} at {size} records: {differ}")
+    print(f"  {size} records: every output is the same bytes as {revision}'s", flush=True)
 
 
 if __name__ == "__main__":

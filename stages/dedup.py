@@ -26,7 +26,7 @@ import numpy as np
 from stages.common import paths, tracking
 from stages.common.config import load_params, run_stage
 from stages.common.engine import Spool, chunked, map_chunks
-from stages.common.files import jsonl_writer, md5_path, write_json
+from stages.common.files import jsonl_writer, md5_path, text_writer, write_json
 from stages.common.kinds import answer_key, request_text
 from stages.common.similarity import UnionFind, signatures, similar_pairs, text_digests
 
@@ -129,6 +129,7 @@ class Rows:
 
     n_rows: int  # every row, the fixed sets' included
     fixed: Counter  # fixed set -> rows passed through
+    fixed_rows: list[bool]  # per input row: in a fixed set
     ids: np.ndarray  # record id as uint64 (ids are 16 hex digits)
     lines: np.ndarray
     requests: np.ndarray  # digests of request_text
@@ -141,11 +142,12 @@ def survey_rows(cfg: dict, seed: int, spool: Spool) -> Rows:
     parts: dict[str, list] = {"ids": [], "lines": [], "requests": [], "answers": []}
     fixed: Counter = Counter()
     n_rows, n_pool = 0, 0
-    with (spool.folder / "signatures.u32").open("wb") as out, INPUT.open(encoding="utf-8") as f:
-        lines = (line for line in f if line.strip())
-        for chunk in map_chunks(measure_chunk, chunked(lines), setup_worker, (settings,)):
+    fixed_rows: list[bool] = []
+    with (spool.folder / "signatures.u32").open("wb") as out:
+        for chunk in map_chunks(measure_chunk, chunked(input_lines()), setup_worker, (settings,)):
             n_rows += len(chunk["fixed"])
             fixed.update(name for name in chunk["fixed"] if name)
+            fixed_rows += [bool(name) for name in chunk["fixed"]]
             for key, values in parts.items():
                 values.append(chunk[key])
             out.write(chunk["signatures"].tobytes())
@@ -158,7 +160,15 @@ def survey_rows(cfg: dict, seed: int, spool: Spool) -> Rows:
         if n_pool
         else np.zeros(shape, dtype=np.uint32)
     )
-    return Rows(n_rows=n_rows, fixed=fixed, signatures=sigs, **concat)
+    return Rows(n_rows=n_rows, fixed=fixed, fixed_rows=fixed_rows, signatures=sigs, **concat)
+
+
+def input_lines():
+    """The lines of valid.jsonl, each ending in a newline."""
+    with INPUT.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield line if line.endswith("\n") else line + "\n"
 
 
 def exact_duplicates(ids: np.ndarray) -> dict[int, tuple[str, int]]:
@@ -206,20 +216,18 @@ def write_rows(rows: Rows, removed, example_clusters, remaining) -> list[dict]:
     wanted = {int(remaining[k]) for members in example_clusters for k in members[:3]}
     texts: dict[int, str] = {}
     with (
-        jsonl_writer(OUTPUT) as keep,
+        text_writer(OUTPUT) as keep,
         jsonl_writer(REMOVED) as drop,
-        INPUT.open(encoding="utf-8") as f,
         tempfile.TemporaryFile("w+", encoding="utf-8", dir=OUTPUT.parent) as fixed_rows,
     ):
-        i = 0
-        for line in f:
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if record.get("fixed_split"):
+        i = 0  # position in the pool
+        # lines are validate's, written as they would be here: a kept row is copied as it is
+        for line, fixed in zip(input_lines(), rows.fixed_rows):
+            if fixed:
                 fixed_rows.write(line)
                 continue
-            if i in wanted:
+            if i in wanted or i in removed:
+                record = json.loads(line)
                 texts[i] = request_text(record)
             if i in removed:
                 reason, j = removed[i]
@@ -232,11 +240,10 @@ def write_rows(rows: Rows, removed, example_clusters, remaining) -> list[dict]:
                     }
                 )
             else:
-                keep(record)
+                keep.write(line)
             i += 1
         fixed_rows.seek(0)
-        for line in fixed_rows:
-            keep(json.loads(line))
+        keep.writelines(fixed_rows)
     examples = []
     for members in example_clusters:
         kept = [k for k in members if int(remaining[k]) not in removed]

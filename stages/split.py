@@ -45,7 +45,7 @@ import numpy as np
 from stages.common import paths, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
 from stages.common.engine import Spool, chunked, map_chunks
-from stages.common.files import jsonl_writer, md5_path, write_json
+from stages.common.files import jsonl_lines, jsonl_writer, md5_path, text_writer, write_json
 from stages.common.kinds import answer_of, canonical, kind_of, request_text
 from stages.common.records import read_file, record_id, set_hash
 from stages.common.similarity import (
@@ -314,8 +314,11 @@ def fixed_set_rows() -> dict[int, dict]:
 
 
 def input_lines():
+    """The lines of dedup.jsonl, each ending in a newline."""
     with INPUT.open(encoding="utf-8") as f:
-        yield from (line for line in f if line.strip())
+        for line in f:
+            if line.strip():
+                yield line if line.endswith("\n") else line + "\n"
 
 
 def read_rows(wanted: set[int]) -> dict[int, dict]:
@@ -583,28 +586,24 @@ def write_splits(
     repeats = Counter(added)
     test_records = []
     with ExitStack() as stack:
-        write = {
-            name: stack.enter_context(jsonl_writer(OUT_DIR / f"{name}.jsonl")) for name in SPLITS
+        split_file = {
+            name: stack.enter_context(text_writer(OUT_DIR / f"{name}.jsonl")) for name in SPLITS
         }
         write_removed = stack.enter_context(jsonl_writer(REMOVED))
         repeated = stack.enter_context(tempfile.TemporaryFile("w+", dir=OUT_DIR))
+        # lines are dedup's, written as they would be here: a row is copied as it is
         for i, line in enumerate(input_lines()):
-            record = json.loads(line)
             if i in removed:
-                write_removed({**record, "split": assignment[i], **removed[i]})
+                write_removed({**json.loads(line), "split": assignment[i], **removed[i]})
                 continue
-            write[assignment[i]](record)
+            split_file[assignment[i]].write(line)
             if assignment[i] == "test":
-                test_records.append(record)
+                test_records.append(json.loads(line))
             if i in repeats:
-                repeated.write(f"{repeats[i]}\t{line}")
+                repeated.write(line * repeats[i])
         repeated.seek(0)
-        for entry in repeated:
-            times, line = entry.split("\t", 1)
-            for _ in range(int(times)):
-                write["train"](json.loads(line))
-        for row in replay:
-            write["train"](row)
+        split_file["train"].writelines(repeated)
+        split_file["train"].write(jsonl_lines(replay))
         for row in replay_left_out:
             write_removed({**row, "split": "replay"})
     sizes["train"] += len(added) + len(replay)

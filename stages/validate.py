@@ -44,7 +44,7 @@ from stages.common.facts import (
     measure_tokens,
     special_token_pattern,
 )
-from stages.common.files import jsonl_writer, md5_path, write_json
+from stages.common.files import jsonl_lines, md5_path, text_writer, write_json
 from stages.common.kinds import (
     KINDS,
     RowError,
@@ -52,7 +52,7 @@ from stages.common.kinds import (
     kind_of,
     rename_fields,
 )
-from stages.common.records import iter_file, record_id, resolve_paths
+from stages.common.records import iter_file, parse_row, record_id, resolve_paths
 from stages.common.task import Task
 
 VALID, QUARANTINE, DATA_DOCS = paths.VALID, paths.QUARANTINE, paths.DATA_DOCS
@@ -207,7 +207,7 @@ def main() -> None:
             failures, summary = expectations.check_rows(
                 fact_table(survey.facts), task, max_length, policy, kind, DATA_DOCS
             )
-            tally = write_rows(spool, failures)
+            tally = write_rows(spool, survey.chunk_sizes, failures)
         report = {
             **build_report(survey, tally, failures, kinds, fixed, drift),
             **length_report(survey.facts, failures, max_length, chosen, policy),
@@ -260,6 +260,7 @@ def measure_chunk(numbered: tuple[int, list[dict]]) -> tuple[list[dict], Counter
     set tagged with it and reviewed corrections applied, go to the spool."""
     index, rows = numbered
     work = _WORK
+    rows = [parse_row(row) for row in rows]
     for row in rows:
         row["obj"] = rename_fields(row["obj"], work["columns"])
     converted = [
@@ -307,18 +308,20 @@ class Survey:
     facts: dict[str, list] = field(default_factory=dict)  # GX column -> value per row
     matched: Counter = field(default_factory=Counter)  # corrections -> records they fixed
     n_rows: int = 0
+    chunk_sizes: list[int] = field(default_factory=list)  # rows per spooled chunk
 
 
 def survey_rows(sources: list[Path], settings: dict, spool: Spool) -> Survey:
     """Read, convert and measure every row of every file, a chunk at a time; the rows and
     their records go to the spool, their facts into the survey."""
     survey = Survey(files=dict.fromkeys(sources, 0))
-    rows = (row for path in sources for row in iter_file(path))
+    rows = (row for path in sources for row in iter_file(path, parse=False))
     settings = {**settings, "spool": spool.folder}
     for facts, matched, files in map_chunks(
         measure_chunk, enumerate(chunked(rows)), setup_worker, (settings,)
     ):
         survey.n_rows += len(facts)
+        survey.chunk_sizes.append(len(facts))
         survey.matched.update(matched)
         for source, (n, keys) in files.items():
             survey.files[Path(source)] += n
@@ -402,29 +405,46 @@ class Tally:
                 lines.append(f"{Path(entry['source']).name}:{entry['line']}")
 
 
-def write_rows(spool: Spool, failures: dict[int, list[str]]) -> Tally:
+def write_rows(spool: Spool, chunk_sizes: list[int], failures: dict[int, list[str]]) -> Tally:
     """Second pass: valid records to VALID, the rest to QUARANTINE (source, line, reasons,
-    detail, the row as read), in input order."""
-    tally, i = Tally(), 0
-    with jsonl_writer(VALID) as keep, jsonl_writer(QUARANTINE) as set_aside:
-        for rows, converted in spool:
-            for row, (record, _, detail) in zip(rows, converted):
-                if i not in failures:
-                    keep(record)
-                    tally.rows_out += 1
-                    if record.get("fixed_split"):
-                        tally.fixed_out[record["fixed_split"]] += 1
-                else:
-                    entry = {"source": row["source"], "line": row["line"], "reasons": failures[i]}
-                    if detail:
-                        entry["detail"] = detail
-                    entry["record"] = row["obj"]
-                    if "raw" in row:
-                        entry["raw"] = row["raw"]
-                    set_aside(entry)
-                    tally.add(entry)
-                i += 1
+    detail, the row as read), in input order; workers turn the spooled chunks into text."""
+    tally, start, jobs = Tally(), 0, []
+    for index, size in enumerate(chunk_sizes):
+        failing = {i - start: failures[i] for i in range(start, start + size) if i in failures}
+        jobs.append((spool.folder, index, failing))
+        start += size
+    with text_writer(VALID) as keep, text_writer(QUARANTINE) as set_aside:
+        for valid, quarantined, fixed_out, entries in map_chunks(write_chunk, jobs):
+            keep.write(valid)
+            set_aside.write(quarantined)
+            tally.fixed_out.update(fixed_out)
+            tally.rows_out += sum(fixed_out.values())
+            for entry in entries:
+                tally.add(entry)
     return tally
+
+
+def write_chunk(job: tuple) -> tuple[str, str, Counter, list[dict]]:
+    """One spooled chunk as text: its valid records and its quarantine entries (with `failing`,
+    position in the chunk -> reasons), valid rows per fixed set (None: the pool) and the
+    entries' (source, line, reasons)."""
+    folder, index, failing = job
+    rows, converted = Spool.get(folder, index)
+    valid, quarantined, fixed_out = [], [], Counter()
+    for k, (row, (record, _, detail)) in enumerate(zip(rows, converted)):
+        if k not in failing:
+            valid.append(record)
+            fixed_out[record.get("fixed_split")] += 1
+            continue
+        entry = {"source": row["source"], "line": row["line"], "reasons": failing[k]}
+        if detail:
+            entry["detail"] = detail
+        entry["record"] = row["obj"]
+        if "raw" in row:
+            entry["raw"] = row["raw"]
+        quarantined.append(entry)
+    summary = [{k: e[k] for k in ("source", "line", "reasons")} for e in quarantined]
+    return jsonl_lines(valid), jsonl_lines(quarantined), fixed_out, summary
 
 
 def build_report(survey: Survey, tally: Tally, failures, kinds, fixed, drift) -> dict:

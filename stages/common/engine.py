@@ -45,7 +45,7 @@ def chunked(rows: Iterable, size: int | None = None) -> Iterator[list]:
 
 
 def map_chunks(
-    work: Callable, chunks: Iterable[list], setup: Callable, setup_args: tuple = ()
+    work: Callable, chunks: Iterable, setup: Callable | None = None, setup_args: tuple = ()
 ) -> Iterator:
     """work(chunk) for each chunk, in order. `setup(*setup_args)` prepares each worker (loads a
     tokenizer, say) and `work` reads what it prepared; both are module-level functions, so a
@@ -55,6 +55,7 @@ def map_chunks(
     if first is None:
         return
     second = next(chunks, None)
+    setup = setup or _nothing
     if second is None or workers() == 1:
         setup(*setup_args)
         for chunk in [first] if second is None else _chain(first, second, chunks):
@@ -72,6 +73,10 @@ def map_chunks(
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+def _nothing(*args) -> None:
+    pass
 
 
 def _chain(first, second, rest) -> Iterator:
@@ -100,10 +105,13 @@ class Spool:
         with (Path(folder) / f"{index:08d}.pickle").open("wb") as f:
             pickle.dump(chunk, f, protocol=pickle.HIGHEST_PROTOCOL)
 
+    @staticmethod
+    def get(folder: Path | str, index: int):
+        with (Path(folder) / f"{index:08d}.pickle").open("rb") as f:
+            return pickle.load(f)
+
     def __iter__(self) -> Iterator:
         for index in count():
-            path = self.folder / f"{index:08d}.pickle"
-            if not path.exists():
+            if not (self.folder / f"{index:08d}.pickle").exists():
                 return
-            with path.open("rb") as f:
-                yield pickle.load(f)
+            yield self.get(self.folder, index)

@@ -59,19 +59,32 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
 
 
 @contextmanager
-def jsonl_writer(path: Path):
-    """Yield a function that appends one row to `path`, written like write_jsonl's rows; the
-    file appears whole when the block succeeds (a failed run leaves the old file)."""
+def text_writer(path: Path):
+    """Yield a text file to write `path` through; it appears whole when the block succeeds
+    (a failed run leaves the old file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with tmp.open("w", encoding="utf-8", buffering=1 << 20) as out:
-            yield lambda row: out.write(_dumps(row) + "\n")
+            yield out
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def jsonl_lines(rows: Iterable[dict]) -> str:
+    """Rows as write_jsonl writes them."""
+    return "".join(_dumps(row) + "\n" for row in rows)
+
+
+@contextmanager
+def jsonl_writer(path: Path):
+    """Yield a function that appends one row to `path`, written like write_jsonl's rows; the
+    file appears whole when the block succeeds."""
+    with text_writer(path) as out:
+        yield lambda row: out.write(_dumps(row) + "\n")
 
 
 def iter_jsonl(path: Path):

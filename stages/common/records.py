@@ -159,9 +159,10 @@ def _jsonl_row(path: Path, number: int, raw: bytes) -> dict | None:
     return _row(path, number, obj)
 
 
-def iter_jsonl_rows(path: Path, stream, block: int = 1 << 20) -> Iterator[dict]:
+def iter_jsonl_rows(path: Path, stream, block: int = 1 << 20, parse: bool = True) -> Iterator[dict]:
     """read_jsonl_rows over a binary stream, a block at a time: the same rows, in memory that
-    does not grow with the file. LF, CRLF or CR-only line ends."""
+    does not grow with the file. LF, CRLF or CR-only line ends. Without `parse`, each line
+    comes unparsed, for parse_row to finish where the work is shared out."""
     rest, number = b"", 0
     while True:
         data = stream.read(block)
@@ -172,10 +173,20 @@ def iter_jsonl_rows(path: Path, stream, block: int = 1 << 20) -> Iterator[dict]:
         rest = (lines.pop() + held) if data else b""
         for raw in lines:
             number += 1
-            if (row := _jsonl_row(path, number, raw)) is not None:
+            if not parse:
+                if raw.removeprefix(BOM).strip():
+                    yield {"source": str(path), "line": number, "unparsed": raw}
+            elif (row := _jsonl_row(path, number, raw)) is not None:
                 yield row
         if not data:
             return
+
+
+def parse_row(row: dict) -> dict:
+    """The row of an unparsed JSONL line (iter_file(..., parse=False)); other rows as they are."""
+    if "unparsed" not in row:
+        return row
+    return _jsonl_row(Path(row["source"]), row["line"], row["unparsed"])
 
 
 def read_json_array(path: Path, data: bytes) -> list[dict]:
@@ -376,10 +387,11 @@ def read_file(path: Path) -> list[dict]:
     return list(iter_file(path))
 
 
-def iter_file(path: Path) -> Iterator[dict]:
+def iter_file(path: Path, parse: bool = True) -> Iterator[dict]:
     """read_file's rows one at a time. JSONL and Parquet stream, in memory that does not grow
     with the file; a JSON array or a CSV file is read whole first (convert a large one to
-    JSONL or Parquet). A file that cannot be read raises StageError before the first row."""
+    JSONL or Parquet). A file that cannot be read raises StageError before the first row.
+    `parse=False` leaves JSONL lines for parse_row (in worker processes)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return iter_parquet(path)
@@ -390,7 +402,7 @@ def iter_file(path: Path) -> Iterator[dict]:
         raise StageError(f"{path}: cannot be read ({err.strerror or err})") from err
     if suffix == ".jsonl" and not head.startswith(UTF16_BOMS) and not looks_binary(head):
         stream.seek(0)
-        return _closing(iter_jsonl_rows(path, stream), stream)
+        return _closing(iter_jsonl_rows(path, stream, parse=parse), stream)
     data = head + stream.read()
     stream.close()
     if data.startswith(UTF16_BOMS):  # Windows tools save "Unicode" text as UTF-16

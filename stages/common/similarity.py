@@ -35,12 +35,15 @@ def signatures(texts: list[str], size: int, num_perm: int, seed: int):
     import numpy as np
     from datasketch import MinHash
 
-    if not texts:
-        return np.zeros((0, num_perm), dtype=np.uint32)
-    minhashes = MinHash.bulk(
-        (list(shingles(t, size)) for t in texts), num_perm=num_perm, seed=seed, hashfunc=zlib.crc32
-    )
-    return np.stack([m.hashvalues for m in minhashes]).astype(np.uint32)
+    out = np.empty((len(texts), num_perm), dtype=np.uint32)
+    # one MinHash, cleared for each text: what MinHash.bulk computes, without a new object
+    # (and a copy of its permutations) per text
+    minhash = MinHash(num_perm=num_perm, seed=seed, hashfunc=zlib.crc32)
+    for k, text in enumerate(texts):
+        minhash.clear()
+        minhash.update_batch(shingles(text, size))
+        out[k] = minhash.hashvalues
+    return out
 
 
 def similar_pairs(signatures, threshold: float, rows=None, verify_batch: int = 16_384):
@@ -60,7 +63,7 @@ def similar_pairs(signatures, threshold: float, rows=None, verify_batch: int = 1
     n = signatures.shape[0] if rows is None else len(rows)
     if n < 2:
         return np.zeros((0, 2), dtype=np.int64)
-    candidates = np.zeros(0, dtype=np.int64)  # pair (i, j) as i * n + j: sorts as the pairs do
+    candidates = []  # pair (i, j) as i * n + j: sorts as the pairs do
     for band in range(b):
         keys = signatures[:, band * r : (band + 1) * r]
         keys = np.ascontiguousarray(keys if rows is None else keys[rows])
@@ -73,9 +76,11 @@ def similar_pairs(signatures, threshold: float, rows=None, verify_batch: int = 1
         run_start = np.r_[0, np.flatnonzero(np.diff(bucket[order])) + 1]
         anchor = order[np.repeat(run_start, np.diff(np.r_[run_start, len(order)]))]
         linked = anchor != order
-        # merged band by band: the same pair from several bands is kept once
-        candidates = np.union1d(candidates, anchor[linked].astype(np.int64) * n + order[linked])
-    pairs = np.stack([candidates // n, candidates % n], axis=1)
+        candidates.append(anchor[linked].astype(np.int64) * n + order[linked])
+    # the same pair from several bands is kept once
+    codes = np.sort(np.concatenate(candidates))
+    codes = codes[np.r_[True, codes[1:] != codes[:-1]]] if len(codes) else codes
+    pairs = np.stack([codes // n, codes % n], axis=1)
     # candidates can be below the threshold: keep only pairs the signatures confirm, a batch
     # of pairs at a time (two signature rows per pair)
     keep = np.zeros(len(pairs), dtype=bool)
