@@ -191,8 +191,7 @@ def same_request_clusters(
     for k, digest in enumerate(requests[rows].tolist()):
         uf.union(by_prompt.setdefault(digest, k), k)
     del by_prompt
-    for a, b in similar_pairs(signatures, threshold, rows=rows).tolist():
-        uf.union(a, b)
+    uf.union_pairs(similar_pairs(signatures, threshold, rows=rows))
     return [members for members in uf.clusters().values() if len(members) > 1]
 
 

@@ -109,8 +109,7 @@ def similar_groups(requests, signatures, group_threshold: float) -> list[list[in
         uf.union(first.setdefault(digest, i), i)
     del first
     if group_threshold:
-        for a, b in similar_pairs(signatures, group_threshold).tolist():
-            uf.union(a, b)
+        uf.union_pairs(similar_pairs(signatures, group_threshold))
     return sorted(uf.clusters().values())
 
 

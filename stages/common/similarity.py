@@ -125,6 +125,13 @@ class UnionFind:
         if a != b:
             self.parent[max(a, b)] = min(a, b)
 
+    def union_pairs(self, pairs, batch: int = 65_536) -> None:
+        """Union each (i, j) row of a numpy array of pairs, a batch at a time (millions of
+        pairs as Python lists would take more memory than the rest of a stage)."""
+        for start in range(0, len(pairs), batch):
+            for i, j in pairs[start : start + batch].tolist():
+                self.union(i, j)
+
     def clusters(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
         for i in range(len(self.parent)):
