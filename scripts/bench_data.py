@@ -85,9 +85,9 @@ OUTPUTS = ("data/interim", "data/processed", "reports/data_docs") + tuple(
 )
 
 
-def make_project(rows: int, project: Path, code: Path) -> None:
+def make_project(rows: int | Path, project: Path, code: Path) -> None:
     """A scratch project: the stages of `code`, this checkout's config and data folders, and
-    `rows` generated ticket records as data/raw/tickets.jsonl."""
+    `rows` generated ticket records as data/raw/tickets.jsonl (or a copy of that file)."""
     shutil.copytree(code / "stages", project / "stages")
     for rel in ("conf", "params.yaml", *DATA_FOLDERS):
         src = ROOT / rel
@@ -95,6 +95,9 @@ def make_project(rows: int, project: Path, code: Path) -> None:
     (project / "models").mkdir()
     os.symlink(ROOT / "models/base", project / "models/base")
     (project / "data/raw").mkdir(parents=True, exist_ok=True)
+    if isinstance(rows, Path):
+        shutil.copy2(rows, project / "data/raw/tickets.jsonl")
+        return
     with (project / "data/raw/tickets.jsonl").open("w") as f:
         f.writelines(line + "\n" for line in generate(rows, seed=1))
 
@@ -167,8 +170,7 @@ def compare(revision: str, size: int, project: Path, scratch: Path) -> None:
             capture_output=True,
         )
     try:
-        make_project(0, reference, code)
-        shutil.copy2(project / "data/raw/tickets.jsonl", reference / "data/raw/tickets.jsonl")
+        make_project(project / "data/raw/tickets.jsonl", reference, code)
         run_size(size, reference, label=f"{revision[:10]} ")
     finally:
         subprocess.run(

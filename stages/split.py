@@ -176,7 +176,8 @@ def main() -> None:
 
     with (
         tracking.stage_run("split", params, ["split", "task"], inputs) as run,
-        Spool(OUT_DIR) as spool,
+        # beside split_removed.jsonl: data/processed is an output folder, hashed whole
+        Spool(REMOVED.parent) as spool,
     ):
         fixed_rows = fixed_set_rows()  # row -> record, of the fixed evaluation sets
         external = (
@@ -589,7 +590,7 @@ def write_splits(
             name: stack.enter_context(text_writer(OUT_DIR / f"{name}.jsonl")) for name in SPLITS
         }
         write_removed = stack.enter_context(jsonl_writer(REMOVED))
-        repeated = stack.enter_context(tempfile.TemporaryFile("w+", dir=OUT_DIR))
+        repeated = stack.enter_context(tempfile.TemporaryFile("w+", dir=REMOVED.parent))
         # lines are dedup's, written as they would be here: a row is copied as it is
         for i, line in enumerate(input_lines()):
             if i in removed:

@@ -92,6 +92,8 @@ class Spool:
 
     def __init__(self, parent: Path):
         Path(parent).mkdir(parents=True, exist_ok=True)
+        for stale in Path(parent).glob(".spool-*"):  # left by a killed run (DVC runs one stage)
+            shutil.rmtree(stale, ignore_errors=True)
         self.folder = Path(tempfile.mkdtemp(dir=parent, prefix=".spool-"))
 
     def __enter__(self) -> Spool:
