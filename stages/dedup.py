@@ -25,7 +25,7 @@ import numpy as np
 
 from stages.common import paths, tracking
 from stages.common.config import load_params, run_stage
-from stages.common.engine import Spool, chunked, map_chunks
+from stages.common.engine import Spool, chunked, iter_lines, map_chunks
 from stages.common.files import jsonl_writer, md5_path, text_writer, write_json
 from stages.common.kinds import answer_key, request_text
 from stages.common.similarity import UnionFind, signatures, similar_pairs, text_digests
@@ -144,7 +144,9 @@ def survey_rows(cfg: dict, seed: int, spool: Spool) -> Rows:
     n_rows, n_pool = 0, 0
     fixed_rows: list[bool] = []
     with (spool.folder / "signatures.u32").open("wb") as out:
-        for chunk in map_chunks(measure_chunk, chunked(input_lines()), setup_worker, (settings,)):
+        for chunk in map_chunks(
+            measure_chunk, chunked(iter_lines(INPUT)), setup_worker, (settings,)
+        ):
             n_rows += len(chunk["fixed"])
             fixed.update(name for name in chunk["fixed"] if name)
             fixed_rows += [bool(name) for name in chunk["fixed"]]
@@ -161,14 +163,6 @@ def survey_rows(cfg: dict, seed: int, spool: Spool) -> Rows:
         else np.zeros(shape, dtype=np.uint32)
     )
     return Rows(n_rows=n_rows, fixed=fixed, fixed_rows=fixed_rows, signatures=sigs, **concat)
-
-
-def input_lines():
-    """The lines of valid.jsonl, each ending in a newline."""
-    with INPUT.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield line if line.endswith("\n") else line + "\n"
 
 
 def exact_duplicates(ids: np.ndarray) -> dict[int, tuple[str, int]]:
@@ -221,7 +215,7 @@ def write_rows(rows: Rows, removed, example_clusters, remaining) -> list[dict]:
     ):
         i = 0  # position in the pool
         # lines are validate's, written as they would be here: a kept row is copied as it is
-        for line, fixed in zip(input_lines(), rows.fixed_rows):
+        for line, fixed in zip(iter_lines(INPUT), rows.fixed_rows):
             if fixed:
                 fixed_rows.write(line)
                 continue

@@ -44,8 +44,14 @@ import numpy as np
 
 from stages.common import paths, tracking
 from stages.common.config import StageError, load_params, require_dependency, run_stage
-from stages.common.engine import Spool, chunked, map_chunks
-from stages.common.files import jsonl_lines, jsonl_writer, md5_path, text_writer, write_json
+from stages.common.engine import Spool, chunked, iter_lines, map_chunks
+from stages.common.files import (
+    jsonl_lines,
+    jsonl_writer,
+    md5_path,
+    text_writer,
+    write_json,
+)
 from stages.common.kinds import answer_of, canonical, kind_of, request_text
 from stages.common.records import read_file, record_id, set_hash
 from stages.common.similarity import (
@@ -126,6 +132,14 @@ class NgramIndex:
                 for gram in ngrams(text, n):
                     index.setdefault(gram, k)
         self.requests = {request_text(r): k for k, r in enumerate(records) if "text" not in r}
+
+    @classmethod
+    def from_parts(cls, first: dict[int, dict[str, int]], requests: dict[str, int], short_words):
+        """An index given as its n-gram -> first row maps and its request -> row map (built
+        for the n-grams a query set has, not for every reference row)."""
+        index = cls([], short_words, set())
+        index.first, index.requests = first, requests
+        return index
 
     def size_for(self, text: str) -> int:
         return 8 if len(text.split()) < self.short_words else 13
@@ -305,7 +319,7 @@ def fixed_set_rows() -> dict[int, dict]:
     """The rows of the fixed evaluation sets (validation, test), by position: a first quick
     read (only lines that mention fixed_split are parsed)."""
     out = {}
-    for i, line in enumerate(input_lines()):
+    for i, line in enumerate(iter_lines(INPUT)):
         if '"fixed_split"' in line:
             record = json.loads(line)
             if record.get("fixed_split") in ("validation", "test"):
@@ -313,17 +327,9 @@ def fixed_set_rows() -> dict[int, dict]:
     return out
 
 
-def input_lines():
-    """The lines of dedup.jsonl, each ending in a newline."""
-    with INPUT.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield line if line.endswith("\n") else line + "\n"
-
-
 def read_rows(wanted: set[int]) -> dict[int, dict]:
     """The records at the positions `wanted`, in input order (a read of the input)."""
-    return {i: json.loads(line) for i, line in enumerate(input_lines()) if i in wanted}
+    return {i: json.loads(line) for i, line in enumerate(iter_lines(INPUT)) if i in wanted}
 
 
 def survey_rows(params: dict, fixed_rows: dict, external: list[dict], spool: Spool) -> Rows:
@@ -343,7 +349,9 @@ def survey_rows(params: dict, fixed_rows: dict, external: list[dict], spool: Spo
     all_chat, n_rows = True, 0
     signatures_file = spool.folder / "signatures.u32"
     with signatures_file.open("wb") as out:
-        for chunk in map_chunks(measure_chunk, chunked(input_lines()), setup_worker, (settings,)):
+        for chunk in map_chunks(
+            measure_chunk, chunked(iter_lines(INPUT)), setup_worker, (settings,)
+        ):
             out.write(chunk.pop("signatures").tobytes())
             all_chat &= chunk.pop("chat")
             n_rows += len(chunk["ids"])
@@ -454,7 +462,7 @@ def leaks_of_carved_test(rows: Rows, fixed, parts, removed, leak_cfg) -> list[di
     first: dict[int, dict[str, int]] = {n: {} for n in sizes}  # test n-gram -> first train row
     requests: dict[str, int] = {}  # test request -> the last train row asking it
     wanted_requests = {t for i, t in test_texts.items() if "text" not in test_records[i]}
-    for i, line in enumerate(input_lines()):
+    for i, line in enumerate(iter_lines(INPUT)):
         if i not in position:
             continue
         record = json.loads(line)
@@ -464,26 +472,16 @@ def leaks_of_carved_test(rows: Rows, fixed, parts, removed, leak_cfg) -> list[di
                 seen.setdefault(gram, position[i])
         if text in wanted_requests and "text" not in record:
             requests[text] = position[i]
+    train_index = NgramIndex.from_parts(first, requests, short)
     leaks = []
     for i in carved_test:
-        share, match = overlap(test_texts[i], test_records[i], first, requests, short)
+        share, match = train_index.overlap(test_records[i])
         if share >= min_overlap:
             line = rows.lines[kept_train[match]]
             leaks.append(leak_entry(rows, i, "test", share, "train", line))
             if leak_cfg["policy"] == "remove":
                 removed[i] = {"reason": "leak_test_train", "matches_line": line}
     return leaks
-
-
-def overlap(text: str, record: dict, first, requests, short: int) -> tuple[float, int | None]:
-    """NgramIndex.overlap of a row against a reference given as its n-gram -> first row."""
-    if "text" not in record and text in requests:
-        return 1.0, requests[text]
-    size = 8 if len(text.split()) < short else 13
-    grams = ngrams(text, size) or {text}
-    hits = Counter(first[size][g] for g in grams if g in first[size])
-    best = min(hits, key=lambda k: (-hits[k], k)) if hits else None
-    return sum(hits.values()) / len(grams), best
 
 
 def leaks_of_external_eval(rows: Rows, external, assignment, removed, leak_cfg) -> list[dict]:
@@ -592,7 +590,7 @@ def write_splits(
         write_removed = stack.enter_context(jsonl_writer(REMOVED))
         repeated = stack.enter_context(tempfile.TemporaryFile("w+", dir=REMOVED.parent))
         # lines are dedup's, written as they would be here: a row is copied as it is
-        for i, line in enumerate(input_lines()):
+        for i, line in enumerate(iter_lines(INPUT)):
             if i in removed:
                 write_removed({**json.loads(line), "split": assignment[i], **removed[i]})
                 continue

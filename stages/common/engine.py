@@ -85,6 +85,15 @@ def _chain(first, second, rest) -> Iterator:
     yield from rest
 
 
+def iter_lines(path: Path) -> Iterator[str]:
+    """The non-blank lines of a JSONL file this pipeline wrote, each ending in a newline: what
+    write_jsonl would write for its row again, so a stage copies the rows it keeps as they are."""
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield line if line.endswith("\n") else line + "\n"
+
+
 class Spool:
     """Chunks written to a temporary folder and read back in order: what a stage holds between
     its passes, on disk instead of in memory. A worker process writes its own chunk
