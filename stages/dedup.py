@@ -141,27 +141,18 @@ def survey_rows(cfg: dict, seed: int, spool: Spool) -> Rows:
     settings = {"shingle_size": cfg["shingle_size"], "num_perm": cfg["num_perm"], "seed": seed}
     parts: dict[str, list] = {"ids": [], "lines": [], "requests": [], "answers": []}
     fixed: Counter = Counter()
-    n_rows, n_pool = 0, 0
+    n_rows = 0
     fixed_rows: list[bool] = []
-    with (spool.folder / "signatures.u32").open("wb") as out:
-        for chunk in map_chunks(
-            measure_chunk, chunked(iter_lines(INPUT)), setup_worker, (settings,)
-        ):
-            n_rows += len(chunk["fixed"])
-            fixed.update(name for name in chunk["fixed"] if name)
-            fixed_rows += [bool(name) for name in chunk["fixed"]]
-            for key, values in parts.items():
-                values.append(chunk[key])
-            out.write(chunk["signatures"].tobytes())
-            n_pool += len(chunk["ids"])
+    signatures_file = spool.rows_file("signatures", int(cfg["num_perm"]))
+    for chunk in map_chunks(measure_chunk, chunked(iter_lines(INPUT)), setup_worker, (settings,)):
+        n_rows += len(chunk["fixed"])
+        fixed.update(name for name in chunk["fixed"] if name)
+        fixed_rows += [bool(name) for name in chunk["fixed"]]
+        for key, values in parts.items():
+            values.append(chunk[key])
+        signatures_file.append(chunk["signatures"])
     concat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
-    shape = (n_pool, int(cfg["num_perm"]))
-    signatures_file = spool.folder / "signatures.u32"
-    sigs = (
-        np.memmap(signatures_file, dtype=np.uint32, mode="r", shape=shape)
-        if n_pool
-        else np.zeros(shape, dtype=np.uint32)
-    )
+    sigs = signatures_file.read()
     return Rows(n_rows=n_rows, fixed=fixed, fixed_rows=fixed_rows, signatures=sigs, **concat)
 
 

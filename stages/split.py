@@ -346,33 +346,26 @@ def survey_rows(params: dict, fixed_rows: dict, external: list[dict], spool: Spo
     }
     values: dict[str, list] = {}
     strata: dict[str, str] = {}  # one string object per stratum, shared by its rows
-    all_chat, n_rows = True, 0
-    signatures_file = spool.folder / "signatures.u32"
-    with signatures_file.open("wb") as out:
-        for chunk in map_chunks(
-            measure_chunk, chunked(iter_lines(INPUT)), setup_worker, (settings,)
-        ):
-            out.write(chunk.pop("signatures").tobytes())
-            all_chat &= chunk.pop("chat")
-            n_rows += len(chunk["ids"])
-            chunk["strata"] = [strata.setdefault(s, s) for s in chunk["strata"]]
-            overlaps = chunk.pop("overlaps")
-            for key, part in chunk.items():
-                values.setdefault(key, []).append(part)
-            for name, part in overlaps.items():
-                values.setdefault(f"overlap/{name}", []).extend(part)
-    requests = values.pop("requests", [])
+    all_chat, requests = True, []
+    signatures_file = spool.rows_file("signatures", 128)
+    for chunk in map_chunks(measure_chunk, chunked(iter_lines(INPUT)), setup_worker, (settings,)):
+        signatures_file.append(chunk.pop("signatures"))
+        requests.append(chunk.pop("requests"))
+        all_chat &= chunk.pop("chat")
+        chunk["strata"] = [strata.setdefault(s, s) for s in chunk["strata"]]
+        for name, part in chunk.pop("overlaps").items():
+            values.setdefault(f"overlap/{name}", []).extend(part)
+        for key, part in chunk.items():
+            values.setdefault(key, []).extend(part)
     return Rows(
-        fixed_split=[x for part in values.get("fixed_split", []) for x in part],
-        strata=[x for part in values.get("strata", []) for x in part],
+        fixed_split=values.get("fixed_split", []),
+        strata=values.get("strata", []),
         all_chat=all_chat,
-        ids=[x for part in values.get("ids", []) for x in part],
-        lines=[x for part in values.get("lines", []) for x in part],
+        ids=values.get("ids", []),
+        lines=values.get("lines", []),
         requests=np.concatenate(requests) if requests else text_digests([]),
-        words=[x for part in values.get("words", []) for x in part],
-        signatures=np.memmap(signatures_file, dtype=np.uint32, mode="r", shape=(n_rows, 128))
-        if n_rows and settings["group"]
-        else np.zeros((0, 128), dtype=np.uint32),
+        words=values.get("words", []),
+        signatures=signatures_file.read(),
         overlaps={
             key.removeprefix("overlap/"): part
             for key, part in values.items()

@@ -112,17 +112,49 @@ class Spool:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     @staticmethod
+    def chunk_path(folder: Path | str, index: int) -> Path:
+        return Path(folder) / f"{index:08d}.pickle"
+
+    @staticmethod
     def put(folder: Path | str, index: int, chunk) -> None:
-        with (Path(folder) / f"{index:08d}.pickle").open("wb") as f:
+        with Spool.chunk_path(folder, index).open("wb") as f:
             pickle.dump(chunk, f, protocol=pickle.HIGHEST_PROTOCOL)
 
     @staticmethod
     def get(folder: Path | str, index: int):
-        with (Path(folder) / f"{index:08d}.pickle").open("rb") as f:
+        with Spool.chunk_path(folder, index).open("rb") as f:
             return pickle.load(f)
 
     def __iter__(self) -> Iterator:
         for index in count():
-            if not (self.folder / f"{index:08d}.pickle").exists():
+            if not self.chunk_path(self.folder, index).exists():
                 return
             yield self.get(self.folder, index)
+
+    def rows_file(self, name: str, width: int) -> RowsFile:
+        return RowsFile(self.folder / name, width)
+
+
+class RowsFile:
+    """A per-row array too large to hold (MinHash signatures: 512 bytes a row), appended a
+    chunk at a time to a file in the spool and read back memory-mapped."""
+
+    def __init__(self, path: Path, width: int, dtype: str = "uint32"):
+        self.path, self.width, self.dtype, self.rows = Path(path), width, dtype, 0
+        self._file = self.path.open("wb")  # noqa: SIM115  (closed by read)
+
+    def append(self, rows) -> None:
+        import numpy as np
+
+        self._file.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self.rows += len(rows)
+
+    def read(self):
+        """The rows appended, memory-mapped ((0, width) when there are none)."""
+        import numpy as np
+
+        self._file.close()
+        shape = (self.rows, self.width)
+        if not self.rows:
+            return np.zeros(shape, dtype=self.dtype)
+        return np.memmap(self.path, dtype=self.dtype, mode="r", shape=shape)
