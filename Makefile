@@ -15,8 +15,9 @@ LOCK := requirements/$(if $(HAS_GPU),cuda,cpu).txt
 # lies on disk (here /opt/wheels: pip would spend ~8 s retrying the unreachable index per package).
 TORCH_INDEX ?= $(if $(wildcard $(PIP_FIND_LINKS:%=%/torch-*+cpu-*.whl)),,https://download.pytorch.org/whl/cpu)
 UV ?= uv
-# settings in requirements/uv.toml; lock.in adds the embedded model's wheel
-LOCK_ARGS = --config-file requirements/uv.toml pyproject.toml requirements/lock.in --extra dev $(if $(UPGRADE),--upgrade)
+# settings in requirements/uv.toml; lock.in adds the embedded model's wheel; the ray extra is
+# locked with dev (tests run the Ray engine)
+LOCK_ARGS = --config-file requirements/uv.toml pyproject.toml requirements/lock.in --extra dev --extra ray $(if $(UPGRADE),--upgrade)
 export GX_ANALYTICS_ENABLED := false
 # stage commands (python -m stages.X) must find the venv python
 export PATH := $(abspath $(BIN)):$(PATH)

@@ -59,14 +59,15 @@ def main() -> None:
     untouched), the removed ones with their reason, the report."""
     params = load_params()
     cfg, seed = params["dedup"], int(params["seed"])
+    engine = params["data"]["engine"]  # where the per-row work and the LSH buckets run
 
     with tracking.stage_run("dedup", params, ["dedup"], {"valid": md5_path(INPUT)}) as run:
         with Spool(OUTPUT.parent) as spool:
-            rows = survey_rows(cfg, seed, spool)
+            rows = survey_rows(cfg, seed, spool, engine)
             removed = exact_duplicates(rows.ids)  # index -> (reason, index it duplicates)
             remaining = np.array([i for i in range(len(rows.ids)) if i not in removed])
             clusters = same_request_clusters(
-                rows.requests, rows.signatures, float(cfg["threshold"]), remaining
+                rows.requests, rows.signatures, float(cfg["threshold"]), remaining, engine
             )
             resolve_clusters(clusters, rows, remaining, cfg, removed)
             examples = write_rows(rows, removed, clusters[:10], remaining)
@@ -137,14 +138,15 @@ class Rows:
     signatures: np.ndarray  # (rows, num_perm) uint32, memory-mapped from the spool
 
 
-def survey_rows(cfg: dict, seed: int, spool: Spool) -> Rows:
+def survey_rows(cfg: dict, seed: int, spool: Spool, engine: str = "local") -> Rows:
     settings = {"shingle_size": cfg["shingle_size"], "num_perm": cfg["num_perm"], "seed": seed}
     parts: dict[str, list] = {"ids": [], "lines": [], "requests": [], "answers": []}
     fixed: Counter = Counter()
     n_rows = 0
     fixed_rows: list[bool] = []
     signatures_file = spool.rows_file("signatures", int(cfg["num_perm"]))
-    for chunk in map_chunks(measure_chunk, chunked(iter_lines(INPUT)), setup_worker, (settings,)):
+    chunks = chunked(iter_lines(INPUT))
+    for chunk in map_chunks(measure_chunk, chunks, setup_worker, (settings,), engine):
         n_rows += len(chunk["fixed"])
         fixed.update(name for name in chunk["fixed"] if name)
         fixed_rows += [bool(name) for name in chunk["fixed"]]
@@ -167,7 +169,7 @@ def exact_duplicates(ids: np.ndarray) -> dict[int, tuple[str, int]]:
 
 
 def same_request_clusters(
-    requests: np.ndarray, signatures, threshold: float, rows: np.ndarray
+    requests: np.ndarray, signatures, threshold: float, rows: np.ndarray, engine: str = "local"
 ) -> list[list[int]]:
     """Groups (positions in `rows`) of two or more requests that are equal once normalised
     (equal digests), or near-equal by MinHash Jaccard >= dedup.threshold."""
@@ -176,7 +178,7 @@ def same_request_clusters(
     for k, digest in enumerate(requests[rows].tolist()):
         uf.union(by_prompt.setdefault(digest, k), k)
     del by_prompt
-    uf.union_pairs(similar_pairs(signatures, threshold, rows=rows))
+    uf.union_pairs(similar_pairs(signatures, threshold, rows=rows, engine=engine))
     return [members for members in uf.clusters().values() if len(members) > 1]
 
 

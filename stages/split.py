@@ -106,7 +106,9 @@ def stratified_group_split(
     return assignment
 
 
-def similar_groups(requests, signatures, group_threshold: float) -> list[list[int]]:
+def similar_groups(
+    requests, signatures, group_threshold: float, engine: str = "local"
+) -> list[list[int]]:
     """Every row in a group: rows with equal requests (equal digests) or near-alike ones
     (MinHash Jaccard >= split.group_threshold) share one; groups sorted by their first row."""
     uf = UnionFind(len(requests))
@@ -115,7 +117,7 @@ def similar_groups(requests, signatures, group_threshold: float) -> list[list[in
         uf.union(first.setdefault(digest, i), i)
     del first
     if group_threshold:
-        uf.union_pairs(similar_pairs(signatures, group_threshold))
+        uf.union_pairs(similar_pairs(signatures, group_threshold, engine=engine))
     return sorted(uf.clusters().values())
 
 
@@ -179,6 +181,7 @@ def main() -> None:
     params = load_params()
     cfg, leak_cfg = params["split"], params["split"]["leakage"]
     task, seed = Task.from_params(params), int(params["seed"])
+    engine = params["data"]["engine"]  # where the per-row work and the LSH buckets run
     replay_cfg = params["data"]["replay"]
     inputs = {"dedup": md5_path(INPUT)}
     if replay_cfg["path"] and replay_cfg["fraction"]:
@@ -207,7 +210,8 @@ def main() -> None:
         }
         if n - sum(map(len, fixed.values())) < len(SPLITS):
             raise StageError(f"{INPUT}: {n} records are too few to split")
-        groups = similar_groups(rows.requests, rows.signatures, float(cfg["group_threshold"] or 0))
+        threshold = float(cfg["group_threshold"] or 0)
+        groups = similar_groups(rows.requests, rows.signatures, threshold, engine)
         removed = copies_of_fixed_sets(rows, groups)  # row -> why it was removed
         fractions = {name: float(cfg[name]) for name in SPLITS}
         assignment = carve(rows, groups, fixed, removed, fractions, seed)
@@ -348,7 +352,9 @@ def survey_rows(params: dict, fixed_rows: dict, external: list[dict], spool: Spo
     strata: dict[str, str] = {}  # one string object per stratum, shared by its rows
     all_chat, requests = True, []
     signatures_file = spool.rows_file("signatures", 128)
-    for chunk in map_chunks(measure_chunk, chunked(iter_lines(INPUT)), setup_worker, (settings,)):
+    engine = params["data"]["engine"]
+    chunks = chunked(iter_lines(INPUT))
+    for chunk in map_chunks(measure_chunk, chunks, setup_worker, (settings,), engine):
         signatures_file.append(chunk.pop("signatures"))
         requests.append(chunk.pop("requests"))
         all_chat &= chunk.pop("chat")

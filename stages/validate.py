@@ -171,6 +171,8 @@ def main() -> None:
     """1. the kinds of the files; 2. read, convert and measure every row, a chunk at a time
     (worker processes), keeping only the facts; 3. max_length; 4. run the GX suite over the
     facts; 5. write the valid rows and the quarantine; 6. report; 7. the gate."""
+    from transformers import AutoTokenizer
+
     params = load_params()
     data, task = params["data"], Task.from_params(params)
     sources, fixed = input_files(data)
@@ -197,10 +199,13 @@ def main() -> None:
             "train_on": trained_turns(params["objective"]),
             # rows are measured as training cuts them: known now unless max_length is auto
             "limit": setting if policy == "truncate" and setting != "auto" else None,
+            # read here, not in the workers: a Ray worker's machine has no models/base
+            "tokenizer": AutoTokenizer.from_pretrained(TOKENIZER_DIR),
+            "template": TRAINING_TEMPLATE.read_text(encoding="utf-8"),
         }
         os.environ["TOKENIZERS_PARALLELISM"] = "true"  # batch encoding; workers turn it off
         with Spool(VALID.parent) as spool:
-            survey = survey_rows(sources, settings, spool)
+            survey = survey_rows(sources, settings, spool, data["engine"])
             drift = check_drift(survey.keysets, data["schema_drift"])
             max_length, chosen = resolve_max_length(survey, spool, settings, setting, policy)
             kind = next(iter(kinds.values()), data["kind"])
@@ -241,23 +246,18 @@ _WORK: dict = {}  # what setup_worker prepared in this process
 
 
 def setup_worker(settings: dict) -> None:
-    """Load what measuring a row needs (the tokenizer, the training template) once per process."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    _WORK.update(
-        settings,
-        tokenizer=tokenizer,
-        leak_pattern=special_token_pattern(tokenizer),
-        template=TRAINING_TEMPLATE.read_text(encoding="utf-8"),
-    )
+    """Prepare what measuring a row needs (the settings, with the tokenizer and the training
+    template) once per process."""
+    _WORK.update(settings, leak_pattern=special_token_pattern(settings["tokenizer"]))
 
 
-def measure_chunk(numbered: tuple[int, list[dict]]) -> tuple[list[dict], Counter, dict]:
+def measure_chunk(numbered: tuple[int, list[dict]]) -> tuple[list[dict], Counter, dict, tuple]:
     """Chunk `index` of raw rows -> (the facts of each row, the columns of the GX table; the
-    corrections matched; rows and top-level fields per file). The rows (fields renamed by
-    `data.columns`) and their (canonical record, structural reason, detail), rows of a fixed
-    set tagged with it and reviewed corrections applied, go to the spool."""
+    corrections matched; rows and top-level fields per file; what to spool). What to spool:
+    the rows (fields renamed by `data.columns`) and their (canonical record, structural
+    reason, detail), rows of a fixed set tagged with it and reviewed corrections applied. A
+    worker of this machine writes it to the spool itself (and returns None); a Ray worker,
+    maybe on another machine, returns it."""
     index, rows = numbered
     work = _WORK
     rows = [parse_row(row) for row in rows]
@@ -278,14 +278,17 @@ def measure_chunk(numbered: tuple[int, list[dict]]) -> tuple[list[dict], Counter
     tokenizer, template = work["tokenizer"], work["template"]
     measure_tokens(facts, records, tokenizer, template, work["train_on"], work["limit"])
     label_columns(facts, work["task"])
-    Spool.put(work["spool"], index, (rows, converted))
+    spooled = (rows, converted)
+    if work["spool"]:
+        Spool.put(work["spool"], index, spooled)
+        spooled = None
     files: dict[str, tuple[int, set]] = {}
     for row in rows:
         n, keys = files.get(row["source"], (0, set()))
         if row["parse_error"] is None and isinstance(row["obj"], dict):
             keys.update(row["obj"])
         files[row["source"]] = (n + 1, keys)
-    return facts, matched, files
+    return facts, matched, files, spooled
 
 
 # --- the steps of main ------------------------------------------------------------------------
@@ -311,15 +314,17 @@ class Survey:
     chunk_sizes: list[int] = field(default_factory=list)  # rows per spooled chunk
 
 
-def survey_rows(sources: list[Path], settings: dict, spool: Spool) -> Survey:
-    """Read, convert and measure every row of every file, a chunk at a time; the rows and
-    their records go to the spool, their facts into the survey."""
+def survey_rows(sources: list[Path], settings: dict, spool: Spool, engine: str) -> Survey:
+    """Read, convert and measure every row of every file, a chunk at a time (data.engine:
+    worker processes here, or Ray); the rows and their records go to the spool, their facts
+    into the survey."""
     survey = Survey(files=dict.fromkeys(sources, 0))
     rows = (row for path in sources for row in iter_file(path, parse=False))
-    settings = {**settings, "spool": spool.folder}
-    for facts, matched, files in map_chunks(
-        measure_chunk, enumerate(chunked(rows)), setup_worker, (settings,)
-    ):
+    settings = {**settings, "spool": spool.folder if engine == "local" else None}
+    chunks = map_chunks(measure_chunk, enumerate(chunked(rows)), setup_worker, (settings,), engine)
+    for index, (facts, matched, files, spooled) in enumerate(chunks):
+        if spooled is not None:
+            Spool.put(spool.folder, index, spooled)
         survey.n_rows += len(facts)
         survey.chunk_sizes.append(len(facts))
         survey.matched.update(matched)

@@ -193,9 +193,9 @@ def test_same_request_clusters_join_equal_and_near_equal_requests():
 @pytest.mark.parametrize("policy", ["drop_all", "majority"])
 def test_chunks_and_workers_change_no_output_byte(project, monkeypatch, policy):
     """dedup reads its input a chunk at a time (DATA_CHUNK_ROWS) in worker processes
-    (DATA_WORKERS) and keeps small arrays per row (ids, hashes, signatures on disk): the
-    outputs are the same bytes however the rows were cut and shared. Fixed-set rows pass
-    through after the pool, in their order."""
+    (DATA_WORKERS) or Ray (data.engine=ray) and keeps small arrays per row (ids, hashes,
+    signatures on disk): the outputs are the same bytes however the rows were cut and shared.
+    Fixed-set rows pass through after the pool, in their order."""
     rows = [
         {**r, "line": 10 * k + r["line"], "id": f"{int(r['id'], 16) ^ k:016x}"}
         if k % 3
@@ -206,14 +206,19 @@ def test_chunks_and_workers_change_no_output_byte(project, monkeypatch, policy):
     rows[5] = {**rows[5], "fixed_split": "test"}
     outputs = ("data/interim/dedup.jsonl", "data/interim/dedup_removed.jsonl", "reports/dedup.json")
     runs = []
-    for chunk_rows, workers in (("100000", "1"), ("5", "2")):
+    # the last run: Ray tasks and a Ray Data groupby for the LSH buckets, on 2 local CPUs
+    for chunk_rows, workers, engine in (
+        ("100000", "1", "local"),
+        ("5", "2", "local"),
+        ("5", "2", "ray"),
+    ):
         monkeypatch.setenv("DATA_CHUNK_ROWS", chunk_rows)
         monkeypatch.setenv("DATA_WORKERS", workers)
         write_jsonl(project / "data/interim/valid.jsonl", rows)
-        set_params(project, **{"dedup.conflict_policy": policy})
+        set_params(project, **{"dedup.conflict_policy": policy, "data.engine": engine})
         dedup.main()
         runs.append({p: (project / p).read_bytes() for p in outputs})
-    assert runs[1] == runs[0]
+    assert runs[1] == runs[0] and runs[2] == runs[0]
     report = json.loads(runs[0]["reports/dedup.json"])
     assert report["fixed_rows_passed"] == {"test": 1}
     assert report["removed_by_reason"]["exact_duplicate"] > 0

@@ -57,7 +57,10 @@ def test_torch_builds():
 def test_pyproject_pins_agree_with_the_locks():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     direct = [
-        Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]
+        Requirement(r)
+        for r in project["dependencies"]
+        + project["optional-dependencies"]["dev"]
+        + project["optional-dependencies"]["ray"]
     ]
     for lock in LOCKS:
         versions = {package: version for package, (version, _) in read_lock(lock).items()}

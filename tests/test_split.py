@@ -397,13 +397,19 @@ def test_chunks_and_workers_change_no_output_byte(project, monkeypatch):
     outputs = [f"data/processed/{n}.jsonl" for n in split.SPLITS]
     outputs += ["data/interim/split_removed.jsonl", "reports/split.json"]
     runs = []
-    for chunk_rows, workers in (("100000", "1"), ("13", "2")):
+    # the last run: Ray tasks and a Ray Data groupby for the LSH buckets, on 2 local CPUs
+    for chunk_rows, workers, engine in (
+        ("100000", "1", "local"),
+        ("13", "2", "local"),
+        ("13", "2", "ray"),
+    ):
         monkeypatch.setenv("DATA_CHUNK_ROWS", chunk_rows)
         monkeypatch.setenv("DATA_WORKERS", workers)
+        set_params(project, **{"data.engine": engine})
         write_jsonl(project / "data/interim/dedup.jsonl", records)
         split.main()
         runs.append({p: (project / p).read_bytes() for p in outputs})
-    assert runs[1] == runs[0]
+    assert runs[1] == runs[0] and runs[2] == runs[0]
     report = json.loads(runs[0]["reports/split.json"])
     assert report["groups"]["multi_row"] >= 10
     assert report["removed_by_reason"]["leak_test_train"] > 0

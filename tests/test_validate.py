@@ -342,26 +342,37 @@ def test_bundled_data_defects_all_caught(project):
     assert len(pages) == 3 and not any("?d=20" in page for page in pages)
 
 
+# (DATA_CHUNK_ROWS, DATA_WORKERS, data.engine): one chunk; many, in two processes; one row
+# each; many, as Ray tasks on a local Ray cluster of two CPUs
+ENGINE_RUNS = [
+    ("100000", "1", "local"),
+    ("7", "2", "local"),
+    ("1", "1", "local"),
+    ("7", "2", "ray"),
+]
+
+
 @pytest.mark.parametrize("length_policy", ["reject", "truncate"])
 def test_chunks_and_workers_change_no_output_byte(project, monkeypatch, length_policy):
     """validate streams the rows a chunk at a time (DATA_CHUNK_ROWS) through worker processes
-    (DATA_WORKERS), keeping only their facts in memory: the outputs are the same bytes however
-    the rows were cut and shared."""
+    (DATA_WORKERS) or Ray (data.engine=ray), keeping only their facts in memory: the outputs
+    are the same bytes however the rows were cut and shared, and wherever they were worked."""
     base_model.main()
     set_params(project, **{"data.length_policy": length_policy, "train.max_length": "auto"})
     with (project / "data/raw/tickets.jsonl").open("a") as f:  # one row far past the p99
         f.write(json.dumps(chat(user="My invoice is wrong again. " * 300)) + "\n")
     outputs = (validate.VALID, validate.QUARANTINE, validate.REPORT, validate.MAX_LENGTH)
     runs = []
-    for chunk_rows, workers in (("100000", "1"), ("7", "2"), ("1", "1")):
+    for chunk_rows, workers, engine in ENGINE_RUNS:
         monkeypatch.setenv("DATA_CHUNK_ROWS", chunk_rows)
         monkeypatch.setenv("DATA_WORKERS", workers)
+        set_params(project, **{"data.engine": engine})
         validate.main()
         runs.append(
             {str(p): (project / p).read_bytes() for p in outputs}
             | {"docs": md5_path(project / validate.DATA_DOCS)}
         )
-    assert runs[1] == runs[0] and runs[2] == runs[0]
+    assert all(run == runs[0] for run in runs[1:])
     report = json.loads(runs[0][str(validate.REPORT)])
     assert report["rows_quarantined"] > 0 and report["rows_out"] > 200
     # the long row: cut at the auto max_length it keeps no answer token, found by measuring

@@ -11,6 +11,11 @@ wait in a `Spool` on disk for the pass that writes them out.
 Two environment variables tune it without touching params (they never change an output):
 DATA_CHUNK_ROWS (rows per chunk, 10000) and DATA_WORKERS (processes; the cores this process
 may use).
+
+`data.engine: ray` runs the same chunk functions as Ray Data `map_batches` tasks on a Ray
+cluster (RAY_ADDRESS, or a local one of DATA_WORKERS CPUs), and `group_map` runs a grouping
+(the MinHash LSH buckets) as a Ray Data groupby shuffle. This process still reads the inputs
+and writes the outputs: Ray spreads the per-record work, not the files.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from itertools import count, islice
 from pathlib import Path
 
 CHUNK_ROWS = 10_000  # rows a worker takes at a time: a few MB of records, ~1 s of work
+ENGINES = ("local", "ray")  # data.engine
 
 
 def chunk_rows() -> int:
@@ -45,17 +51,25 @@ def chunked(rows: Iterable, size: int | None = None) -> Iterator[list]:
 
 
 def map_chunks(
-    work: Callable, chunks: Iterable, setup: Callable | None = None, setup_args: tuple = ()
+    work: Callable,
+    chunks: Iterable,
+    setup: Callable | None = None,
+    setup_args: tuple = (),
+    engine: str = "local",
 ) -> Iterator:
     """work(chunk) for each chunk, in order. `setup(*setup_args)` prepares each worker (loads a
     tokenizer, say) and `work` reads what it prepared; both are module-level functions, so a
-    worker process can import them. A few chunks are in flight at a time, not the whole input."""
+    worker process can import them. A few chunks are in flight at a time, not the whole input.
+    engine="ray": Ray tasks do the work (`ray_map_chunks`)."""
+    setup = setup or _nothing
+    if engine == "ray":
+        yield from ray_map_chunks(work, chunks, setup, setup_args)
+        return
     chunks = iter(chunks)
     first = next(chunks, None)
     if first is None:
         return
     second = next(chunks, None)
-    setup = setup or _nothing
     if second is None or workers() == 1:
         setup(*setup_args)
         for chunk in [first] if second is None else _chain(first, second, chunks):
@@ -77,6 +91,79 @@ def map_chunks(
 
 def _nothing(*args) -> None:
     pass
+
+
+# --- the Ray engine ------------------------------------------------------------------------
+
+
+def ray_session():
+    """The `ray` module, connected: to the cluster at RAY_ADDRESS (this project's stages/
+    package shipped to its workers, which need the locked packages installed), or to a local
+    one of DATA_WORKERS CPUs started for this process. Results come back in input order."""
+    try:
+        import ray
+    except ImportError:
+        from stages.common.config import StageError
+
+        raise StageError(
+            "data.engine=ray: Ray is not installed; `make install` (the lock has it) or "
+            "`pip install -e '.[ray]'`"
+        ) from None
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        package = Path(__file__).resolve().parents[1]  # stages/
+        ray.init(
+            address=address or None,
+            num_cpus=None if address else workers(),
+            runtime_env={"py_modules": [str(package)]} if address else None,
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True
+        context.enable_progress_bars = False
+    return ray
+
+
+def ray_map_chunks(work: Callable, chunks: Iterable, setup: Callable, setup_args: tuple):
+    """map_chunks on Ray: a window of chunks at a time (a few per CPU of the cluster) becomes a
+    Ray Data dataset of one chunk per row, and `map_batches` runs `work` on each, one chunk
+    per call, in Ray's worker processes; `setup` runs once per process."""
+    ray = ray_session()
+    window = max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))
+    token = os.urandom(8).hex()  # this call's setup, not an earlier one's
+    for part in chunked(chunks, window):
+        items = [{"chunk": pickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL)} for c in part]
+        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _ray_work, batch_size=1, fn_args=(work, setup, setup_args, token)
+        )
+        for row in dataset.iter_rows():
+            yield pickle.loads(row["result"])
+
+
+_RAY_SETUP: set = set()  # the setup tokens this Ray worker process has run
+
+
+def _ray_work(batch: dict, work: Callable, setup: Callable, setup_args: tuple, token: str):
+    if token not in _RAY_SETUP:
+        setup(*setup_args)
+        _RAY_SETUP.clear()
+        _RAY_SETUP.add(token)
+    results = [pickle.dumps(work(pickle.loads(c)), pickle.HIGHEST_PROTOCOL) for c in batch["chunk"]]
+    return {"result": results}
+
+
+def group_map(blocks: Iterable[dict], by: list[str], work: Callable) -> Iterator[dict]:
+    """work(group) for each group of rows with equal `by` columns, as a Ray Data groupby
+    (a shuffle across the cluster): `blocks` are dicts of equal-length numpy columns, `work`
+    gets one group's columns and returns columns; batches of its results come back."""
+    ray = ray_session()
+    import pyarrow as pa
+
+    dataset = ray.data.from_arrow([pa.table(block) for block in blocks])
+    grouped = dataset.groupby(by).map_groups(work, batch_format="numpy")
+    yield from grouped.iter_batches(batch_format="numpy", batch_size=None)
 
 
 def _chain(first, second, rest) -> Iterator:

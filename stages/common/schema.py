@@ -110,6 +110,7 @@ class Data(Section):
     columns: dict[str, str]  # your field name -> the kind's field name
     replay: Replay
     review: Review
+    engine: Literal["local", "ray"]  # where validate, dedup and split run their per-row work
 
 
 class TaskSafety(Section):
