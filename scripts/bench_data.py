@@ -121,6 +121,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--compare", metavar="REV", help="check outputs against git revision REV")
+    parser.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        help="data.engine of the measured run (REV's run keeps params.yaml's): with --compare "
+        "HEAD, what Ray costs against the local engine, on the same records",
+    )
     args = parser.parse_args()
     if not (ROOT / "models/base/tokenizer.json").exists():
         sys.exit("models/base is missing: run `dvc repro base_model` first")
@@ -136,6 +142,11 @@ def main() -> None:
         for size in sizes:
             project = Path(tmp) / f"p{size}"
             make_project(size, project, ROOT)
+            if args.engine:
+                params_file = project / "params.yaml"
+                project_params = yaml.safe_load(params_file.read_text())
+                project_params["data"]["engine"] = args.engine
+                params_file.write_text(yaml.safe_dump(project_params, sort_keys=False))
             results[size] = run_size(size, project)
             if args.compare:
                 compare(args.compare, size, project, Path(tmp))

@@ -20,9 +20,12 @@ and writes the outputs: Ray spreads the per-record work, not the files.
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -123,6 +126,7 @@ def ray_session():
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # not 3 lines per dataset
     return ray
 
 
@@ -131,6 +135,7 @@ def ray_map_chunks(work: Callable, chunks: Iterable, setup: Callable, setup_args
     Ray Data dataset of one chunk per row, and `map_batches` runs `work` on each, one chunk
     per call, in Ray's worker processes; `setup` runs once per process."""
     ray = ray_session()
+    work, setup = _by_reference(work), _by_reference(setup)
     window = max(8, 4 * int(ray.cluster_resources().get("CPU", 1)))
     token = os.urandom(8).hex()  # this call's setup, not an earlier one's
     for part in chunked(chunks, window):
@@ -140,6 +145,15 @@ def ray_map_chunks(work: Callable, chunks: Iterable, setup: Callable, setup_args
         )
         for row in dataset.iter_rows():
             yield pickle.loads(row["result"])
+
+
+def _by_reference(function: Callable) -> Callable:
+    """The function as its module's, not __main__'s: a stage runs as `python -m stages.X`, and
+    Ray pickles a __main__ function by value, each task with its own copy of the module's
+    globals (what setup prepared would be lost between tasks)."""
+    if function.__module__ == "__main__" and (spec := sys.modules["__main__"].__spec__):
+        return getattr(importlib.import_module(spec.name), function.__name__)
+    return function
 
 
 _RAY_SETUP: set = set()  # the setup tokens this Ray worker process has run
@@ -162,7 +176,9 @@ def group_map(blocks: Iterable[dict], by: list[str], work: Callable) -> Iterator
     import pyarrow as pa
 
     dataset = ray.data.from_arrow([pa.table(block) for block in blocks])
-    grouped = dataset.groupby(by).map_groups(work, batch_format="numpy")
+    # a shuffle partition or two per CPU (Ray's default of 200 costs seconds on small data)
+    partitions = 2 * int(ray.cluster_resources().get("CPU", 1))
+    grouped = dataset.groupby(by, num_partitions=partitions).map_groups(work, batch_format="numpy")
     yield from grouped.iter_batches(batch_format="numpy", batch_size=None)
 
 
