@@ -33,7 +33,6 @@ from itertools import count, islice
 from pathlib import Path
 
 CHUNK_ROWS = 10_000  # rows a worker takes at a time: a few MB of records, ~1 s of work
-ENGINES = ("local", "ray")  # data.engine
 
 
 def chunk_rows() -> int:
